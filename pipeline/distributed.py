@@ -1,0 +1,47 @@
+"""Splitting work across processes and machines with no coordination but an index.
+
+Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) unless given
+explicitly; shard i belongs to rank i % world_size. Every stage that works per
+shard (download, embed) uses this, so a multi-node run needs nothing but torchrun
+(or the same command started with --rank/--world-size on each machine).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside 0..{self.world_size - 1}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        return index % self.world_size == self.rank
+
+    def mine(self, items: Sequence[T]) -> list[T]:
+        return [item for i, item in enumerate(items) if self.owns(i)]
+
+
+def current_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> Rank:
+    """Explicit values win; else torchrun's environment; else a single process."""
+    env = os.environ
+    return Rank(
+        rank=int(rank if rank is not None else env.get("RANK", 0)),
+        world_size=int(world_size if world_size is not None else env.get("WORLD_SIZE", 1)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+    )

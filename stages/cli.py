@@ -1,0 +1,44 @@
+"""The ``capline`` command: one subcommand per DVC stage, plus ``caption``."""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# Subcommand name -> module in stages/ that defines a click command of that name.
+# Modules are imported when the command runs, so `capline --help` stays fast.
+COMMANDS = {
+    "prepare": "Fetch the dataset spec (or generate the offline demo) into data/source.",
+    "models": "Pin CLIP or GPT-2 from the hub (or build the demo's small models).",
+    "download": "Fetch images into webdataset tar shards with a status per record.",
+    "embed": "Compute CLIP vectors of image shards into HDF5 feature shards.",
+    "train": "Train the ClipCap mapper (and optionally GPT-2) on feature shards.",
+    "generate": "Caption feature shards with batched beam search.",
+    "evaluate": "Score captions with pycocoevalcap and write the HTML report.",
+    "caption": "Caption image files with a trained model.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"stages.{name}")
+        return getattr(module, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl(list(COMMANDS.items()))
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="capline")
+def capline() -> None:
+    """Train and evaluate CLIP-prefix image captioners (ClipCap) as a DVC pipeline."""
+
+
+if __name__ == "__main__":
+    capline()
