@@ -1,0 +1,123 @@
+"""params.yaml is validated at load, and every error names the key."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import Params, ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def test_shipped_params_load_and_cover_every_key():
+    params = load_params(ROOT / "params.yaml")
+    shipped = _flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    schema = _flatten(Params().model_dump())
+    # The shipped file documents every key the schema knows, and nothing else.
+    assert set(shipped) == set(schema)
+    assert params.data.source == "demo"
+
+
+def test_dvc_stage_params_exist():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        for key in stage.get("params", []):
+            node = shipped
+            for part in key.split("."):
+                assert part in node, f"stage {name} lists param {key} that params.yaml lacks"
+                node = node[part]
+
+
+def _error(raw) -> str:
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    return str(err.value)
+
+
+def test_unknown_key_is_named():
+    assert "mapper.layer: unknown key" in _error({"mapper": {"layer": 8}})
+
+
+def test_unknown_section_is_named():
+    assert "mapperr: unknown key" in _error({"mapperr": {}})
+
+
+def test_wrong_type_is_named():
+    msg = _error({"train": {"lr": "fast"}})
+    assert "train.lr" in msg and "'fast'" in msg
+
+
+def test_impossible_value_is_named():
+    msg = _error({"mapper": {"layers": 0}})
+    assert "mapper.layers" in msg and "greater than or equal to 1" in msg
+
+
+def test_bad_choice_is_named():
+    msg = _error({"mapper": {"type": "lstm"}})
+    assert "mapper.type" in msg and "'lstm'" in msg
+
+
+def test_prefix_width_must_match_gpt():
+    msg = _error({"mapper": {"width": 100}, "gpt": {"demo": {"n_embd": 128}}})
+    assert "mapper.width" in msg and "128" in msg
+    # The matching width is accepted.
+    assert parse_params({"mapper": {"width": 128}}).mapper.width == 128
+
+
+def test_heads_must_divide_gpt_width():
+    assert "mapper.heads" in _error({"mapper": {"heads": 3}})
+
+
+def test_nested_section_validator_names_key():
+    assert "clip.demo.heads" in _error({"clip": {"demo": {"heads": 3}}})
+
+
+def test_source_needs_annotations():
+    assert "data.annotations" in _error({"data": {"source": "coco"}})
+
+
+def test_several_errors_are_all_reported():
+    msg = _error({"mapper": {"layers": 0}, "train": {"epochs": 0}})
+    assert "mapper.layers" in msg and "train.epochs" in msg
+
+
+def test_load_params_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("mapper:\n  layers: -1\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and "mapper.layers" in str(err.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mapper: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_bad_params_before_work(tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import capline
+
+    path = tmp_path / "params.yaml"
+    path.write_text("mapper:\n  layers: 0\n")
+    result = CliRunner().invoke(capline, ["train", "--params", str(path), "--out", str(tmp_path / "model")])
+    assert result.exit_code != 0
+    assert "mapper.layers" in result.output
+    assert not (tmp_path / "model").exists()
