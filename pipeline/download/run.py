@@ -1,0 +1,212 @@
+"""The download stage: records in, image shards out, every record accounted for.
+
+Records are streamed from the prepared source and cut into shards of
+``records_per_shard`` by position, so shard ``i`` always holds the same records.
+A rank takes the shards with ``i % world_size == rank``, skips those already
+finished (resume) and fetches the rest on a thread pool. At most
+``2 × workers`` records are in flight and only a few shards are open at once, so
+memory does not grow with the length of the list. Each shard is written whole
+(see ``shards.py``) as soon as its last record is done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from tqdm import tqdm
+
+from pipeline.distributed import Rank
+from pipeline.download.errors import RecordFailure
+from pipeline.download.fetch import Fetcher
+from pipeline.download.image import process_image
+from pipeline.download.shards import Outcome, is_finished, read_statuses, remove_stale, write_shard
+from pipeline.params import DownloadParams
+from pipeline.records import Record
+
+
+@dataclass
+class Summary:
+    records: int = 0
+    shards: int = 0
+    shards_resumed: int = 0
+    seconds: float = 0.0
+    fetched_ok: int = 0  # ok images fetched by this run (resumed shards excluded)
+    by_status: Counter = field(default_factory=Counter)
+
+    def as_metrics(self) -> dict:
+        ok = self.by_status.get("ok", 0)
+        out = {
+            "records": self.records,
+            "ok": ok,
+            "failed": self.records - ok,
+            "shards": self.shards,
+            "shards_resumed": self.shards_resumed,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.fetched_ok / self.seconds, 2) if self.seconds > 0 else 0.0,
+        }
+        out.update({f"status_{k}": v for k, v in sorted(self.by_status.items())})
+        return out
+
+
+def fetch_record(fetcher: Fetcher, params: DownloadParams, record: Record) -> Outcome:
+    """Fetch, check and re-encode one record; never raises."""
+    try:
+        data = fetcher.fetch(record.url)
+        if record.sha256 and hashlib.sha256(data).hexdigest() != record.sha256:
+            raise RecordFailure("sha256_mismatch", f"sha256 {hashlib.sha256(data).hexdigest()} != {record.sha256}")
+        jpeg, w, h = process_image(data, params.max_pixels, params.resize, params.jpeg_quality)
+        return Outcome(record, "ok", None, jpeg, w, h)
+    except RecordFailure as fail:
+        return Outcome(record, fail.status, fail.reason)
+    except Exception as err:  # a bug or an odd input must not lose the record
+        return Outcome(record, "error", f"{type(err).__name__}: {err}")
+
+
+def iter_shards(records: Iterable[Record], per_shard: int) -> Iterator[tuple[int, list[Record]]]:
+    batch: list[Record] = []
+    index = 0
+    for rec in records:
+        batch.append(rec)
+        if len(batch) == per_shard:
+            yield index, batch
+            batch, index = [], index + 1
+    if batch:
+        yield index, batch
+
+
+@dataclass
+class _Open:
+    outcomes: list
+    remaining: int
+
+
+def _owned_records(total: Optional[int], per_shard: int, rank: Rank) -> Optional[int]:
+    if total is None:
+        return None
+    n_shards = -(-total // per_shard)
+    return sum(min(per_shard, total - i * per_shard) for i in range(n_shards) if rank.owns(i))
+
+
+def download_records(
+    records: Iterable[Record],
+    out_dir: str | Path,
+    params: DownloadParams,
+    rank: Rank = Rank(),
+    base_dir: Optional[Path] = None,
+    total: Optional[int] = None,
+    progress: bool = True,
+) -> Summary:
+    """Download ``records`` into shards under ``out_dir``; return the run's summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fetcher = Fetcher(params, base_dir)
+    summary = Summary()
+    window = 2 * params.workers
+    max_open = max(2, -(-window // params.records_per_shard) + 2)
+    results: queue.Queue = queue.Queue()
+    open_shards: dict[int, _Open] = {}
+    inflight = 0
+    failures = 0
+    start = time.monotonic()
+    bar = tqdm(total=_owned_records(total, params.records_per_shard, rank), unit="img",
+               desc=f"download rank {rank.rank}" if rank.world_size > 1 else "download",
+               disable=not progress, smoothing=0.1)
+
+    def work(index: int, pos: int, rec: Record) -> None:
+        results.put((index, pos, fetch_record(fetcher, params, rec)))
+
+    def handle(item: tuple[int, int, Outcome]) -> None:
+        nonlocal inflight, failures
+        index, pos, outcome = item
+        inflight -= 1
+        shard = open_shards[index]
+        shard.outcomes[pos] = outcome
+        shard.remaining -= 1
+        summary.by_status[outcome.status] += 1
+        if outcome.status == "ok":
+            summary.fetched_ok += 1
+        else:
+            failures += 1
+            bar.set_postfix(failed=failures, refresh=False)
+        bar.update(1)
+        if shard.remaining == 0:
+            write_shard(out_dir, index, shard.outcomes)
+            del open_shards[index]
+
+    def drain(block: bool) -> None:
+        while True:
+            try:
+                handle(results.get(block=block))
+            except queue.Empty:
+                return
+            block = False
+
+    pool = ThreadPoolExecutor(max_workers=params.workers, thread_name_prefix="fetch")
+    try:
+        for index, recs in iter_shards(records, params.records_per_shard):
+            if not rank.owns(index):
+                continue
+            summary.shards += 1
+            summary.records += len(recs)
+            if is_finished(out_dir, index):
+                summary.shards_resumed += 1
+                for line in read_statuses(out_dir, index):
+                    summary.by_status[line["status"]] += 1
+                bar.update(len(recs))
+                continue
+            remove_stale(out_dir, index)
+            while len(open_shards) >= max_open:
+                drain(block=True)
+            open_shards[index] = _Open([None] * len(recs), len(recs))
+            for pos, rec in enumerate(recs):
+                while inflight >= window:
+                    drain(block=True)
+                pool.submit(work, index, pos, rec)
+                inflight += 1
+            drain(block=False)
+        while open_shards:
+            drain(block=True)
+    finally:
+        # After an interrupt, queued records are dropped; running ones end within their timeouts.
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def write_metrics(path: str | Path, summary: Summary) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary.as_metrics(), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def download(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    params: DownloadParams,
+    rank: Rank = Rank(),
+    metrics_path: Optional[str | Path] = None,
+    progress: bool = True,
+) -> Summary:
+    """The download stage: ``data/source`` -> ``data/images`` (+ metrics)."""
+    from pipeline.datasets import iter_records, read_manifest
+
+    manifest = read_manifest(source_dir)
+    summary = download_records(iter_records(source_dir), out_dir, params, rank,
+                               base_dir=Path(source_dir), total=manifest.records, progress=progress)
+    if metrics_path:
+        path = Path(metrics_path)
+        if rank.world_size > 1:  # each rank writes its own; no coordination between them
+            path = path.with_name(f"{path.stem}.rank{rank.rank}{path.suffix}")
+        write_metrics(path, summary)
+    return summary

@@ -1,0 +1,182 @@
+"""The evaluate stage: score, compare with baseline and control, write metrics and report."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Optional
+
+from tqdm import tqdm
+
+from pipeline.evaluate.baseline import best_constant_caption, frequent_captions
+from pipeline.evaluate.chart import metrics_chart
+from pipeline.evaluate.cocofiles import load_references, load_results
+from pipeline.evaluate.files import write_atomic, write_json, write_jsonl
+from pipeline.evaluate.java import require_java
+from pipeline.evaluate.meteor import Meteor
+from pipeline.evaluate.report import collect_thumbnails, render_report, select_rows
+from pipeline.evaluate.scores import METRICS, Scores, score_tokenized, tokenize_groups
+from pipeline.evaluate.spice import compute_spice, find_corenlp
+from pipeline.params import EvaluateParams
+
+log = logging.getLogger(__name__)
+PER_IMAGE = "per_image.jsonl"
+REPORT = "report.html"
+CHART = "metrics.png"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: a score that is not a number is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or not b:
+        return None
+    return a / b
+
+
+def training_captions(features: Path) -> list[str]:
+    """Every reference caption of the training split of a feature folder."""
+    from pipeline.features import load_features
+
+    table = load_features(Path(features), split="train")
+    return [c for caps in table.captions for c in caps]
+
+
+def run_evaluate(
+    params: EvaluateParams,
+    results: Path,
+    references: Path,
+    out: Path,
+    report_dir: Optional[Path] = None,
+    control: Optional[Path] = None,
+    features: Optional[Path] = None,
+    images: Optional[Path] = None,
+) -> dict[str, Any]:
+    """Score ``results`` against ``references``; write the metrics JSON and (optionally) the report.
+
+    ``control`` (shuffled-image results), ``features`` (for the constant-caption
+    baseline) and ``images`` (report thumbnails) are optional: an absent one is
+    reported as skipped in the metrics, never an error.
+    """
+    java = require_java()  # before any work
+    refs = load_references(references)
+    res = load_results(results, refs)
+    metrics: dict[str, Any] = {}
+
+    ctl: Optional[dict[Hashable, str]] = None
+    if control is None:
+        metrics["control_skipped"] = "no control results given"
+    elif not Path(control).exists():
+        metrics["control_skipped"] = f"control results file not found: {control}"
+    else:
+        ctl = load_results(control, refs)
+
+    candidates: list[str] = []
+    if features is None:
+        metrics["baseline_skipped"] = "no feature folder given (the training captions come from it)"
+    elif not Path(features).is_dir():
+        metrics["baseline_skipped"] = f"feature folder not found: {features}"
+    else:
+        candidates = frequent_captions(training_captions(Path(features)), params.baseline_candidates)
+        if not candidates:
+            metrics["baseline_skipped"] = f"no training captions in {features}"
+
+    spice_dir, spice_reason = (None, "evaluate.spice is false")
+    if params.spice:
+        spice_dir, spice_reason = find_corenlp(params.corenlp_dir)
+
+    ids = list(res)
+    scored = set(ids) | set(ctl or {})
+    steps = tqdm(total=4 + (ctl is not None) + bool(candidates) + (spice_dir is not None), desc="evaluate", unit="step")
+    steps.set_postfix_str("PTB tokenization")
+    # References in one Java call, every candidate caption (model, control, baseline) in another.
+    gts_all = tokenize_groups({i: refs.captions[i] for i in refs.ids if i in scored}, java=java)
+    cand = tokenize_groups({"model": [res[i] for i in ids], "control": [ctl[i] for i in ctl] if ctl else [],
+                            "baseline": candidates}, java=java)
+    gts = {i: gts_all[i] for i in ids}
+    res_tok = {i: [t] for i, t in zip(ids, cand["model"])}
+    steps.update()
+
+    baseline_scores: Optional[Scores] = None
+    control_scores: Optional[Scores] = None
+    steps.set_postfix_str("METEOR start")
+    with Meteor(java=java) as meteor:
+        steps.update()
+        steps.set_postfix_str("model")
+        model = score_tokenized(gts, res_tok, meteor=meteor, java=java)
+        steps.update()
+        if ctl is not None:
+            steps.set_postfix_str("control")
+            cids = list(ctl)
+            control_scores = score_tokenized({i: gts_all[i] for i in cids},
+                                             {i: [t] for i, t in zip(cids, cand["control"])}, meteor=meteor)
+            steps.update()
+        if candidates:
+            steps.set_postfix_str(f"baseline ({len(candidates)} candidates)")
+            best = best_constant_caption(candidates, cand["baseline"], gts)
+            token = cand["baseline"][candidates.index(best.caption)]
+            baseline_scores = score_tokenized(gts, {i: [token] for i in ids}, meteor=meteor)
+            metrics["baseline_caption"] = best.caption
+            steps.update()
+
+    spice: dict[Hashable, float] = {}
+    if spice_dir is not None:
+        steps.set_postfix_str("SPICE")
+        try:
+            metrics["spice"], spice = compute_spice(gts, res_tok, spice_dir, java=java)
+        except (RuntimeError, OSError, ValueError, KeyError) as err:
+            spice_reason = f"SPICE failed: {err}"
+        steps.update()
+    if "spice" not in metrics:
+        metrics["spice_skipped"] = spice_reason
+
+    metrics.update(model.corpus)
+    metrics["images"] = len(ids)
+    metrics["images_without_result"] = sum(1 for i in refs.ids if refs.captions[i] and i not in res)
+    for prefix, s in (("baseline", baseline_scores), ("control", control_scores)):
+        if s is not None:
+            metrics.update({f"{prefix}_{m}": v for m, v in s.corpus.items()})
+    metrics["cider_vs_baseline"] = _ratio(model.corpus["cider"], metrics.get("baseline_cider"))
+    metrics["cider_vs_control"] = _ratio(model.corpus["cider"], metrics.get("control_cider"))
+    metrics = {k: _clean(v) for k, v in metrics.items()}
+
+    per_image = {i: {**model.per_image[i], **({"spice": spice[i]} if i in spice else {})} for i in ids}
+    if report_dir is not None:
+        steps.set_postfix_str("report")
+        write_report(Path(report_dir), params, metrics, per_image, res, refs.captions, ctl, images)
+    write_json(out, metrics)
+    steps.update()
+    steps.close()
+    return metrics
+
+
+def write_report(
+    report_dir: Path,
+    params: EvaluateParams,
+    metrics: Mapping[str, Any],
+    per_image: Mapping[Hashable, Mapping[str, float]],
+    captions: Mapping[Hashable, str],
+    references: Mapping[Hashable, list[str]],
+    control: Optional[Mapping[Hashable, str]] = None,
+    images: Optional[Path] = None,
+) -> None:
+    """per_image.jsonl, metrics.png and the self-contained report.html in ``report_dir``."""
+    write_jsonl(report_dir / PER_IMAGE, (
+        {"image_id": i, "caption": captions[i], **{m: _clean(v) for m, v in scores.items()}}
+        for i, scores in per_image.items()
+    ))
+    model = {m: metrics[m] for m in (*METRICS, "spice") if isinstance(metrics.get(m), float)}
+    sub = lambda prefix: {m: metrics[f"{prefix}_{m}"] for m in METRICS if isinstance(metrics.get(f"{prefix}_{m}"), float)}
+    png = metrics_chart(model, sub("baseline"), sub("control"))
+    write_atomic(report_dir / CHART, png)
+    thumbnails: dict[str, str] = {}
+    if images is not None and Path(images).is_dir():
+        wanted = [str(i) for i in select_rows(per_image, params.report_images)]
+        thumbnails = collect_thumbnails(Path(images), wanted, params.thumbnail_size)
+    html = render_report(metrics, per_image, captions, references, params.report_images,
+                         thumbnails=thumbnails, control_captions=control, chart_png=png)
+    write_atomic(report_dir / REPORT, html)

@@ -1,0 +1,109 @@
+"""Captioning feature shards with batched beam search (transformers' generate, KV cache).
+
+Writes, in ``out_dir``: ``results.json`` (COCO results, ``image_id`` = record key),
+``results_shuffled.json`` (the control: each image gets the caption the model makes
+for another image's vector, a seeded derangement, so no image keeps its own),
+``references.json`` (COCO captions file for exactly the captioned images).
+
+Beam search of one vector does not depend on the others in its batch, so the
+control is the same permutation applied to the captions already made: feeding the
+shuffled vectors again would give exactly these captions at twice the cost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.models.captioner import ClipCaptioner, autocast, pick_device, resolve_precision
+from pipeline.params import GenerateParams
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation with no fixed point (for n > 1): image i gets vector perm[i]."""
+    order = np.random.default_rng(seed).permutation(n)
+    perm = np.empty(n, dtype=np.int64)
+    perm[order] = np.roll(order, -1)  # each image takes the next one's vector in a random cycle
+    return perm
+
+
+def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateParams,
+                    device: torch.device, progress: bool = True) -> list[str]:
+    """Beam-search captions for ``vectors`` [N, D], ``params.batch_size`` at a time."""
+    from tqdm import tqdm
+
+    amp = resolve_precision(params.precision, device, key="generate.precision")
+    captions: list[str] = []
+    with tqdm(total=len(vectors), desc="generate", unit="img", disable=not progress) as bar:
+        for lo in range(0, len(vectors), params.batch_size):
+            batch = torch.from_numpy(np.asarray(vectors[lo:lo + params.batch_size], dtype=np.float32)).to(device)
+            with torch.inference_mode(), autocast(device, amp):
+                captions += model.caption(
+                    batch,
+                    num_beams=params.num_beams,
+                    max_new_tokens=params.max_new_tokens,
+                    length_penalty=params.length_penalty,
+                    no_repeat_ngram_size=params.no_repeat_ngram_size,
+                    early_stopping=True,
+                )
+            bar.update(len(batch))
+    return captions
+
+
+def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, params: GenerateParams,
+             metrics_path: str | Path | None = None, progress: bool = True) -> dict:
+    """Caption the ``params.split`` images of ``features_dir``; return (and write) metrics."""
+    from pipeline.features import load_features
+
+    device = pick_device()
+    model = ClipCaptioner.load(model_dir, device=device)
+    table = load_features(Path(features_dir), split=params.split, expect=model.feature_expectation())
+    if len(table) == 0:
+        raise ValueError(f"{features_dir}: no images in the {params.split!r} split (generate.split)")
+    model.check_features(table.attrs, int(table.embeddings.shape[1]), str(features_dir))
+    torch.manual_seed(params.seed)
+
+    started = time.perf_counter()
+    captions = caption_vectors(model, table.embeddings, params, device, progress)
+    seconds = time.perf_counter() - started
+
+    perm = derangement(len(table), params.seed)
+    results = [{"image_id": k, "caption": c} for k, c in zip(table.keys, captions)]
+    shuffled = [{"image_id": k, "caption": captions[j]} for k, j in zip(table.keys, perm)]
+    references = {
+        "images": [{"id": k} for k in table.keys],
+        "annotations": [
+            {"image_id": k, "id": n, "caption": c}
+            for n, (k, c) in enumerate((k, c) for k, caps in zip(table.keys, table.captions) for c in caps)
+        ],
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "results.json", results)
+    _write_json(out_dir / "results_shuffled.json", shuffled)
+    _write_json(out_dir / "references.json", references)
+
+    metrics = {
+        "captions": len(captions),
+        "split": params.split,
+        "num_beams": params.num_beams,
+        "empty_captions": sum(1 for c in captions if not c),
+        "mean_words": round(float(np.mean([len(c.split()) for c in captions])), 3),
+        "distinct_captions": len(set(captions)),
+        "seconds": round(seconds, 3),
+        "captions_per_s": round(len(captions) / max(seconds, 1e-9), 3),
+    }
+    if metrics_path is not None:
+        _write_json(Path(metrics_path), metrics)
+    return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,47 @@
+"""``capline embed``: CLIP vectors of image shards into HDF5 feature shards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stages.common import load, params_option
+
+
+@click.command("embed")
+@params_option
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=Path("data/images"),
+              show_default=True, help="folder of image tar shards (ours or img2dataset's webdataset output)")
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path), default=Path("data/models/clip"),
+              show_default=True, help="CLIP folder written by the models stage (save_pretrained + pin.json)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/features"),
+              show_default=True, help="folder for the HDF5 feature shards (one per image shard)")
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), default=Path("data/metrics/embed.json"),
+              show_default=True, help="metrics JSON: images/s, counts, precision, device, time per part")
+@click.option("--rank", type=int, default=None, help="this process's rank (default: torchrun's RANK, else 0)")
+@click.option("--world-size", type=int, default=None, help="number of ranks (default: torchrun's WORLD_SIZE, else 1)")
+def embed(params_path: str, images: Path, model: Path, out: Path, metrics: Path, rank: int | None,
+          world_size: int | None) -> None:
+    """Embed every image of IMAGES with the CLIP vision tower in MODEL into OUT.
+
+    Reads the `clip` section (output, normalize, precision, batch_size, workers,
+    preprocess) and `data.val_fraction`/`data.test_fraction` (splits for shards
+    without one). Finished feature shards are kept, so a rerun after a kill only
+    computes the rest. Under `torchrun --nproc-per-node N capline embed`, or with
+    --rank/--world-size on each machine, rank r embeds shards r, r+N, r+2N, ...
+    """
+    from pipeline.distributed import current_rank
+    from pipeline.embed.encoder import ModelFolderError
+    from pipeline.embed.stage import run_embed
+    from pipeline.features import FeatureShardError
+    from pipeline.image_shards import ImageShardError
+
+    params = load(params_path)
+    try:
+        who = current_rank(rank, world_size)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--rank/--world-size") from None
+    try:
+        run_embed(params, images, model, out, metrics, who)
+    except (ImageShardError, FeatureShardError, ModelFolderError) as err:
+        raise click.ClickException(str(err)) from None

@@ -1,0 +1,63 @@
+"""`capline evaluate`: score captions with pycocoevalcap and write the report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from stages.common import load, params_option
+
+_file = click.Path(dir_okay=False, path_type=Path)
+_dir = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command("evaluate")
+@params_option
+@click.option("--results", type=_file, default=Path("data/captions/results.json"), show_default=True,
+              help="COCO results file to score: [{image_id, caption}] (int or str ids)")
+@click.option("--references", type=_file, default=Path("data/captions/references.json"), show_default=True,
+              help="COCO captions file with the reference captions")
+@click.option("--control", type=_file, default=Path("data/captions/results_shuffled.json"), show_default=True,
+              help="results of the same model on shuffled image features (the control); skipped if absent")
+@click.option("--features", type=_dir, default=Path("data/features"), show_default=True,
+              help="feature shards whose training captions give the constant-caption baseline; skipped if absent")
+@click.option("--images", type=_dir, default=Path("data/images"), show_default=True,
+              help="image tar shards for the report's thumbnails; skipped if absent")
+@click.option("--out", type=_file, default=Path("data/metrics/eval.json"), show_default=True,
+              help="metrics JSON to write (flat: bleu_1..bleu_4, meteor, rouge_l, cider, baseline_*, control_*)")
+@click.option("--report-dir", type=_dir, default=Path("data/eval"), show_default=True,
+              help="folder for per_image.jsonl, report.html and metrics.png")
+def evaluate(params_path: str, results: Path, references: Path, control: Path, features: Path,
+             images: Path, out: Path, report_dir: Path) -> None:
+    """Score generated captions against references, exactly as pycocoevalcap's COCOEvalCap.
+
+    Writes BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when evaluate.corenlp_dir
+    holds Stanford CoreNLP) with the constant-caption baseline and the
+    shuffled-image control, per-image scores, an HTML report and a chart. Needs Java.
+
+    Outside DVC, any COCO pair works:
+    capline evaluate --results RES.json --references REFS.json --out METRICS.json
+    """
+    import os
+
+    from pipeline.evaluate import EvaluationInputError, JavaMissingError, run_evaluate
+
+    # Outside DVC the default params file may be absent: then every evaluate default applies.
+    if os.path.exists(params_path) or params_path != "params.yaml":
+        section = load(params_path).evaluate
+    else:
+        from pipeline.params import EvaluateParams
+
+        section = EvaluateParams()
+    try:
+        metrics = run_evaluate(section, results=results, references=references, out=out,
+                               report_dir=report_dir, control=control, features=features, images=images)
+    except (JavaMissingError, EvaluationInputError) as err:
+        raise click.ClickException(str(err)) from None
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider")
+                      if isinstance(metrics.get(k), float))
+    click.echo(f"{metrics['images']} images: {shown}")
+    for k in ("baseline_cider", "control_cider"):
+        if isinstance(metrics.get(k), float):
+            click.echo(f"{k} {metrics[k]:.4f}")
+    click.echo(f"metrics: {out}; report: {report_dir / 'report.html'}")

@@ -1,0 +1,236 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.distributed import Rank
+from pipeline.embed import embed_shards
+from pipeline.embed.encoder import ModelFolderError, model_identity, weights_sha256
+from pipeline.embed.precision import choose_precision, cpu_has_fast_bf16
+from pipeline.embed.preprocess import ImageDecodeError, Preprocessor
+from pipeline.features import load_features, read_feature_shard
+from pipeline.image_shards import ImageShardError, iter_shard
+from pipeline.params import ClipParams, DataParams
+from pipeline.records import split_for
+from tests.helpers_embed import (make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
+                                 write_img2dataset_shard)
+
+PIN = {"model_id": "test/tiny-clip", "revision": "abc123", "sha256": "f" * 64, "kind": "clip"}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", pin=PIN)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    keys = make_image_dir(root, shards=3, per_shard=5, corrupt=["img0006"])
+    return root, keys
+
+
+def clip_params(**kw):
+    base = dict(precision="fp32", batch_size=4, workers=2)
+    base.update(kw)
+    return ClipParams(**base)
+
+
+def all_images(root):
+    out = {}
+    for tar in sorted(root.glob("*.tar")):
+        for s in iter_shard(tar):
+            out[s.key] = s
+    return out
+
+
+def test_fp32_equals_reference_path(tmp_path, clip_dir, images):
+    root, keys = images
+    summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(), Rank(), DataParams(), progress=False)
+    assert summary["images"] == 14 and summary["failed"] == 1 and summary["shards_written"] == 3
+    assert summary["precision"] == "fp32"
+    samples = all_images(root)
+    table = load_features(tmp_path / "f", expect={"model_id": "test/tiny-clip", "model_revision": "abc123"})
+    good = sorted(k for k in samples if k != "img0006")
+    assert table.keys == good
+    ref = reference_embeddings(clip_dir, [samples[k].image for k in good])
+    assert np.abs(table.embeddings - ref).max() < 1e-5
+    assert np.allclose(np.linalg.norm(table.embeddings, axis=1), 1.0, atol=1e-5)
+    assert table.splits == [samples[k].meta["split"] for k in good]
+    assert table.captions == [samples[k].meta["captions"] for k in good]
+    attrs = read_feature_shard(tmp_path / "f" / "00000.h5").attrs
+    assert attrs["output"] == "image_embeds" and attrs["normalized"] is True and attrs["dtype"] == "float32"
+    assert json.loads(attrs["preprocess"])["mode"] == "processor"
+    assert attrs["source"] == "00000.tar" and attrs["images"] == 5 and attrs["failed"] == 0
+
+
+def test_corrupt_image_gets_a_status_record_not_a_vector(tmp_path, clip_dir, images):
+    root, _ = images
+    embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(), progress=False)
+    shard1 = read_feature_shard(tmp_path / "f" / "00001.h5")
+    assert "img0006" not in shard1.keys and len(shard1.keys) == 4
+    assert np.all(np.linalg.norm(shard1.embeddings, axis=1) > 0.5)  # never a zero vector
+    lines = (tmp_path / "f" / "00001.status.jsonl").read_text().splitlines()
+    [rec] = [json.loads(line) for line in lines]
+    assert rec["key"] == "img0006" and rec["status"] == "decode_error" and rec["reason"]
+    assert (tmp_path / "f" / "00000.status.jsonl").read_text() == ""
+
+
+def test_pooler_output_unnormalized(tmp_path, clip_dir, images):
+    root, _ = images
+    embed_shards(root, clip_dir, tmp_path / "f", clip_params(output="pooler_output", normalize=False, workers=1),
+                 Rank(), DataParams(), progress=False)
+    table = load_features(tmp_path / "f")
+    samples = all_images(root)
+    ref = reference_embeddings(clip_dir, [samples[k].image for k in table.keys], "pooler_output", False)
+    assert table.embeddings.shape[1] == 32  # hidden size, not projection_dim
+    assert np.abs(table.embeddings - ref).max() < 1e-5
+    assert table.attrs["output"] == "pooler_output" and table.attrs["normalized"] is False
+
+
+def test_img2dataset_shards_get_hash_splits(tmp_path, clip_dir):
+    root = tmp_path / "img"
+    root.mkdir()
+    write_img2dataset_shard(root / "00000.tar", [(f"{i:09d}", photo_jpeg(i), f"cap {i}") for i in range(6)])
+    data = DataParams(val_fraction=0.3, test_fraction=0.3)
+    embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), data, progress=False)
+    table = load_features(tmp_path / "f")
+    assert table.keys == [f"{i:09d}" for i in range(6)]
+    assert table.splits == [split_for(k, 0.3, 0.3) for k in table.keys]
+    assert table.captions == [[f"cap {i}"] for i in range(6)]
+
+
+def test_resume_keeps_finished_shards_and_equals_uninterrupted(tmp_path, clip_dir, images):
+    root, _ = images
+    out = tmp_path / "f"
+    first = embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
+    full = {p.name: read_feature_shard(p) for p in sorted(out.glob("*.h5"))}
+    stamp = {n: (out / n).stat().st_mtime_ns for n in full}
+    # A kill while writing shard 1: its feature file is gone, a partial temp file is left.
+    (out / "00001.h5").unlink()
+    (out / "00001.h5.tmp").write_bytes(b"partial")
+    again = embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
+    assert first["shards_written"] == 3
+    assert again["shards_kept"] == 2 and again["shards_written"] == 1 and again["images"] == 4
+    assert (out / "00000.h5").stat().st_mtime_ns == stamp["00000.h5"]
+    assert not (out / "00001.h5.tmp").exists()
+    for name, table in full.items():
+        back = read_feature_shard(out / name)
+        assert back.keys == table.keys
+        np.testing.assert_array_equal(back.embeddings, table.embeddings)
+    # Other settings make other vectors: nothing is kept.
+    other = embed_shards(root, clip_dir, out, clip_params(normalize=False), Rank(), DataParams(), progress=False)
+    assert other["shards_kept"] == 0 and other["shards_written"] == 3
+
+
+def test_corrupt_shard_stops_with_its_name_and_keeps_earlier_work(tmp_path, clip_dir):
+    root = tmp_path / "img"
+    make_image_dir(root, shards=3, per_shard=3)
+    data = (root / "00001.tar").read_bytes()
+    (root / "00001.tar").write_bytes(data[:1500])
+    with pytest.raises(ImageShardError, match="00001.tar"):
+        embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(), progress=False)
+    assert (tmp_path / "f" / "00000.h5").exists() and not (tmp_path / "f" / "00001.h5").exists()
+
+
+def test_ranks_split_shards_and_union_equals_single_process(tmp_path, clip_dir, images):
+    root, _ = images
+    single = tmp_path / "single"
+    embed_shards(root, clip_dir, single, clip_params(workers=0), Rank(), DataParams(), progress=False)
+    split = tmp_path / "split"
+    s0 = embed_shards(root, clip_dir, split, clip_params(workers=1), Rank(0, 2), DataParams(), progress=False)
+    assert sorted(p.name for p in split.glob("*.h5")) == ["00000.h5", "00002.h5"]
+    s1 = embed_shards(root, clip_dir, split, clip_params(workers=1), Rank(1, 2), DataParams(), progress=False)
+    assert (s0["shards_written"], s1["shards_written"]) == (2, 1)
+    a, b = load_features(single), load_features(split)
+    assert a.keys == b.keys and a.splits == b.splits
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
+
+
+def test_model_identity_without_pin(tmp_path, images):
+    folder = make_tiny_clip(tmp_path / "my-clip")
+    assert model_identity(folder) == ("my-clip", weights_sha256(folder))
+    with pytest.raises(ModelFolderError, match="nothing: not a model folder"):
+        embed_shards(images[0], tmp_path / "nothing", tmp_path / "f", clip_params(), Rank(), DataParams())
+    with pytest.raises(ImageShardError, match="no image shards"):
+        embed_shards(tmp_path, folder, tmp_path / "f", clip_params(), Rank(), DataParams())
+
+
+def test_auto_precision_and_bf16_run(tmp_path, clip_dir, images):
+    cpu = torch.device("cpu")
+    assert choose_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert choose_precision("fp16", cpu) == "fp16"
+    root, _ = images
+    summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(precision="bf16", workers=0), Rank(),
+                           DataParams(), progress=False)
+    table = load_features(tmp_path / "f")
+    assert summary["dtype"] == table.attrs["dtype"] == "bfloat16"
+    assert table.embeddings.dtype == np.float32
+
+
+def _processor_pixels(folder, image):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+@pytest.mark.parametrize("mode,size", [("RGB", (50, 80)), ("L", (70, 40)), ("RGBA", (40, 40)), ("P", (33, 90))])
+def test_preprocess_matches_processor_on_odd_images(tmp_path, mode, size):
+    # Crop larger than the resized image: exercises HF's zero padding too.
+    folder = make_tiny_clip(tmp_path / "c", image_size=24, crop=30)
+    from transformers import CLIPImageProcessor
+
+    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(folder))
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8)
+    im = Image.fromarray(arr, "RGBA").convert(mode)
+    if mode == "P":
+        im.info["transparency"] = 3
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    ours = pre.normalize(pre.to_uint8(buf.getvalue())[None])[0]
+    ref = _processor_pixels(folder, Image.open(io.BytesIO(buf.getvalue())))
+    assert ours.shape == ref.shape == (3, 30, 30)
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_fast_mode_close_to_processor_and_limits(tmp_path):
+    folder = make_tiny_clip(tmp_path / "c", image_size=32)
+    from transformers import CLIPImageProcessor
+
+    proc = CLIPImageProcessor.from_pretrained(folder)
+    exact, fast = Preprocessor.from_processor(proc), Preprocessor.from_processor(proc, "fast")
+    data = photo_jpeg(3, 640, 480)
+    a = exact.normalize(exact.to_uint8(data)[None])
+    b = fast.normalize(fast.to_uint8(data)[None])
+    assert a.shape == b.shape
+    diff = (a - b).abs().mean().item()
+    assert 0 < diff < 0.05  # draft decoding is different, but only slightly
+    assert json.loads(fast.describe())["mode"] == "fast"
+    small = Preprocessor.from_processor(proc, max_pixels=1000)
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        small.to_uint8(data)
+    with pytest.raises(ImageDecodeError):
+        exact.to_uint8(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match="clip.preprocess"):
+        Preprocessor.from_processor(proc, "magic")
+
+
+def test_bf16_agrees_with_fp32_on_real_size_vit_b32():
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from pipeline.embed.encoder import Encoder
+
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=512)).eval()
+    pre = Preprocessor.from_processor(CLIPImageProcessor())
+    pixels = torch.stack([pre.to_uint8(photo_jpeg(i, 640, 480)) for i in range(4)])
+    x = pre.normalize(pixels)
+    fp32 = Encoder.build(model, torch.device("cpu"), "fp32", "image_embeds", True)(x)
+    bf16 = Encoder.build(model, torch.device("cpu"), "bf16", "image_embeds", True)(x)
+    cos = torch.nn.functional.cosine_similarity(fp32, bf16, dim=-1)
+    assert fp32.shape == (4, 512)
+    assert cos.min().item() >= 0.999

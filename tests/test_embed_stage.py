@@ -1,0 +1,78 @@
+"""The `capline embed` command: explicit paths, metrics, errors, and a real torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.features import load_features
+from stages.embed import embed
+from tests.helpers_embed import make_image_dir, make_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    make_image_dir(root / "images", shards=3, per_shard=4, corrupt=["img0002"])
+    make_tiny_clip(root / "clip", pin={"model_id": "t/clip", "revision": "r9", "sha256": "0" * 64})
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"clip": {"precision": "fp32", "batch_size": 3, "workers": 1}}))
+    return root
+
+
+def args(root, out, metrics, *extra):
+    return ["--params", str(root / "params.yaml"), "--images", str(root / "images"), "--model", str(root / "clip"),
+            "--out", str(out), "--metrics", str(metrics), *extra]
+
+
+def test_help_names_options():
+    result = CliRunner().invoke(embed, ["--help"])
+    assert result.exit_code == 0
+    for opt in ("--images", "--model", "--out", "--metrics", "--rank", "--world-size", "--params"):
+        assert opt in result.output
+
+
+def test_cli_writes_features_and_metrics(setup, tmp_path):
+    result = CliRunner().invoke(embed, args(setup, tmp_path / "f", tmp_path / "m" / "embed.json"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m" / "embed.json").read_text())
+    assert metrics["images"] == 11 and metrics["failed"] == 1 and metrics["shards_written"] == 3
+    assert metrics["precision"] == "fp32" and metrics["device"] == "cpu" and metrics["images_per_s"] > 0
+    assert load_features(tmp_path / "f").attrs["model_id"] == "t/clip"
+
+
+def test_cli_errors_are_clean(setup, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"clip": {"precision": "fp64"}}))
+    result = CliRunner().invoke(embed, ["--params", str(bad)])
+    assert result.exit_code != 0 and "clip.precision" in result.output
+    result = CliRunner().invoke(embed, args(setup, tmp_path / "f", tmp_path / "m.json", "--rank", "3",
+                                            "--world-size", "2"))
+    assert result.exit_code != 0 and "rank 3" in result.output
+    result = CliRunner().invoke(embed, args(setup, tmp_path / "f", tmp_path / "m.json")[:4] +
+                                ["--model", str(tmp_path / "none"), "--out", str(tmp_path / "f")])
+    assert result.exit_code != 0 and "not a model folder" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
+    single = tmp_path / "single"
+    assert CliRunner().invoke(embed, args(setup, single, tmp_path / "single.json")).exit_code == 0
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [str(bindir / "torchrun"), "--nproc-per-node", "2", "--master-port", "0", "--no-python",
+           str(bindir / "capline"), "embed", *args(setup, tmp_path / "dist", tmp_path / "dist.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_features(single), load_features(tmp_path / "dist")
+    assert a.keys == b.keys and a.splits == b.splits and a.captions == b.captions
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
+    metrics = json.loads((tmp_path / "dist.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["images"] == 11 and metrics["shards_written"] == 3

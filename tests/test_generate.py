@@ -1,0 +1,126 @@
+"""Generation: batched beam search equals one-at-a-time, EOS stops captions, files are COCO."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.generate import caption_vectors, derangement, generate
+from pipeline.models.captioner import ClipCaptioner
+from pipeline.params import GenerateParams, MapperParams, TrainParams
+from pipeline.train import train
+from tests.helpers_model import COLOURS, SHAPES, save_tiny_gpt, scene_table, write_features
+
+GEN = GenerateParams(split="test", batch_size=5, num_beams=3, max_new_tokens=12, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    gpt = save_tiny_gpt(root / "gpt")
+    table = scene_table(n_per_class=3)
+    feats = write_features(root / "features", table)
+    mapper = MapperParams(type="mlp", prefix_length=2)
+    params = TrainParams(epochs=25, batch_size=4, lr=1e-2, warmup_steps=5, precision="fp32", finetune_gpt=True)
+    train(feats, gpt, root / "model", root / "loss.csv", root / "train.json", mapper, params, progress=False)
+    return root, feats, table
+
+
+def test_batched_beam_search_equals_one_at_a_time(trained):
+    root, feats, table = trained
+    model = ClipCaptioner.load(root / "model")
+    vectors = table.embeddings[:12]
+    one = caption_vectors(model, vectors, GEN.model_copy(update={"batch_size": 1}), torch.device("cpu"), False)
+    many = caption_vectors(model, vectors, GEN, torch.device("cpu"), False)
+    assert one == many
+    assert len(set(many)) > 1  # the captions depend on the image
+
+
+def test_trained_model_names_what_is_in_the_image(trained):
+    root, feats, table = trained
+    model = ClipCaptioner.load(root / "model")
+    test = [i for i, s in enumerate(table.splits) if s == "test"]
+    caps = caption_vectors(model, table.embeddings[test], GEN, torch.device("cpu"), False)
+    right = 0
+    for i, cap in zip(test, caps):
+        colour, shape = table.captions[i][0].split()[1:3]
+        right += colour in cap.split() and shape in cap.split()
+    # 12 classes: chance is 1/12; the vectors carry the class.
+    assert right >= 0.6 * len(test), caps
+
+
+def test_eos_stops_captions(trained):
+    root, feats, table = trained
+    model = ClipCaptioner.load(root / "model")
+    ids = model.generate_ids(torch.from_numpy(table.embeddings[:6]), num_beams=2, max_new_tokens=30)
+    eos = model.eos_token_id
+    assert ids.shape[1] < 30  # every beam finished long before the cap
+    assert all(eos in row for row in ids.tolist())
+    for row, text in zip(ids.tolist(), model.decode(ids)):
+        assert text == model.tokenizer.decode(row[: row.index(eos)]).strip()
+        assert "<|endoftext|>" not in text and text
+    # max_new_tokens is capped by GPT-2's 64 positions minus the prefix.
+    long = model.generate_ids(torch.from_numpy(table.embeddings[:1]), num_beams=1, max_new_tokens=500,
+                              min_new_tokens=100)
+    assert long.shape[1] == 64 - model.prefix_length
+
+
+def test_generate_writes_coco_files_and_a_shuffled_control(trained, tmp_path):
+    root, feats, table = trained
+    metrics = generate(root / "model", feats, tmp_path / "captions", GEN, metrics_path=tmp_path / "g.json",
+                       progress=False)
+    results = json.loads((tmp_path / "captions/results.json").read_text())
+    shuffled = json.loads((tmp_path / "captions/results_shuffled.json").read_text())
+    refs = json.loads((tmp_path / "captions/references.json").read_text())
+    test_keys = [k for k, s in zip(table.keys, table.splits) if s == "test"]
+    assert [r["image_id"] for r in results] == test_keys
+    assert [r["image_id"] for r in shuffled] == test_keys
+    assert sorted(r["caption"] for r in shuffled) == sorted(r["caption"] for r in results)
+    # The control gives no image the caption made from its own vector (captions of one class may match).
+    own = {r["image_id"]: r["caption"] for r in results}
+    perm = derangement(len(test_keys), GEN.seed)
+    assert [r["caption"] for r in shuffled] == [own[test_keys[j]] for j in perm]
+    assert [im["id"] for im in refs["images"]] == test_keys
+    by_key = {k: c for k, c in zip(table.keys, table.captions)}
+    assert len(refs["annotations"]) == sum(len(by_key[k]) for k in test_keys)
+    assert len({a["id"] for a in refs["annotations"]}) == len(refs["annotations"])
+    for a in refs["annotations"]:
+        assert a["caption"] in by_key[a["image_id"]]
+    assert metrics["captions"] == len(test_keys) == json.loads((tmp_path / "g.json").read_text())["captions"]
+    assert metrics["captions_per_s"] > 0
+
+
+def test_derangement_moves_every_image():
+    for n in (2, 3, 10, 101):
+        p = derangement(n, seed=n)
+        assert sorted(p) == list(range(n)) and not np.any(p == np.arange(n))
+    assert list(derangement(7, 1)) == list(derangement(7, 1))
+
+
+def test_generate_refuses_features_of_another_encoder(trained, tmp_path):
+    root, feats, table = trained
+    table.attrs["output"] = "pooler_output"
+    other = write_features(tmp_path / "other", table, shards=1)
+    table.attrs["output"] = "image_embeds"
+    with pytest.raises(ValueError, match="output"):
+        generate(root / "model", other, tmp_path / "c", GEN, progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_generate_command(trained, tmp_path):
+    root, feats, table = trained
+    (tmp_path / "params.yaml").write_text("generate: {split: val, num_beams: 2, batch_size: 4, precision: fp32}\n")
+    cmd = [sys.executable, "-m", "stages.cli", "generate", "--params", str(tmp_path / "params.yaml"),
+           "--model", str(root / "model"), "--features", str(feats), "--out", str(tmp_path / "out"),
+           "--metrics", str(tmp_path / "m.json"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_val = sum(s == "val" for s in table.splits)
+    assert len(json.loads((tmp_path / "out/results.json").read_text())) == n_val
+    bad = subprocess.run(cmd[:-1] + ["--model", str(tmp_path / "nothing")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "captioner.json" in bad.stderr

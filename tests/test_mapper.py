@@ -1,0 +1,163 @@
+"""Mapper networks and the ClipCaptioner: shapes, sizes, loss, freezing, save/load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.models.captioner import CONFIG_NAME, ClipCaptioner
+from pipeline.models.mapper import MLPMapper, TransformerMapper, build_mapper, count_parameters
+from pipeline.params import MapperParams, ParamsError
+from tests.helpers_model import FEATURE_ATTRS, load_tiny_gpt, save_tiny_gpt
+
+
+def linear(i: int, o: int) -> int:
+    return i * o + o
+
+
+def test_mlp_mapper_size_matches_the_paper_formula():
+    clip, width, k = 512, 768, 10
+    m = MLPMapper(clip, width, k)
+    hidden = width * k // 2
+    expected = linear(clip, hidden) + linear(hidden, width * k)
+    assert count_parameters(m) == expected
+    # The paper's "about 32M" for K=10.
+    assert 30e6 < expected < 33e6
+    out = m(torch.randn(3, clip))
+    assert out.shape == (3, k, width)
+
+
+def test_transformer_mapper_size_and_shape():
+    clip, width, k, cl, layers, ratio = 24, 16, 5, 3, 2, 2.0
+    m = TransformerMapper(clip, width, k, cl, layers, heads=4, mlp_ratio=ratio)
+    ff = int(width * ratio)
+    block = 3 * width * width + 3 * width + linear(width, width) + linear(width, ff) + linear(ff, width) + 4 * width
+    expected = linear(clip, cl * width) + k * width + layers * block
+    assert count_parameters(m) == expected
+    x = torch.randn(2, clip)
+    out = m(x)
+    assert out.shape == (2, k, width)
+    # The prefix depends on the image vector.
+    assert not torch.allclose(m(x), m(torch.randn(2, clip)))
+
+
+def test_build_mapper_refuses_a_width_gpt_does_not_have():
+    with pytest.raises(ValueError, match="mapper.width"):
+        build_mapper(MapperParams(type="mlp", width=64), clip_dim=8, width=32)
+    assert isinstance(build_mapper(MapperParams(type="mlp", prefix_length=2), 8, 32), MLPMapper)
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
+    return save_tiny_gpt(tmp_path_factory.mktemp("gpt"))
+
+
+def make_model(gpt_dir, finetune=False, **mapper):
+    gpt, tok = load_tiny_gpt(gpt_dir)
+    params = MapperParams(**{"type": "transformer", "prefix_length": 3, "clip_length": 2, "layers": 1, "heads": 2, **mapper})
+    torch.manual_seed(0)
+    return ClipCaptioner(params, 16, gpt, tok, features={**FEATURE_ATTRS, "dim": 16}, finetune_gpt=finetune)
+
+
+def test_mismatched_width_names_the_key(gpt_dir):
+    with pytest.raises(ParamsError, match="mapper.width"):
+        make_model(gpt_dir, width=48)
+    with pytest.raises(ParamsError, match="mapper.heads"):
+        make_model(gpt_dir, heads=5)
+
+
+def test_captions_end_with_eos_and_are_cut_keeping_it(gpt_dir):
+    model = make_model(gpt_dir)
+    eos = model.tokenizer.eos_token_id
+    ids = model.encode_caption("a red circle", max_tokens=40)
+    assert len(ids) == 4 and ids[-1] == eos and eos not in ids[:-1]
+    cut = model.encode_caption("one red circle here", max_tokens=3)
+    assert len(cut) == 3 and cut[-1] == eos
+    assert cut[:2] == model.encode_caption("one red", max_tokens=40)[:2]
+
+
+def batch(model, captions):
+    rows = [model.encode_caption(c, 40) for c in captions]
+    t = max(map(len, rows))
+    ids = torch.full((len(rows), t), 7, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def test_loss_ignores_padding(gpt_dir):
+    model = make_model(gpt_dir).eval()
+    x = torch.randn(2, 16)
+    ids, mask = batch(model, ["a red circle", "one blue square here"])
+    assert (mask == 0).any()
+    loss = model(x, ids, mask)
+    other = ids.masked_fill(mask == 0, 3)  # different ids in the pad positions
+    assert torch.allclose(loss, model(x, other, mask))
+    # The padded short caption scores exactly as it does alone, unpadded.
+    ids1, mask1 = batch(model, ["a red circle"])
+    s_pair = model(x, ids, mask, reduction="sum")
+    s_alone = model(x[:1], ids1, mask1, reduction="sum") + model(x[1:], ids[1:], mask[1:], reduction="sum")
+    assert torch.allclose(s_pair, s_alone, atol=1e-5)
+    # Each caption token (EOS included) counts once: the mean is the sum over 4 + 5 tokens.
+    assert torch.allclose(loss, s_pair / 9, atol=1e-6)
+    # Changing a real token does change it.
+    changed = ids.clone()
+    changed[0, 1] = (changed[0, 1] + 1) % model.tokenizer.vocab_size
+    assert not torch.allclose(loss, model(x, changed, mask))
+
+
+def test_frozen_gpt_gets_no_gradient_and_stays_in_eval_mode(gpt_dir):
+    model = make_model(gpt_dir, finetune=False)
+    model.train()
+    assert model.mapper.training and not model.gpt.training
+    assert not any(m.training for m in model.gpt.modules())
+    ids, mask = batch(model, ["a red circle", "a green square"])
+    model(torch.randn(2, 16), ids, mask).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.gpt.parameters())
+    assert all(p.grad is not None for p in model.mapper.parameters())
+    assert count_parameters(model, trainable_only=True) == count_parameters(model.mapper)
+
+    tuned = make_model(gpt_dir, finetune=True).train()
+    assert tuned.gpt.training
+    tuned(torch.randn(2, 16), ids, mask).backward()
+    assert tuned.gpt.get_input_embeddings().weight.grad is not None
+
+
+def test_save_load_round_trip_gives_identical_outputs(gpt_dir, tmp_path):
+    model = make_model(gpt_dir, finetune=True).eval()
+    with torch.no_grad():  # make GPT-2 differ from the saved base so its weights must be saved too
+        model.gpt.get_input_embeddings().weight.add_(0.01)
+    out = model.save(tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == ["captioner.json", "gpt", "mapper.safetensors"]
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    assert cfg["features"]["model_id"] == FEATURE_ATTRS["model_id"] and cfg["clip_dim"] == 16
+    assert cfg["mapper"]["width"] == 32
+
+    loaded = ClipCaptioner.load(out)
+    x = torch.randn(3, 16)
+    ids, mask = batch(model, ["a red circle", "one blue square here", "a green triangle"])
+    with torch.no_grad():
+        assert torch.equal(model.prefix(x), loaded.prefix(x))
+        assert torch.equal(model(x, ids, mask), loaded(x, ids, mask))
+    assert model.caption(x, num_beams=2, max_new_tokens=5) == loaded.caption(x, num_beams=2, max_new_tokens=5)
+    # Saving again over a model folder replaces it; over another folder it refuses.
+    model.save(out)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        model.save(other)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_check_features_names_the_mismatch(gpt_dir):
+    model = make_model(gpt_dir)
+    model.check_features(dict(FEATURE_ATTRS), 16, "x.h5")
+    with pytest.raises(ValueError, match="output"):
+        model.check_features({**FEATURE_ATTRS, "output": "pooler_output"}, 16, "x.h5")
+    with pytest.raises(ValueError, match="dim 8"):
+        model.check_features(dict(FEATURE_ATTRS), 8, "x.h5")
