@@ -36,6 +36,8 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     shuffled-image control, per-image scores, an HTML report and a chart. Needs Java.
 
     Outside DVC, any COCO pair works:
+
+    \b
     capline evaluate --results RES.json --references REFS.json --out METRICS.json
     """
     import os

@@ -5,6 +5,7 @@ GPT-2s are built from configs, saved to a temporary folder and loaded back with
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,16 @@ def write_features(feature_dir: Path, table, shards: int = 2) -> Path:
         )
         write_feature_shard(feature_dir / f"{s:05d}.h5", part)
     return feature_dir
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run tiny models on ``n`` threads: on a shared, busy machine extra threads only wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,10 +68,18 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     assert CliRunner().invoke(embed, args(setup, single, tmp_path / "single.json")).exit_code == 0
     bindir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [str(bindir / "torchrun"), "--nproc-per-node", "2", "--master-port", "0", "--no-python",
+    cmd = [str(bindir / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
            str(bindir / "capline"), "embed", *args(setup, tmp_path / "dist", tmp_path / "dist.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Own session: on a timeout the whole tree (torchrun and its workers) is ended.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
     a, b = load_features(single), load_features(tmp_path / "dist")
     assert a.keys == b.keys and a.splits == b.splits and a.captions == b.captions
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)

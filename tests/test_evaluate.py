@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers_evaluate import (CONTROL, REFERENCES, RESULTS, SCRIPT_CAPTION, TRAIN_CAPTIONS, ReportParser,
+from helpers_evaluate import (CONTROL, REFERENCES, RESULTS, SCRIPT_CAPTION, ReportParser,
                               write_coco_pair, write_features, write_image_shard)
 
 pytestmark = pytest.mark.skipif(

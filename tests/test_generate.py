@@ -13,7 +13,13 @@ from pipeline.generate import caption_vectors, derangement, generate
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import GenerateParams, MapperParams, TrainParams
 from pipeline.train import train
-from tests.helpers_model import COLOURS, SHAPES, save_tiny_gpt, scene_table, write_features
+from tests.helpers_model import save_tiny_gpt, scene_table, write_features, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 GEN = GenerateParams(split="test", batch_size=5, num_beams=3, max_new_tokens=12, precision="fp32")
 
@@ -22,10 +28,10 @@ GEN = GenerateParams(split="test", batch_size=5, num_beams=3, max_new_tokens=12,
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     gpt = save_tiny_gpt(root / "gpt")
-    table = scene_table(n_per_class=3)
+    table = scene_table(n_per_class=6)
     feats = write_features(root / "features", table)
     mapper = MapperParams(type="mlp", prefix_length=2)
-    params = TrainParams(epochs=25, batch_size=4, lr=1e-2, warmup_steps=5, precision="fp32", finetune_gpt=True)
+    params = TrainParams(epochs=30, batch_size=8, lr=3e-3, warmup_steps=5, precision="fp32", finetune_gpt=True)
     train(feats, gpt, root / "model", root / "loss.csv", root / "train.json", mapper, params, progress=False)
     return root, feats, table
 
@@ -50,7 +56,7 @@ def test_trained_model_names_what_is_in_the_image(trained):
         colour, shape = table.captions[i][0].split()[1:3]
         right += colour in cap.split() and shape in cap.split()
     # 12 classes: chance is 1/12; the vectors carry the class.
-    assert right >= 0.6 * len(test), caps
+    assert right >= 0.75 * len(test), caps
 
 
 def test_eos_stops_captions(trained):
@@ -65,7 +71,7 @@ def test_eos_stops_captions(trained):
         assert "<|endoftext|>" not in text and text
     # max_new_tokens is capped by GPT-2's 64 positions minus the prefix.
     long = model.generate_ids(torch.from_numpy(table.embeddings[:1]), num_beams=1, max_new_tokens=500,
-                              min_new_tokens=100)
+                              min_new_tokens=64 - model.prefix_length)
     assert long.shape[1] == 64 - model.prefix_length
 
 

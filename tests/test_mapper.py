@@ -9,7 +9,13 @@ import torch
 from pipeline.models.captioner import CONFIG_NAME, ClipCaptioner
 from pipeline.models.mapper import MLPMapper, TransformerMapper, build_mapper, count_parameters
 from pipeline.params import MapperParams, ParamsError
-from tests.helpers_model import FEATURE_ATTRS, load_tiny_gpt, save_tiny_gpt
+from tests.helpers_model import FEATURE_ATTRS, load_tiny_gpt, save_tiny_gpt, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 
 def linear(i: int, o: int) -> int:

@@ -14,7 +14,13 @@ import torch
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.train import train
-from tests.helpers_model import FEATURE_ATTRS, save_tiny_gpt, scene_table, write_features
+from tests.helpers_model import FEATURE_ATTRS, save_tiny_gpt, scene_table, write_features, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPER = MapperParams(type="transformer", prefix_length=3, clip_length=2, layers=1, heads=2)

@@ -109,7 +109,7 @@ def render(scene: Scene, size: int, seed: int) -> Image.Image:
     for shape in scene.shapes:
         # Radius as a fraction of a slot, so shapes never overlap and a scene reads
         # the same at any image size.
-        r = slot_w * (0.22 if shape.size == "small" else 0.42)
+        r = slot_w * (0.28 if shape.size == "small" else 0.44)
         cx = slot_w * (SLOTS.index(shape.slot) + 0.5) + rng.uniform(-0.06, 0.06) * slot_w
         cy = big * rng.uniform(0.3, 0.7)
         fill = COLOURS[shape.colour]

@@ -139,20 +139,23 @@ def render_report(
     thumbnails = thumbnails or {}
     ids = select_rows(per_image, limit)
     metric_cols = [m for m in TABLE_METRICS if ids and m in per_image[ids[0]]]
-    head = ("<tr><th>rank</th><th>image</th><th>image id</th><th>generated caption</th><th>references</th>"
+    show_images = bool(thumbnails)  # no image column at all when there are no thumbnails
+    head = ("<tr><th>rank</th>" + ("<th>image</th>" if show_images else "")
+            + "<th>image id</th><th>generated caption</th><th>references</th>"
             + "".join(f"<th>{LABELS[m]}</th>" for m in metric_cols) + "</tr>")
     rank_of = {i: r for r, i in enumerate(sorted(per_image, key=lambda i: -per_image[i]["cider"]), 1)}
     body = []
     for i in ids:
         thumb = thumbnails.get(str(i))
         img = f'<img src="{escape(thumb)}" alt="">' if thumb else '<span class="note">no image</span>'
+        img = f"<td>{img}</td>" if show_images else ""
         refs = "".join(f"<li>{escape(r)}</li>" for r in references[i])
         ctl = ""
         if control_captions and i in control_captions:
             ctl = f'<div class="ctl">control: {escape(control_captions[i])}</div>'
         scores = "".join(f'<td class="num" data-v="{per_image[i][m]!r}">{per_image[i][m]:.3f}</td>' for m in metric_cols)
         body.append(
-            f'<tr><td class="num" data-v="{rank_of[i]}">{rank_of[i]}</td><td>{img}</td><td>{escape(str(i))}</td>'
+            f'<tr><td class="num" data-v="{rank_of[i]}">{rank_of[i]}</td>{img}<td>{escape(str(i))}</td>'
             f'<td><div class="gen">{escape(captions[i])}</div>{ctl}</td><td><ul>{refs}</ul></td>{scores}</tr>'
         )
     shown = (f"all {len(ids)} images" if len(ids) == len(per_image)

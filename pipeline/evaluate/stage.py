@@ -1,7 +1,6 @@
 """The evaluate stage: score, compare with baseline and control, write metrics and report."""
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional
@@ -19,7 +18,6 @@ from pipeline.evaluate.scores import METRICS, Scores, score_tokenized, tokenize_
 from pipeline.evaluate.spice import compute_spice, find_corenlp
 from pipeline.params import EvaluateParams
 
-log = logging.getLogger(__name__)
 PER_IMAGE = "per_image.jsonl"
 REPORT = "report.html"
 CHART = "metrics.png"
@@ -91,7 +89,8 @@ def run_evaluate(
 
     ids = list(res)
     scored = set(ids) | set(ctl or {})
-    steps = tqdm(total=4 + (ctl is not None) + bool(candidates) + (spice_dir is not None), desc="evaluate", unit="step")
+    total = 3 + (ctl is not None) + bool(candidates) + (spice_dir is not None)
+    steps = tqdm(total=total, desc="evaluate", unit="step")
     steps.set_postfix_str("PTB tokenization")
     # References in one Java call, every candidate caption (model, control, baseline) in another.
     gts_all = tokenize_groups({i: refs.captions[i] for i in refs.ids if i in scored}, java=java)
@@ -103,10 +102,9 @@ def run_evaluate(
 
     baseline_scores: Optional[Scores] = None
     control_scores: Optional[Scores] = None
-    steps.set_postfix_str("METEOR start")
+    # METEOR loads its paraphrase table (seconds) while the first set is scored.
+    steps.set_postfix_str("model (METEOR starting)")
     with Meteor(java=java) as meteor:
-        steps.update()
-        steps.set_postfix_str("model")
         model = score_tokenized(gts, res_tok, meteor=meteor, java=java)
         steps.update()
         if ctl is not None:
@@ -134,15 +132,19 @@ def run_evaluate(
     if "spice" not in metrics:
         metrics["spice_skipped"] = spice_reason
 
-    metrics.update(model.corpus)
-    metrics["images"] = len(ids)
-    metrics["images_without_result"] = sum(1 for i in refs.ids if refs.captions[i] and i not in res)
+    # Scores first, then the yardsticks, then what was skipped and why.
+    out_metrics: dict[str, Any] = dict(model.corpus)
+    if "spice" in metrics:
+        out_metrics["spice"] = metrics.pop("spice")
+    out_metrics["images"] = len(ids)
+    out_metrics["images_without_result"] = sum(1 for i in refs.ids if refs.captions[i] and i not in res)
     for prefix, s in (("baseline", baseline_scores), ("control", control_scores)):
         if s is not None:
-            metrics.update({f"{prefix}_{m}": v for m, v in s.corpus.items()})
-    metrics["cider_vs_baseline"] = _ratio(model.corpus["cider"], metrics.get("baseline_cider"))
-    metrics["cider_vs_control"] = _ratio(model.corpus["cider"], metrics.get("control_cider"))
-    metrics = {k: _clean(v) for k, v in metrics.items()}
+            out_metrics.update({f"{prefix}_{m}": v for m, v in s.corpus.items()})
+    out_metrics["cider_vs_baseline"] = _ratio(model.corpus["cider"], out_metrics.get("baseline_cider"))
+    out_metrics["cider_vs_control"] = _ratio(model.corpus["cider"], out_metrics.get("control_cider"))
+    out_metrics.update(metrics)  # baseline_caption and the *_skipped reasons
+    metrics = {k: _clean(v) for k, v in out_metrics.items()}
 
     per_image = {i: {**model.per_image[i], **({"spice": spice[i]} if i in spice else {})} for i in ids}
     if report_dir is not None:
@@ -170,8 +172,11 @@ def write_report(
         for i, scores in per_image.items()
     ))
     model = {m: metrics[m] for m in (*METRICS, "spice") if isinstance(metrics.get(m), float)}
-    sub = lambda prefix: {m: metrics[f"{prefix}_{m}"] for m in METRICS if isinstance(metrics.get(f"{prefix}_{m}"), float)}
-    png = metrics_chart(model, sub("baseline"), sub("control"))
+
+    def prefixed(prefix: str) -> dict[str, float]:
+        return {m: metrics[f"{prefix}_{m}"] for m in METRICS if isinstance(metrics.get(f"{prefix}_{m}"), float)}
+
+    png = metrics_chart(model, prefixed("baseline"), prefixed("control"))
     write_atomic(report_dir / CHART, png)
     thumbnails: dict[str, str] = {}
     if images is not None and Path(images).is_dir():

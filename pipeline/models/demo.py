@@ -159,7 +159,11 @@ def build_demo_tokenizer(captions: Iterable[str], max_length: int):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies " ," -> ","
+    # Join words with spaces; no space before punctuation (WordPiece's cleanup covers
+    # . , ! ? but not the colons and semicolons of the demo's captions).
+    tok.decoder = decoders.Sequence(
+        [decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" :", ":"), decoders.Replace(" ;", ";")]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS,

@@ -1,0 +1,233 @@
+"""The one place that loads and pins the pipeline's pretrained models.
+
+``pin_model`` turns a model name (a hub id, a local folder, or ``demo``) into a
+folder written by ``save_pretrained`` (safetensors) plus ``pin.json`` recording what
+it is: ``{"model_id", "revision", "sha256", "kind"}``. Later stages load only
+pinned folders, with ``trust_remote_code=False`` and never through pickle, so a run
+is reproducible even when the hub's ``main`` moves on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pipeline.params import DEMO, Params
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["clip", "gpt"]
+PIN_FILE = "pin.json"
+LOCAL = "local"  # revision recorded for models that do not come from the hub
+
+
+class ModelError(RuntimeError):
+    """A model could not be pinned or loaded; the message names the model or folder."""
+
+
+# ------------------------------------------------------------------------ hashing
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 of the saved weights: the safetensors file(s), in name order."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir}: no *.safetensors weights file")
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def read_pin(model_dir: Path) -> dict[str, Any]:
+    """pin.json of a model folder; a plain save_pretrained folder gets one made up from its weights."""
+    model_dir = Path(model_dir)
+    path = model_dir / PIN_FILE
+    if not path.exists():
+        return {"model_id": str(model_dir), "revision": LOCAL, "sha256": weights_sha256(model_dir)}
+    try:
+        pin = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+    missing = {"model_id", "revision", "sha256"} - set(pin) if isinstance(pin, dict) else {"all keys"}
+    if missing:
+        raise ModelError(f"{path}: missing {sorted(missing)}")
+    return pin
+
+
+# ------------------------------------------------------------------------ pinning
+def _is_local(model_id: str) -> bool:
+    return Path(model_id).expanduser().is_dir()
+
+
+def _from_pretrained(cls: Any, model_id: str, revision: str, **kwargs: Any) -> Any:
+    """from_pretrained with remote code off, preferring safetensors over pickled weights."""
+    common = dict(revision=revision, trust_remote_code=False, **kwargs)
+    try:
+        return cls.from_pretrained(model_id, use_safetensors=True, **common)
+    except OSError as err:
+        if "safetensors" not in str(err).lower():
+            raise
+        # Some older hub snapshots hold only pytorch_model.bin; transformers reads it
+        # with torch.load(weights_only=True), and we re-save it as safetensors.
+        log.warning("%s@%s has no safetensors weights; reading the .bin file (weights only)", model_id, revision)
+        return cls.from_pretrained(model_id, use_safetensors=False, **common)
+
+
+def _commit_hash(obj: Any) -> Optional[str]:
+    config = getattr(obj, "config", obj)
+    value = getattr(config, "_commit_hash", None)
+    return value if isinstance(value, str) and value else None
+
+
+def _save_hub_clip(model_id: str, revision: str, out: Path) -> Optional[str]:
+    from transformers import CLIPVisionModelWithProjection
+
+    from pipeline.models.demo import image_processor_class
+
+    model = _from_pretrained(CLIPVisionModelWithProjection, model_id, revision)
+    processor = image_processor_class().from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return _commit_hash(model)
+
+
+def _save_hub_gpt(model_id: str, revision: str, out: Path) -> Optional[str]:
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model = _from_pretrained(GPT2LMHeadModel, model_id, revision)
+    tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    if tokenizer.eos_token is None:
+        raise ModelError(f"gpt.model {model_id!r}: its tokenizer has no EOS token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; pads are masked anyway
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return _commit_hash(model)
+
+
+def pin_model(kind: Kind, params: Params, out_dir: Path, source_dir: Optional[Path]) -> dict[str, Any]:
+    """Pin (or build, for ``demo``) the CLIP or GPT-2 of ``params`` into ``out_dir``.
+
+    The folder is written under a temporary name and renamed when whole, with
+    ``pin.json`` = ``{"model_id", "revision", "sha256", "kind"}``, which is returned.
+    ``source_dir`` is the prepared dataset: the demo GPT-2's vocabulary comes from
+    its ``captions.json``.
+    """
+    from pipeline.models.demo import build_demo_clip, build_demo_gpt
+
+    if kind not in ("clip", "gpt"):
+        raise ModelError(f"model kind {kind!r}: expected 'clip' or 'gpt'")
+    section = params.clip if kind == "clip" else params.gpt
+    model_id, revision = section.model, section.revision
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an interrupted earlier run: never whole, safe to drop
+    tmp.mkdir()
+    try:
+        extra: dict[str, Any] = {}
+        if model_id == DEMO:
+            resolved = LOCAL
+            if kind == "clip":
+                build_demo_clip(tmp, params.clip.demo, params.data.demo.image_size)
+                extra["demo"] = params.clip.demo.model_dump()
+            else:
+                build_demo_gpt(tmp, params.gpt.demo, _demo_captions(source_dir))
+                extra["demo"] = params.gpt.demo.model_dump()
+        else:
+            save = _save_hub_clip if kind == "clip" else _save_hub_gpt
+            try:
+                commit = save(model_id, revision, tmp)
+            except ModelError:
+                raise
+            except (OSError, ValueError, KeyError) as err:
+                raise ModelError(f"{kind}.model {model_id!r} (revision {revision!r}): cannot load: {err}") from err
+            resolved = LOCAL if _is_local(model_id) else (commit or revision)
+        pin = {"model_id": model_id, "revision": resolved, "sha256": weights_sha256(tmp), "kind": kind, **extra}
+        (tmp / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return pin
+
+
+def _demo_captions(source_dir: Optional[Path]) -> list[str]:
+    if source_dir is None:
+        raise ModelError("gpt.model 'demo': needs the prepared demo dataset (source folder) for its vocabulary")
+    path = Path(source_dir) / "captions.json"
+    try:
+        data = json.loads(path.read_text())
+        return [str(a["caption"]) for a in data["annotations"]]
+    except FileNotFoundError:
+        raise ModelError(f"{path}: not found; run the prepare stage first (data.source: demo)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{path}: not a COCO captions file ({err!r})") from None
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the finished ``tmp`` folder; the old one goes only after."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ loading
+def _check_dir(model_dir: Path, what: str) -> Path:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(
+            f"{what} model folder {model_dir}: no config.json (missing or not a save_pretrained folder; "
+            f"run `capline models {what}`)"
+        )
+    return model_dir
+
+
+def load_clip(model_dir: Path):
+    """(CLIPVisionModelWithProjection in eval mode, image processor, pin) from a pinned folder."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from pipeline.models.demo import image_processor_class
+
+    model_dir = _check_dir(model_dir, "clip")
+    pin = read_pin(model_dir)
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            model_dir, use_safetensors=True, trust_remote_code=False
+        ).eval()
+        processor = image_processor_class().from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as err:  # transformers raises many kinds for a damaged folder
+        raise ModelError(f"clip model folder {model_dir}: cannot load ({type(err).__name__}: {err})") from err
+    return model, processor, pin
+
+
+def load_gpt(model_dir: Path):
+    """(GPT2LMHeadModel in eval mode, tokenizer with a pad token, pin) from a pinned folder."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model_dir = _check_dir(model_dir, "gpt")
+    pin = read_pin(model_dir)
+    try:
+        model = GPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as err:
+        raise ModelError(f"gpt model folder {model_dir}: cannot load ({type(err).__name__}: {err})") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id != model.config.eos_token_id:
+        raise ModelError(
+            f"gpt model folder {model_dir}: tokenizer EOS id {tokenizer.eos_token_id} "
+            f"differs from the model's eos_token_id {model.config.eos_token_id}"
+        )
+    return model, tokenizer, pin

@@ -1,0 +1,180 @@
+"""Pinning and loading models: local folders stand in for hub ids (same from_pretrained call)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from helpers_models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, save_hub_like_gpt, tiny_params
+from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt, build_demo_tokenizer
+from pipeline.models.pretrained import ModelError, load_clip, load_gpt, pin_model, weights_sha256
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_captions(folder: Path, captions: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    ann = [{"id": i, "image_id": i, "caption": c} for i, c in enumerate(captions)]
+    (folder / "captions.json").write_text(json.dumps({"images": [], "annotations": ann}))
+    return folder
+
+
+# ------------------------------------------------------------------- local pinning
+def test_pin_local_clip_records_sha_and_reloads_same_outputs(tmp_path):
+    src = save_hub_like_clip(tmp_path / "hub_clip")
+    out = tmp_path / "pinned"
+    pin = pin_model("clip", tiny_params(clip_model=str(src)), out, None)
+
+    assert pin == json.loads((out / "pin.json").read_text())
+    assert pin["model_id"] == str(src) and pin["revision"] == "local" and pin["kind"] == "clip"
+    assert pin["sha256"] == _sha(out / "model.safetensors") == weights_sha256(out)
+    assert not list(tmp_path.glob(".pinned*")), "temporary folder left behind"
+
+    ref_model, ref_proc, _ = load_clip(src)
+    model, proc, loaded_pin = load_clip(out)
+    assert loaded_pin == pin
+    for (name, a), (name_b, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert name == name_b and torch.equal(a, b)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    x, y = ref_proc(images=[img], return_tensors="pt"), proc(images=[img], return_tensors="pt")
+    assert torch.equal(x["pixel_values"], y["pixel_values"])
+    assert tuple(y["pixel_values"].shape) == (1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ref_model(**x).image_embeds, model(**y).image_embeds)
+
+
+def test_pin_local_gpt_adds_pad_token_and_keeps_weights(tmp_path):
+    src = save_hub_like_gpt(tmp_path / "hub_gpt")
+    out = tmp_path / "gpt"
+    pin = pin_model("gpt", tiny_params(gpt_model=str(src)), out, None)
+    assert pin["sha256"] == _sha(out / "model.safetensors") and pin["revision"] == "local"
+
+    model, tok, loaded = load_gpt(out)
+    assert loaded == pin
+    assert tok.pad_token == tok.eos_token == EOS
+    assert tok.pad_token_id == model.config.pad_token_id == model.config.eos_token_id
+    from transformers import GPT2LMHeadModel
+
+    ref = GPT2LMHeadModel.from_pretrained(src)
+    ids = torch.tensor([tok("a red circle on the left")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(ref(ids).logits, model(ids).logits)
+
+
+def test_repin_replaces_folder_whole(tmp_path):
+    out = tmp_path / "clip"
+    out.mkdir()
+    (out / "stale.txt").write_text("old run")
+    pin_model("clip", tiny_params(image_size=16), out, None)
+    assert not (out / "stale.txt").exists()
+    assert (out / "model.safetensors").exists() and (out / "preprocessor_config.json").exists()
+
+
+def test_failed_pin_keeps_previous_folder(tmp_path):
+    out = tmp_path / "clip"
+    first = pin_model("clip", tiny_params(), out, None)
+    with pytest.raises(ModelError, match="nowhere"):
+        pin_model("clip", tiny_params(clip_model=str(tmp_path / "nowhere")), out, None)
+    assert json.loads((out / "pin.json").read_text()) == first
+    assert not list(tmp_path.glob(".clip*"))
+
+
+# ------------------------------------------------------------------- demo builders
+def test_demo_clip_deterministic_and_seed_sensitive(tmp_path):
+    cfg = TINY_CLIP.model_copy(update={"pretrain_steps": 2})
+    build_demo_clip(tmp_path / "a", cfg, 16)
+    build_demo_clip(tmp_path / "b", cfg, 16)
+    build_demo_clip(tmp_path / "c", cfg.model_copy(update={"seed": 1}), 16)
+    a, b, c = (weights_sha256(tmp_path / n) for n in "abc")
+    assert a == b != c
+    proc = json.loads((tmp_path / "a" / "preprocessor_config.json").read_text())
+    assert proc["crop_size"] == {"height": 16, "width": 16}
+
+
+def test_demo_clip_pretraining_changes_weights(tmp_path):
+    build_demo_clip(tmp_path / "raw", TINY_CLIP, 16)
+    build_demo_clip(tmp_path / "pre", TINY_CLIP.model_copy(update={"pretrain_steps": 3}), 16)
+    assert weights_sha256(tmp_path / "raw") != weights_sha256(tmp_path / "pre")
+
+
+def test_demo_clip_rejects_patch_not_dividing_image(tmp_path):
+    with pytest.raises(ValueError, match="patch_size"):
+        build_demo_clip(tmp_path / "x", TINY_CLIP.model_copy(update={"patch_size": 5}), 32)
+
+
+def test_demo_gpt_deterministic_tokenizer_round_trip_and_eos(tmp_path):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    build_demo_gpt(tmp_path / "a", TINY_GPT, CAPTIONS)
+    build_demo_gpt(tmp_path / "b", TINY_GPT, list(reversed(CAPTIONS)))  # order must not matter
+    assert weights_sha256(tmp_path / "a") == weights_sha256(tmp_path / "b")
+    assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "a")
+    words = {w for c in CAPTIONS for w in c.lower().replace(",", " , ").replace(".", " . ")
+             .replace(":", " : ").split()}
+    assert len(tok) == model.config.vocab_size == len(words) + 2  # + EOS and <unk>
+    assert tok.eos_token_id == tok.bos_token_id == tok.pad_token_id == tok.convert_tokens_to_ids(EOS)
+    assert model.config.eos_token_id == model.config.bos_token_id == tok.eos_token_id
+    assert model.config.n_positions == TINY_GPT.n_positions
+
+    ids = tok("Two shapes: a blue square, and a green triangle")["input_ids"]
+    assert tok.unk_token_id not in ids and tok.eos_token_id not in ids  # no EOS added silently
+    assert tok.decode(ids) == "two shapes: a blue square, and a green triangle"
+    assert tok("a purple hexagon")["input_ids"].count(tok.unk_token_id) == 2
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True).endswith("triangle")
+
+
+def test_pin_demo_gpt_reads_source_captions(tmp_path):
+    src = _write_captions(tmp_path / "source", CAPTIONS)
+    pin = pin_model("gpt", tiny_params(), tmp_path / "gpt", src)
+    assert pin["model_id"] == "demo" and pin["demo"]["n_embd"] == TINY_GPT.n_embd
+    _, tok, _ = load_gpt(tmp_path / "gpt")
+    assert tok.unk_token_id not in tok("a big yellow disc")["input_ids"]
+
+
+def test_pin_demo_gpt_without_source_names_file(tmp_path):
+    with pytest.raises(ModelError, match="captions.json"):
+        pin_model("gpt", tiny_params(), tmp_path / "gpt", tmp_path / "missing")
+    assert not (tmp_path / "gpt").exists()
+
+
+# ------------------------------------------------------------------------ loading
+def test_load_missing_folder_names_it(tmp_path):
+    with pytest.raises(ModelError, match=str(tmp_path / "absent")):
+        load_clip(tmp_path / "absent")
+
+
+def test_load_corrupt_weights_names_folder(tmp_path):
+    out = tmp_path / "gpt"
+    pin_model("gpt", tiny_params(), out, _write_captions(tmp_path / "s", CAPTIONS))
+    (out / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelError, match=f"gpt model folder {out}"):
+        load_gpt(out)
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_models_command_pins_demo_clip(tmp_path):
+    from stages.models import models
+
+    params = tmp_path / "params.yaml"
+    p = tiny_params(image_size=16)
+    params.write_text(json.dumps({"data": {"demo": {"image_size": 16}}, "clip": {"demo": p.clip.demo.model_dump()},
+                                  "gpt": {"demo": p.gpt.demo.model_dump()}, "mapper": {"heads": 2}}))
+    res = CliRunner().invoke(models, ["clip", "--params", str(params), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    pin = json.loads((tmp_path / "m" / "pin.json").read_text())
+    assert pin["sha256"][:12] in res.output and pin["kind"] == "clip"
+
+    bad = CliRunner().invoke(models, ["gpt", "--params", str(params), "--out", str(tmp_path / "g"),
+                                      "--source", str(tmp_path / "nosource")])
+    assert bad.exit_code != 0 and "captions.json" in bad.output
