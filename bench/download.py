@@ -131,7 +131,8 @@ def main() -> None:
     ours_rate = ours["ok"] / ours["seconds"]
     i2d_rate = i2d["ok"] / i2d["seconds"]
     print(f"ours:       {ours['ok']}/{args.images} ok in {ours['seconds']:.2f} s = {ours_rate:.1f} images/s")
-    print(f"img2dataset: {i2d['ok']}/{args.images} ok in {i2d['seconds']:.2f} s = {i2d_rate:.1f} images/s")
+    print(f"img2dataset: {i2d['ok']}/{args.images} ok in {i2d['seconds']:.2f} s = {i2d_rate:.1f} images/s "
+          f"(shard window; {i2d['wall_seconds']:.2f} s with its start-up)")
     print(f"network floor: {args.workers} concurrent / {args.latency * 1e3:.0f} ms = {args.workers / args.latency:.0f} images/s")
     print("cpu per image, one thread:", json.dumps(breakdown))
     print(json.dumps({"bench": "download", "unit": "images/s", "ours": round(ours_rate, 1),

@@ -80,6 +80,9 @@ class DownloadParams(Section):
     resize: Optional[int] = Field(None, ge=8, description="shorter side after resize; None keeps size")
     jpeg_quality: int = Field(95, ge=1, le=100)
     user_agent: str = "capline/0.1 (+https://github.com/capline/capline)"
+    # Decode/resize/encode in this many processes, so all cores work while the fetch
+    # threads wait on the network; 0 does it in the fetch threads (best for tiny images).
+    decode_processes: int = Field(2, ge=0, le=256, description="image processing processes; 0 = in the fetch threads")
 
 
 # ---------------------------------------------------------------------- clip/embed

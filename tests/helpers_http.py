@@ -30,6 +30,9 @@ class LoopbackServer:
         self.hits: Counter = Counter()
         self.headers_seen: dict[str, list[dict]] = defaultdict(list)
         self.latency = latency
+        self.times: dict[str, list[float]] = defaultdict(list)  # arrival time of each request
+        self.active = 0
+        self.max_active = 0  # most requests in progress at once
         self._stop = threading.Event()
         self._lock = threading.Lock()
         server = self
@@ -46,7 +49,17 @@ class LoopbackServer:
                     n = server.hits[path]
                     server.hits[path] += 1
                     server.headers_seen[path].append(dict(self.headers))
+                    server.times[path].append(time.monotonic())
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
                     replies = server.routes.get(path)
+                try:
+                    self._answer(replies, n)
+                finally:
+                    with server._lock:
+                        server.active -= 1
+
+            def _answer(self, replies: Optional[list[Reply]], n: int) -> None:
                 reply = replies[min(n, len(replies) - 1)] if replies else Reply(404, b"not found", content_type="text/plain")
                 wait = reply.delay + server.latency
                 if wait and server._stop.wait(wait):

@@ -31,3 +31,6 @@ class RecordFailure(Exception):
         self.reason = reason
         self.transient = transient
         self.retry_after = retry_after
+
+    def __reduce__(self):  # crosses the process pool intact
+        return (RecordFailure, (self.status, self.reason, self.transient, self.retry_after))

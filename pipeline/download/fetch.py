@@ -139,16 +139,18 @@ class Fetcher:
         deadline = time.monotonic() + self.p.connect_timeout + 4 * self.p.read_timeout
         try:
             resp = self.http.request("GET", url, preload_content=False, redirect=False, retries=False)
-        except (ConnectTimeoutError,) as err:
-            raise RecordFailure("timeout", f"connect timeout: {err}", transient=True) from None
+        except NewConnectionError as err:  # (a subclass of ConnectTimeoutError in urllib3 2)
+            raise RecordFailure("connection_error", f"cannot connect: {err}", transient=True) from None
+        except ConnectTimeoutError:
+            raise RecordFailure("timeout", f"connect timeout after {self.p.connect_timeout}s", transient=True) from None
         except ReadTimeoutError:
             raise RecordFailure("timeout", f"no response within read_timeout {self.p.read_timeout}s", transient=True) from None
         except urllib3.exceptions.MaxRetryError as err:  # raised around connect errors with retries=False
             reason = err.reason
-            if isinstance(reason, ConnectTimeoutError):
+            if isinstance(reason, ConnectTimeoutError) and not isinstance(reason, NewConnectionError):
                 raise RecordFailure("timeout", "connect timeout", transient=True) from None
             raise RecordFailure("connection_error", str(reason), transient=True) from None
-        except (NewConnectionError, ProtocolError, HTTPError, OSError) as err:
+        except (ProtocolError, HTTPError, OSError) as err:
             raise RecordFailure("connection_error", f"{type(err).__name__}: {err}", transient=True) from None
         clean = False  # whether the connection can go back to the pool for reuse
         try:

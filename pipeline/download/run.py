@@ -16,7 +16,8 @@ import os
 import queue
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -56,13 +57,15 @@ class Summary:
         return out
 
 
-def fetch_record(fetcher: Fetcher, params: DownloadParams, record: Record) -> Outcome:
-    """Fetch, check and re-encode one record; never raises."""
+def fetch_record(fetcher: Fetcher, params: DownloadParams, record: Record,
+                 images: Optional[Executor] = None) -> Outcome:
+    """Fetch, check and re-encode one record (on ``images`` if given); never raises."""
     try:
         data = fetcher.fetch(record.url)
         if record.sha256 and hashlib.sha256(data).hexdigest() != record.sha256:
             raise RecordFailure("sha256_mismatch", f"sha256 {hashlib.sha256(data).hexdigest()} != {record.sha256}")
-        jpeg, w, h = process_image(data, params.max_pixels, params.resize, params.jpeg_quality)
+        args = (data, params.max_pixels, params.resize, params.jpeg_quality)
+        jpeg, w, h = images.submit(process_image, *args).result() if images else process_image(*args)
         return Outcome(record, "ok", None, jpeg, w, h)
     except RecordFailure as fail:
         return Outcome(record, fail.status, fail.reason)
@@ -88,6 +91,17 @@ class _Open:
     remaining: int
 
 
+def _image_pool(processes: int) -> Optional[ProcessPoolExecutor]:
+    """Processes for decode/resize/encode, started before any thread exists (fork-safe)."""
+    if processes <= 0:
+        return None
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
+    pool.submit(int).result()  # start them now, not in the middle of the run
+    return pool
+
+
 def _owned_records(total: Optional[int], per_shard: int, rank: Rank) -> Optional[int]:
     if total is None:
         return None
@@ -107,6 +121,7 @@ def download_records(
     """Download ``records`` into shards under ``out_dir``; return the run's summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    images = _image_pool(params.decode_processes)
     fetcher = Fetcher(params, base_dir)
     summary = Summary()
     window = 2 * params.workers
@@ -121,7 +136,7 @@ def download_records(
                disable=not progress, smoothing=0.1)
 
     def work(index: int, pos: int, rec: Record) -> None:
-        results.put((index, pos, fetch_record(fetcher, params, rec)))
+        results.put((index, pos, fetch_record(fetcher, params, rec, images)))
 
     def handle(item: tuple[int, int, Outcome]) -> None:
         nonlocal inflight, failures
@@ -177,6 +192,8 @@ def download_records(
     finally:
         # After an interrupt, queued records are dropped; running ones end within their timeouts.
         pool.shutdown(wait=True, cancel_futures=True)
+        if images:
+            images.shutdown(wait=True, cancel_futures=True)
         bar.close()
     summary.seconds = time.monotonic() - start
     return summary
