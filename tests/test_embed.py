@@ -121,6 +121,11 @@ def test_resume_keeps_finished_shards_and_equals_uninterrupted(tmp_path, clip_di
         back = read_feature_shard(out / name)
         assert back.keys == table.keys
         np.testing.assert_array_equal(back.embeddings, table.embeddings)
+    # A feature shard whose image shard is gone is removed, not read as current.
+    (out / "00009.h5").write_bytes(b"old")
+    (out / "00009.status.jsonl").write_text("")
+    embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
+    assert not (out / "00009.h5").exists() and not (out / "00009.status.jsonl").exists()
     # Other settings make other vectors: nothing is kept.
     other = embed_shards(root, clip_dir, out, clip_params(normalize=False), Rank(), DataParams(), progress=False)
     assert other["shards_kept"] == 0 and other["shards_written"] == 3

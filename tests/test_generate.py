@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -118,15 +116,22 @@ def test_generate_refuses_features_of_another_encoder(trained, tmp_path):
 
 
 def test_generate_command(trained, tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import capline
+
     root, feats, table = trained
     (tmp_path / "params.yaml").write_text("generate: {split: val, num_beams: 2, batch_size: 4, precision: fp32}\n")
-    cmd = [sys.executable, "-m", "stages.cli", "generate", "--params", str(tmp_path / "params.yaml"),
-           "--model", str(root / "model"), "--features", str(feats), "--out", str(tmp_path / "out"),
-           "--metrics", str(tmp_path / "m.json"), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["generate", "--params", str(tmp_path / "params.yaml"), "--model", str(root / "model"),
+            "--features", str(feats), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+            "--no-progress"]
+    res = CliRunner().invoke(capline, args)
+    assert res.exit_code == 0, res.output
     n_val = sum(s == "val" for s in table.splits)
     assert len(json.loads((tmp_path / "out/results.json").read_text())) == n_val
-    bad = subprocess.run(cmd[:-1] + ["--model", str(tmp_path / "nothing")], capture_output=True, text=True,
-                         timeout=120)
-    assert bad.returncode != 0 and "captioner.json" in bad.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["split"] == "val"
+    bad = CliRunner().invoke(capline, args + ["--model", str(tmp_path / "nothing")])
+    assert bad.exit_code == 1 and "captioner.json" in bad.stderr
+    (tmp_path / "bad.yaml").write_text("generate: {num_beam: 2}\n")
+    bad = CliRunner().invoke(capline, args + ["--params", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 1 and "generate.num_beam" in bad.stderr

@@ -9,7 +9,6 @@ honouring Retry-After; other 4xx are final.
 from __future__ import annotations
 
 import email.utils
-import os
 import random
 import threading
 import time

@@ -80,11 +80,12 @@ def process_image(
             im = ImageOps.exif_transpose(im)
         im = _to_rgb(im)
         if resize and min(im.size) != resize:
-            # Pillow's bilinear is antialiased when shrinking (its support scales),
-            # at about 60% of bicubic's cost; bicubic when enlarging.
+            # Shrinking: area averaging (BOX, as OpenCV's INTER_AREA that img2dataset
+            # uses), free of aliasing and the cheapest filter: ~40% of bicubic's time,
+            # about as long as the decode itself. Enlarging: bicubic.
             shrink = min(im.size) > resize
             im = im.resize(_target_size(*im.size, resize),
-                           Image.Resampling.BILINEAR if shrink else Image.Resampling.BICUBIC)
+                           Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
         out = io.BytesIO()
         im.save(out, "JPEG", quality=quality)
     except RecordFailure:

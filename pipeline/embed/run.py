@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pipeline.distributed import Rank
@@ -55,6 +54,14 @@ def _write_status(path: Path, failed: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _remove_orphans(out_dir: Path, stems: set[str]) -> None:
+    """Feature shards whose image shard is gone would otherwise be read as current."""
+    for h5 in out_dir.glob("*.h5"):
+        if h5.stem not in stems:
+            h5.unlink(missing_ok=True)
+            _status_path(h5).unlink(missing_ok=True)
+
+
 class _ShardBuffer:
     """Vectors and labels of one shard while its samples arrive."""
 
@@ -89,6 +96,8 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
     }
     assert set(identity) == set(IDENTITY_ATTRS)
 
+    if rank.is_main:
+        _remove_orphans(out_dir, {s.stem for s in shards})
     mine = [(i, s) for i, s in enumerate(shards) if rank.owns(i)]
     todo: list[Path] = []
     kept = 0
@@ -156,7 +165,7 @@ def _run(todo: list[Path], out_dir: Path, encoder: Encoder, pre: Preprocessor, c
             buf.done += 1
             if buf.done == stripes:
                 t = time.perf_counter()
-                _write_shard(todo[shard_idx], out_dir, buffers.pop(shard_idx), dim, identity, clip)
+                _write_shard(todo[shard_idx], out_dir, buffers.pop(shard_idx), dim, identity)
                 secs["write"] += time.perf_counter() - t
                 summary["shards_written"] += 1
                 bar.update(1)
@@ -173,10 +182,9 @@ def _run(todo: list[Path], out_dir: Path, encoder: Encoder, pre: Preprocessor, c
         raise ImageShardError(error)
 
 
-def _write_shard(shard: Path, out_dir: Path, buf: _ShardBuffer, dim: int, identity: dict,
-                 clip: ClipParams) -> None:
+def _write_shard(shard: Path, out_dir: Path, buf: _ShardBuffer, dim: int, identity: dict) -> None:
     order = sorted(range(len(buf.keys)), key=lambda i: buf.keys[i])
-    store = np.float16 if clip.precision == "fp16" or identity["dtype"] == "float16" else np.float32
+    store = np.float16 if identity["dtype"] == "float16" else np.float32
     emb = (np.stack([buf.vectors[i] for i in order]).astype(store) if order
            else np.zeros((0, dim), dtype=store))
     table = FeatureTable(

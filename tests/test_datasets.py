@@ -1,0 +1,166 @@
+"""Dataset spec readers, prepare (fetch, zip, checksum, cache) and their errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+
+import pytest
+
+from pipeline.datasets import iter_records, read_manifest
+from pipeline.datasets.errors import DatasetError
+from pipeline.datasets.prepare import prepare
+from pipeline.datasets.readers import read_coco, read_jsonl, read_karpathy, read_table
+from pipeline.params import DataParams
+from pipeline.records import split_for
+from tests.helpers_http import LoopbackServer, Reply
+
+
+def coco_fixture(base_url: str) -> tuple[dict, dict]:
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "coco_url": f"{base_url}/{i}.jpg",
+               "width": 48, "height": 32} for i in (42, 7, 1000)]
+    anns = [{"image_id": img, "id": n, "caption": f"  caption {n} of   {img} "} for n, img in enumerate([42, 7, 42, 1000])]
+    karpathy = {"dataset": "coco", "images": [
+        {"cocoid": 42, "filename": "COCO_val2014_000000000042.jpg", "filepath": "val2014", "split": "test",
+         "sentences": [{"raw": "x"}]},
+        {"cocoid": 7, "filename": "COCO_val2014_000000000007.jpg", "filepath": "val2014", "split": "restval",
+         "sentences": [{"raw": "y"}]},
+        {"cocoid": 1000, "filename": "COCO_val2014_000000001000.jpg", "filepath": "val2014", "split": "val",
+         "sentences": [{"raw": "z"}]},
+    ]}
+    return {"images": images, "annotations": anns}, karpathy
+
+
+def test_coco_with_karpathy_split(tmp_path):
+    coco, karpathy = coco_fixture("http://h")
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    (tmp_path / "k.json").write_text(json.dumps(karpathy))
+    recs = list(read_coco(tmp_path / "c.json", tmp_path / "k.json", None, 0.1, 0.1))
+    assert [(r.key, r.split, r.url) for r in recs] == [
+        ("000000000042", "test", "http://h/42.jpg"), ("000000000007", "train", "http://h/7.jpg"),
+        ("000000001000", "val", "http://h/1000.jpg")]
+    assert recs[0].captions == ("caption 0 of 42", "caption 2 of 42")  # all captions of one image, whitespace tidied
+
+
+def test_coco_without_split_file_hashes_per_image(tmp_path):
+    coco, _ = coco_fixture("http://h")
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    recs = list(read_coco(tmp_path / "c.json", None, "http://mirror/val2014/", 0.3, 0.3))
+    assert [r.split for r in recs] == [split_for(r.key, 0.3, 0.3) for r in recs]
+    assert recs[0].url == "http://mirror/val2014/COCO_val2014_000000000042.jpg"  # image_root wins over coco_url
+
+
+def test_karpathy_alone_with_local_folder(tmp_path):
+    _, karpathy = coco_fixture("")
+    karpathy["images"][0].pop("cocoid")
+    (tmp_path / "k.json").write_text(json.dumps(karpathy))
+    recs = list(read_karpathy(tmp_path / "k.json", (tmp_path / "imgs").as_uri()))
+    assert recs[0].key == "COCO_val2014_000000000042" and recs[1].key == "000000000007"
+    assert recs[0].url == (tmp_path / "imgs" / "val2014" / "COCO_val2014_000000000042.jpg").as_uri()
+    assert [r.split for r in recs] == ["test", "train", "val"]
+    with pytest.raises(DatasetError, match="data.image_root"):
+        list(read_karpathy(tmp_path / "k.json", None))
+
+
+def test_cc3m_tsv_without_header(tmp_path):
+    (tmp_path / "cc.tsv").write_text('a "quoted" dog\thttp://x/1.jpg\n<b>bold</b> cat\thttps://x/2.jpg?a=1\n')
+    recs = list(read_table(tmp_path / "cc.tsv", "\t", 0.2, 0.2))
+    assert [(r.key, r.url, r.captions) for r in recs] == [
+        ("000000000", "http://x/1.jpg", ('a "quoted" dog',)), ("000000001", "https://x/2.jpg?a=1", ("<b>bold</b> cat",))]
+    assert [r.split for r in recs] == [split_for(r.url, 0.2, 0.2) for r in recs]
+
+
+def test_csv_with_header_sha_and_keys(tmp_path):
+    sha = hashlib.sha256(b"x").hexdigest()
+    (tmp_path / "l.csv").write_text(f'key,url,caption,sha256\nk-1,http://x/1.jpg,"a, b",{sha}\nk-2,http://x/2.jpg,c,\n')
+    recs = list(read_table(tmp_path / "l.csv", ",", 0.0, 0.0))
+    assert [(r.key, r.captions, r.sha256) for r in recs] == [("k-1", ("a, b",), sha), ("k-2", ("c",), None)]
+
+
+def test_jsonl_captions_list(tmp_path):
+    (tmp_path / "l.jsonl").write_text('{"url": "file:a.png", "captions": ["one", "two"]}\n\n{"image_url": "http://x/b", "caption": "three"}\n')
+    recs = list(read_jsonl(tmp_path / "l.jsonl", 0.1, 0.1))
+    assert [(r.key, r.url, r.captions) for r in recs] == [("000000000", "file:a.png", ("one", "two")),
+                                                         ("000000001", "http://x/b", ("three",))]
+
+
+@pytest.mark.parametrize("name,text,line,message", [
+    ("bad.csv", "url,caption,color\nhttp://x,a,red\n", 1, "unknown column 'color'"),
+    ("bad.tsv", "a\thttp://x/1\nb\thttp://x/2\textra\n", 2, "expected 2 fields"),
+    ("bad.csv", "caption,url\na,\n", 2, "empty or missing url"),
+    ("bad.jsonl", '{"url": "http://x", "caption": "a"}\n{"url": "http://y", "caption": \n', 2, "not valid JSON"),
+    ("bad.jsonl", '{"url": "http://x", "caption": "a", "rating": 5}\n', 1, "unknown field"),
+    ("bad.jsonl", '{"url": "http://x", "caption": "a", "sha256": "abc"}\n', 1, "sha256"),
+    ("bad.jsonl", '{"url": "http://x", "key": "a/b"}\n', 1, "key 'a/b'"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, name, text, line, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DatasetError) as err:
+        if name.endswith(".jsonl"):
+            list(read_jsonl(path, 0.1, 0.1))
+        else:
+            list(read_table(path, "\t" if name.endswith(".tsv") else ",", 0.1, 0.1))
+    assert f"{path}:{line}:" in str(err.value) and message in str(err.value)
+
+
+def test_prepare_local_list_records_sha_and_caps(tmp_path):
+    lines = "".join(f"caption {i}\thttp://x/{i}.jpg\n" for i in range(10))
+    (tmp_path / "l.tsv").write_text(lines)
+    m = prepare(tmp_path / "src", DataParams(source="tsv", annotations=str(tmp_path / "l.tsv"), max_records=4))
+    assert m.records == 4 and m.sha256["annotations"] == hashlib.sha256(lines.encode()).hexdigest()
+    assert read_manifest(tmp_path / "src") == m
+    assert [r.key for r in iter_records(tmp_path / "src")] == ["000000000", "000000001", "000000002", "000000003"]
+
+
+def test_prepare_stops_on_a_bad_spec_and_keeps_the_old_output(tmp_path):
+    (tmp_path / "ok.tsv").write_text("a\thttp://x/1.jpg\n")
+    prepare(tmp_path / "src", DataParams(source="tsv", annotations=str(tmp_path / "ok.tsv")))
+    (tmp_path / "bad.tsv").write_text("a\thttp://x/1.jpg\nbroken line\n")
+    with pytest.raises(DatasetError, match=r"bad.tsv:2"):
+        prepare(tmp_path / "src", DataParams(source="tsv", annotations=str(tmp_path / "bad.tsv")))
+    assert read_manifest(tmp_path / "src").records == 1
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_prepare_duplicate_keys_refused(tmp_path):
+    (tmp_path / "l.jsonl").write_text('{"url": "http://x/1", "key": "a"}\n{"url": "http://x/2", "key": "a"}\n')
+    with pytest.raises(DatasetError, match="'a' appears twice"):
+        prepare(tmp_path / "src", DataParams(source="jsonl", annotations=str(tmp_path / "l.jsonl")))
+
+
+def test_prepare_fetches_zip_members_over_http_once(tmp_path):
+    coco, karpathy = coco_fixture("http://h")
+    buf = tmp_path / "ann.zip"
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("annotations/captions_val2014.json", json.dumps(coco))
+        zf.writestr("annotations/instances_val2014.json", "{}")
+    single = tmp_path / "caption_datasets.zip"
+    with zipfile.ZipFile(single, "w") as zf:
+        zf.writestr("dataset_coco.json", json.dumps(karpathy))
+    with LoopbackServer() as srv:
+        ann_url = srv.route("/ann.zip", Reply(200, buf.read_bytes(), content_type="application/zip"))
+        split_url = srv.route("/caption_datasets.zip", Reply(200, single.read_bytes()))
+        params = DataParams(source="coco", annotations=ann_url + "#captions_val2014.json", karpathy_split=split_url)
+        for _ in range(2):
+            m = prepare(tmp_path / "src", params, cache_dir=tmp_path / "cache")
+        assert srv.hits["/ann.zip"] == 1 and srv.hits["/caption_datasets.zip"] == 1  # cached
+        with pytest.raises(DatasetError, match="2 data files"):
+            prepare(tmp_path / "src2", DataParams(source="coco", annotations=ann_url), cache_dir=tmp_path / "cache")
+        with pytest.raises(DatasetError, match="HTTP 404"):
+            prepare(tmp_path / "src2", DataParams(source="coco", annotations=srv.url("/nope.json")),
+                    cache_dir=tmp_path / "cache")
+    assert m.files == {"annotations": "captions_val2014.json", "karpathy_split": "dataset_coco.json"}
+    assert m.sha256["annotations"] == hashlib.sha256(json.dumps(coco).encode()).hexdigest()
+    assert m.origin["annotations"].endswith("/ann.zip#captions_val2014.json")
+    assert [r.split for r in iter_records(tmp_path / "src")] == ["test", "train", "val"]
+
+
+def test_keys_are_a_pure_function_of_the_input(tmp_path):
+    coco, karpathy = coco_fixture("http://h")
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    (tmp_path / "k.json").write_text(json.dumps(karpathy))
+    params = DataParams(source="coco", annotations=str(tmp_path / "c.json"), karpathy_split=str(tmp_path / "k.json"))
+    a = list(iter_records(prepare(tmp_path / "a", params) and tmp_path / "a"))
+    b = list(iter_records(prepare(tmp_path / "b", params) and tmp_path / "b"))
+    assert a == b and len({r.key for r in a}) == 3
