@@ -121,3 +121,18 @@ def test_cli_reports_bad_params_before_work(tmp_path):
     assert result.exit_code != 0
     assert "mapper.layers" in result.output
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid_and_complete(config):
+    params = load_params(config)
+    shipped = _flatten(yaml.safe_load(config.read_text()))
+    assert set(shipped) == set(_flatten(Params().model_dump()))
+    assert params.clip.model != "demo" and params.gpt.model != "demo"
+
+
+def test_params_reference_lists_every_key():
+    doc = (ROOT / "docs" / "params.md").read_text()
+    for key in _flatten(Params().model_dump()):
+        section, _, rest = key.partition(".")
+        assert f"`{rest}`" in doc or f"`{rest}`," in doc or f"`{rest.split('.')[-1]}`" in doc, key

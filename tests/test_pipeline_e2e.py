@@ -102,7 +102,7 @@ def test_repro_then_experiment(repo: Path):
     from safetensors import safe_open
 
     with safe_open(repo / "data/model/mapper.safetensors", "pt") as f:
-        blocks = {k.split(".")[2] for k in f.keys() if k.startswith("transformer.layers.")}
+        blocks = {k.split(".")[2] for k in f.keys() if k.startswith("blocks.layers.")}
     assert len(blocks) == 2
 
     shown = _run(["dvc", "exp", "show", "--json"], repo)
