@@ -57,7 +57,8 @@ class ImageEmbedder:
     """CLIP as the training features were made, from the recorded settings."""
 
     def __init__(self, clip_dir: Path, features: dict, device: torch.device) -> None:
-        from pipeline.embed.encoder import Encoder, load_clip, model_identity
+        from pipeline.embed.encoder import Encoder
+        from pipeline.models.pretrained import load_clip, model_identity
         from pipeline.embed.precision import choose_precision
         from pipeline.embed.preprocess import Preprocessor
 
@@ -68,7 +69,7 @@ class ImageEmbedder:
             if want is not None and want != got:
                 raise ValueError(f"--clip {clip_dir}: {key} is {got!r} but the captioner was trained on "
                                  f"features of {want!r}")
-        model, processor = load_clip(clip_dir)
+        model, processor, _ = load_clip(clip_dir)
         recorded = _json_or_none(features.get("preprocess"))
         mode = (recorded or {}).get("mode", "processor")
         self.pre = Preprocessor.from_processor(processor, mode)

@@ -5,7 +5,7 @@ from typing import Optional
 
 import click
 
-from stages.common import load, params_option
+from stages.common import load, params_option, rank_options, resolve_rank
 
 
 @click.command("download")
@@ -16,8 +16,7 @@ from stages.common import load, params_option
               help="folder for NNNNN.tar shards and NNNNN.status.jsonl files")
 @click.option("--metrics", "metrics_path", default="data/metrics/download.json", show_default=True,
               type=click.Path(dir_okay=False), help="summary JSON (counts per status, images/s)")
-@click.option("--rank", type=int, default=None, help="this process's rank (default: torchrun's RANK, else 0)")
-@click.option("--world-size", type=int, default=None, help="number of processes (default: WORLD_SIZE, else 1)")
+@rank_options
 @click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
 def download(params_path: str, source_dir: str, out_dir: str, metrics_path: str,
              rank: Optional[int], world_size: Optional[int], progress: bool) -> None:
@@ -29,14 +28,10 @@ def download(params_path: str, source_dir: str, out_dir: str, metrics_path: str,
     uninterrupted run. Every record gets a status line: ok or a named failure.
     """
     from pipeline.datasets.errors import DatasetError
-    from pipeline.distributed import current_rank
     from pipeline.download import download as run
 
     params = load(params_path)
-    try:
-        who = current_rank(rank, world_size)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--rank/--world-size") from None
+    who = resolve_rank(rank, world_size)
     try:
         s = run(source_dir, out_dir, params.download, who, metrics_path=metrics_path, progress=progress)
     except (DatasetError, FileNotFoundError) as err:

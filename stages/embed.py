@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from stages.common import load, params_option
+from stages.common import load, params_option, rank_options, resolve_rank
 
 
 @click.command("embed")
@@ -18,8 +18,7 @@ from stages.common import load, params_option
               show_default=True, help="folder for the HDF5 feature shards (one per image shard)")
 @click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), default=Path("data/metrics/embed.json"),
               show_default=True, help="metrics JSON: images/s, counts, precision, device, time per part")
-@click.option("--rank", type=int, default=None, help="this process's rank (default: torchrun's RANK, else 0)")
-@click.option("--world-size", type=int, default=None, help="number of ranks (default: torchrun's WORLD_SIZE, else 1)")
+@rank_options
 def embed(params_path: str, images: Path, model: Path, out: Path, metrics: Path, rank: int | None,
           world_size: int | None) -> None:
     """Embed every image of IMAGES with the CLIP vision tower in MODEL into OUT.
@@ -30,18 +29,14 @@ def embed(params_path: str, images: Path, model: Path, out: Path, metrics: Path,
     computes the rest. Under `torchrun --nproc-per-node N capline embed`, or with
     --rank/--world-size on each machine, rank r embeds shards r, r+N, r+2N, ...
     """
-    from pipeline.distributed import current_rank
-    from pipeline.embed.encoder import ModelFolderError
+    from pipeline.models.pretrained import ModelError
     from pipeline.embed.stage import run_embed
     from pipeline.features import FeatureShardError
     from pipeline.image_shards import ImageShardError
 
     params = load(params_path)
-    try:
-        who = current_rank(rank, world_size)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--rank/--world-size") from None
+    who = resolve_rank(rank, world_size)
     try:
         run_embed(params, images, model, out, metrics, who)
-    except (ImageShardError, FeatureShardError, ModelFolderError) as err:
+    except (ImageShardError, FeatureShardError, ModelError) as err:
         raise click.ClickException(str(err)) from None

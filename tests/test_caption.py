@@ -38,7 +38,7 @@ def reference_vectors(clip_dir, paths):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from pipeline.embed.encoder import model_identity
+    from pipeline.models.pretrained import model_identity
     from pipeline.embed.preprocess import Preprocessor
     from pipeline.models.demo import build_demo_clip, image_processor_class
 

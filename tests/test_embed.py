@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.distributed import Rank
 from pipeline.embed import embed_shards
-from pipeline.embed.encoder import ModelFolderError, model_identity, weights_sha256
+from pipeline.models.pretrained import ModelError, model_identity, weights_sha256
 from pipeline.embed.precision import choose_precision, cpu_has_fast_bf16
 from pipeline.embed.preprocess import ImageDecodeError, Preprocessor
 from pipeline.features import load_features, read_feature_shard
@@ -158,7 +158,7 @@ def test_ranks_split_shards_and_union_equals_single_process(tmp_path, clip_dir, 
 def test_model_identity_without_pin(tmp_path, images):
     folder = make_tiny_clip(tmp_path / "my-clip")
     assert model_identity(folder) == ("my-clip", weights_sha256(folder))
-    with pytest.raises(ModelFolderError, match="nothing: not a model folder"):
+    with pytest.raises(ModelError, match="nothing: no config.json"):
         embed_shards(images[0], tmp_path / "nothing", tmp_path / "f", clip_params(), Rank(), DataParams())
     with pytest.raises(ImageShardError, match="no image shards"):
         embed_shards(tmp_path, folder, tmp_path / "f", clip_params(), Rank(), DataParams())

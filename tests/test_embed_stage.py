@@ -58,7 +58,7 @@ def test_cli_errors_are_clean(setup, tmp_path):
     assert result.exit_code != 0 and "rank 3" in result.output
     result = CliRunner().invoke(embed, args(setup, tmp_path / "f", tmp_path / "m.json")[:4] +
                                 ["--model", str(tmp_path / "none"), "--out", str(tmp_path / "f")])
-    assert result.exit_code != 0 and "not a model folder" in result.output and "Traceback" not in result.output
+    assert result.exit_code != 0 and "no config.json" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers_models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, save_hub_like_gpt, tiny_params
-from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt, build_demo_tokenizer
+from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt
 from pipeline.models.pretrained import ModelError, load_clip, load_gpt, pin_model, weights_sha256
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.distributed import Rank
-from pipeline.embed.encoder import Encoder, load_clip, model_identity
+from pipeline.embed.encoder import Encoder
+from pipeline.models.pretrained import load_clip, model_identity
 from pipeline.embed.loader import ShardBatches, SplitRule, make_loader, stripes_for
 from pipeline.embed.precision import DTYPE_NAMES, choose_device, choose_precision
 from pipeline.embed.preprocess import Preprocessor
@@ -86,7 +87,7 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
 
     device = choose_device(rank.local_rank)
     precision = choose_precision(clip.precision, device)
-    model, processor = load_clip(model_dir)
+    model, processor, _ = load_clip(model_dir)
     model_id, revision = model_identity(model_dir)
     pre = Preprocessor.from_processor(processor, clip.preprocess)
     identity = {

@@ -48,7 +48,7 @@ def read_pin(model_dir: Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     path = model_dir / PIN_FILE
     if not path.exists():
-        return {"model_id": str(model_dir), "revision": LOCAL, "sha256": weights_sha256(model_dir)}
+        return {"model_id": model_dir.resolve().name, "revision": LOCAL, "sha256": weights_sha256(model_dir)}
     try:
         pin = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -57,6 +57,15 @@ def read_pin(model_dir: Path) -> dict[str, Any]:
     if missing:
         raise ModelError(f"{path}: missing {sorted(missing)}")
     return pin
+
+
+def model_identity(model_dir: Path) -> tuple[str, str]:
+    """(model_id, revision) that feature shards record: the hub commit when the model
+    came from the hub, else the sha256 of its weights (so two local or demo models
+    never pass for one another)."""
+    pin = read_pin(Path(model_dir))
+    revision = pin["revision"] if pin["revision"] != LOCAL else pin["sha256"]
+    return str(pin["model_id"]), str(revision)
 
 
 # ------------------------------------------------------------------------ pinning
