@@ -8,6 +8,9 @@ for another image's vector, a seeded derangement, so no image keeps its own),
 Beam search of one vector does not depend on the others in its batch, so the
 control is the same permutation applied to the captions already made: feeding the
 shuffled vectors again would give exactly these captions at twice the cost.
+
+Under torchrun the rows are split among the processes by index and gathered on
+rank 0, which alone writes; the files equal a single-process run's.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.distributed import current_rank, process_group
 from pipeline.models.captioner import ClipCaptioner, autocast, pick_device, resolve_precision
 from pipeline.params import GenerateParams
 
@@ -59,6 +63,7 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
     """Caption the ``params.split`` images of ``features_dir``; return (and write) metrics."""
     from pipeline.features import load_features
 
+    rank = current_rank()
     device = pick_device()
     model = ClipCaptioner.load(model_dir, device=device)
     table = load_features(Path(features_dir), split=params.split, expect=model.feature_expectation())
@@ -68,8 +73,23 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
     torch.manual_seed(params.seed)
 
     started = time.perf_counter()
-    captions = caption_vectors(model, table.embeddings, params, device, progress)
+    with process_group(rank, device) as distributed:
+        # Under torchrun each rank captions rows rank, rank+N, ...; rank 0 gathers them.
+        mine = np.arange(rank.rank, len(table), rank.world_size)
+        part = caption_vectors(model, table.embeddings[mine], params, device, progress and rank.is_main)
+        parts = [(mine.tolist(), part)]
+        if distributed:
+            import torch.distributed as dist
+
+            parts = [None] * rank.world_size
+            dist.all_gather_object(parts, (mine.tolist(), part))
     seconds = time.perf_counter() - started
+    captions = [""] * len(table)
+    for rows, caps in parts:
+        for i, c in zip(rows, caps):
+            captions[i] = c
+    if not rank.is_main:
+        return {}  # rank 0 writes the files and the metrics
 
     perm = derangement(len(table), params.seed)
     results = [{"image_id": k, "caption": c} for k, c in zip(table.keys, captions)]
@@ -96,6 +116,7 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
         "distinct_captions": len(set(captions)),
         "seconds": round(seconds, 3),
         "captions_per_s": round(len(captions) / max(seconds, 1e-9), 3),
+        "world_size": rank.world_size,
     }
     if metrics_path is not None:
         _write_json(Path(metrics_path), metrics)

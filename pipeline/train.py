@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.distributed import current_rank
+from pipeline.distributed import current_rank, process_group
 from pipeline.models.captioner import ClipCaptioner, autocast, pick_device, resolve_precision
 from pipeline.models.mapper import count_parameters
 from pipeline.params import MapperParams, TrainParams
@@ -89,12 +90,8 @@ def train(
     started = time.perf_counter()
     rank = current_rank()
     device = pick_device()
-    own_group = False
-    if rank.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        own_group = True
+    group = ExitStack()
+    group.enter_context(process_group(rank, device))
     try:
         amp = resolve_precision(train.precision, device, key="train.precision")
         torch.manual_seed(train.seed)
@@ -216,8 +213,7 @@ def train(
             dist.barrier()
         return metrics
     finally:
-        if own_group:
-            dist.destroy_process_group()
+        group.close()
 
 
 def _build_model(gpt_dir, mapper: MapperParams, train: TrainParams, attrs: dict, dim: int) -> ClipCaptioner:

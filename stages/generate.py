@@ -33,4 +33,5 @@ def generate(params_path: str, model_dir: str, features_dir: str, out_dir: str, 
                                progress=progress)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"{metrics['captions']} captions ({metrics['split']}) at {metrics['captions_per_s']} captions/s")
+    if metrics:  # empty on the other ranks under torchrun
+        click.echo(f"{metrics['captions']} captions ({metrics['split']}) at {metrics['captions_per_s']} captions/s")

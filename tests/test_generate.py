@@ -135,3 +135,27 @@ def test_generate_command(trained, tmp_path):
     (tmp_path / "bad.yaml").write_text("generate: {num_beam: 2}\n")
     bad = CliRunner().invoke(capline, args + ["--params", str(tmp_path / "bad.yaml")])
     assert bad.exit_code == 1 and "generate.num_beam" in bad.stderr
+
+
+def test_torchrun_two_processes_write_what_one_process_writes(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root, feats, table = trained
+    generate(root / "model", feats, tmp_path / "one", GEN, tmp_path / "one.json", progress=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": GEN.model_dump()}))
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "stages.cli", "generate", "--params", str(tmp_path / "params.yaml"), "--model", str(root / "model"),
+           "--features", str(feats), "--out", str(tmp_path / "two"), "--metrics", str(tmp_path / "two.json"),
+           "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("results.json", "results_shuffled.json", "references.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert json.loads((tmp_path / "two.json").read_text())["world_size"] == 2
