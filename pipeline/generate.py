@@ -3,7 +3,8 @@
 Writes, in ``out_dir``: ``results.json`` (COCO results, ``image_id`` = record key),
 ``results_shuffled.json`` (the control: each image gets the caption the model makes
 for another image's vector, a seeded derangement, so no image keeps its own),
-``references.json`` (COCO captions file for exactly the captioned images).
+``references.json`` (COCO captions file for exactly the captioned images). Images
+of the split without a non-blank reference caption are left out: they cannot be scored.
 
 Beam search of one vector does not depend on the others in its batch, so the
 control is the same permutation applied to the captions already made: feeding the
@@ -15,6 +16,7 @@ rank 0, which alone writes; the files equal a single-process run's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch
 from pipeline.distributed import current_rank, process_group
 from pipeline.models.captioner import ClipCaptioner, autocast, pick_device, resolve_precision
 from pipeline.params import GenerateParams
+
+log = logging.getLogger(__name__)
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -70,6 +74,9 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
     if len(table) == 0:
         raise ValueError(f"{features_dir}: no images in the {params.split!r} split (generate.split)")
     model.check_features(table.attrs, int(table.embeddings.shape[1]), str(features_dir))
+    table = _with_references(table)
+    if len(table) == 0:
+        raise ValueError(f"{features_dir}: no image of the {params.split!r} split has a reference caption")
     torch.manual_seed(params.seed)
 
     started = time.perf_counter()
@@ -121,6 +128,27 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
     if metrics_path is not None:
         _write_json(Path(metrics_path), metrics)
     return metrics
+
+
+def _with_references(table):
+    """The rows that have a non-blank reference caption, with only those captions.
+
+    An image without references cannot be scored (evaluate refuses it, and
+    pycocoevalcap's scorers fail on it), and a blank reference breaks ROUGE-L;
+    training skips blank captions too.
+    """
+    from pipeline.features import FeatureTable
+
+    captions = [[c for c in caps if c and c.strip()] for caps in table.captions]
+    keep = [i for i, caps in enumerate(captions) if caps]
+    if len(keep) == len(table) and all(len(a) == len(b) for a, b in zip(captions, table.captions)):
+        return table
+    if len(keep) < len(table):
+        log.warning("generate: %d of %d images have no reference caption and are left out",
+                    len(table) - len(keep), len(table))
+    return FeatureTable(keys=[table.keys[i] for i in keep], embeddings=table.embeddings[keep],
+                        splits=[table.splits[i] for i in keep], captions=[captions[i] for i in keep],
+                        attrs=table.attrs)
 
 
 def _write_json(path: Path, obj) -> None:

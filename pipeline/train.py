@@ -27,7 +27,7 @@ import torch
 from pipeline.distributed import current_rank, process_group
 from pipeline.models.captioner import ClipCaptioner, autocast, pick_device, resolve_precision
 from pipeline.models.mapper import count_parameters
-from pipeline.params import MapperParams, TrainParams
+from pipeline.params import MapperParams, ParamsError, TrainParams
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr")
@@ -105,6 +105,9 @@ def train(
 
         model = _build_model(gpt_dir, mapper, train, table.attrs, dim).to(device)
         room = model.max_positions - mapper.prefix_length
+        if room < 2:  # a word and EOS at the least; fewer would crash inside GPT-2
+            raise ParamsError(f"mapper.prefix_length: {mapper.prefix_length} leaves {max(room, 0)} of GPT-2's "
+                              f"{model.max_positions} positions for the caption; it needs at least 2")
         max_tokens = train.max_caption_tokens
         if max_tokens > room:
             log.warning("train.max_caption_tokens %d cut to %d: GPT-2 has %d positions and the prefix takes %d",

@@ -149,3 +149,7 @@ def test_caption_command(setup):
     res = runner.invoke(capline, ["caption", "--model", str(root / "nothing"), "--clip", str(clip_dir),
                                   str(images[0])])
     assert res.exit_code == 1 and "captioner.json" in res.stderr
+    # A wrong --clip folder is a clean error naming it, not a traceback.
+    res = runner.invoke(capline, ["caption", "--model", str(root / "model"), "--clip", str(root / "noclip"),
+                                  str(images[0])])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and str(root / "noclip") in res.stderr

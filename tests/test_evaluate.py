@@ -211,6 +211,20 @@ def test_java_missing_is_a_clear_error_before_work(tmp_path):
     assert proc.returncode != 0 and "exited 3" in proc.stderr and "openjdk" in proc.stderr
 
 
+def test_feature_folder_without_shards_is_a_clean_error(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from stages.cli import capline
+
+    refs, res, _ = write_coco_pair(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "features").mkdir()
+    result = CliRunner().invoke(capline, ["evaluate", "--results", str(res), "--references", str(refs),
+                                          "--features", str(tmp_path / "features"), "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "no feature shards" in result.stderr and not (tmp_path / "m.json").exists()
+
+
 @pytest.mark.parametrize("results, message", [
     ([{"image_id": "nope", "caption": "x"}], "image_id 'nope' is not in the references"),
     ([{"image_id": "img-a", "caption": "x"}, {"image_id": "img-a", "caption": "y"}], "appears twice"),

@@ -98,6 +98,32 @@ def test_generate_writes_coco_files_and_a_shuffled_control(trained, tmp_path):
     assert metrics["captions_per_s"] > 0
 
 
+def test_images_without_reference_captions_are_left_out(trained, tmp_path):
+    from pipeline.evaluate.cocofiles import load_references, load_results
+    from pipeline.features import FeatureTable
+
+    root, feats, table = trained
+    test = [i for i, s in enumerate(table.splits) if s == "test"]
+    captions = [list(c) for c in table.captions]
+    captions[test[0]] = []  # e.g. a COCO image without annotations, or img2dataset's blank caption
+    captions[test[1]] = ["", "  ", captions[test[1]][0]]
+    other = write_features(tmp_path / "f", FeatureTable(keys=table.keys, embeddings=table.embeddings,
+                                                        splits=table.splits, captions=captions,
+                                                        attrs=dict(table.attrs)), shards=1)
+    metrics = generate(root / "model", other, tmp_path / "c", GEN, progress=False)
+    results = json.loads((tmp_path / "c/results.json").read_text())
+    refs = json.loads((tmp_path / "c/references.json").read_text())
+    kept = [table.keys[i] for i in test[1:]]
+    assert [r["image_id"] for r in results] == kept and metrics["captions"] == len(kept)
+    assert [im["id"] for im in refs["images"]] == kept
+    assert all(a["caption"].strip() for a in refs["annotations"])
+    assert [a["caption"] for a in refs["annotations"] if a["image_id"] == kept[0]] == [captions[test[1]][2]]
+    # The evaluate stage accepts what generate wrote.
+    references = load_references(tmp_path / "c/references.json")
+    assert list(load_results(tmp_path / "c/results.json", references)) == kept
+    assert list(load_results(tmp_path / "c/results_shuffled.json", references)) == kept
+
+
 def test_derangement_moves_every_image():
     for n in (2, 3, 10, 101):
         p = derangement(n, seed=n)

@@ -115,6 +115,27 @@ def test_loss_ignores_padding(gpt_dir):
     assert not torch.allclose(loss, model(x, changed, mask))
 
 
+def test_prefix_position_k_minus_1_predicts_the_first_caption_token(gpt_dir):
+    """The loss equals next-token cross-entropy over GPT-2's full logits of cat(prefix, caption)."""
+    import torch.nn.functional as F
+
+    model = make_model(gpt_dir).eval()
+    x = torch.randn(2, 16)
+    captions = ["a red circle", "one blue square here"]
+    ids, mask = batch(model, captions)
+    k = model.prefix_length
+    want = torch.zeros(())
+    with torch.no_grad():
+        for i, caption in enumerate(captions):
+            row = torch.tensor([model.encode_caption(caption, 40)])
+            embeds = torch.cat([model.prefix(x[i:i + 1]), model.gpt.get_input_embeddings()(row)], dim=1)
+            logits = model.gpt(inputs_embeds=embeds).logits[0]
+            # Position k-1 (the last prefix slot) predicts token 0; the last token predicts nothing.
+            want = want + F.cross_entropy(logits[k - 1:k - 1 + row.shape[1]], row[0], reduction="sum")
+        got = model(x, ids, mask, reduction="sum")
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+
+
 def test_frozen_gpt_gets_no_gradient_and_stays_in_eval_mode(gpt_dir):
     model = make_model(gpt_dir, finetune=False)
     model.train()

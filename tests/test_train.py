@@ -88,6 +88,9 @@ def test_bad_inputs_name_the_key_or_file(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         train(feats, tmp_path / "nogpt", tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
               MAPPER, TRAIN, progress=False)
+    with pytest.raises(ParamsError, match="mapper.prefix_length"):  # GPT-2 has 64 positions
+        train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
+              MAPPER.model_copy(update={"prefix_length": 63}), TRAIN, progress=False)
     only_test = write_features(tmp_path / "f", scene_table(n_per_class=2, splits=("test",)), shards=1)
     with pytest.raises(ValueError, match="no images in the train split"):
         train(only_test, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, TRAIN,
