@@ -169,6 +169,7 @@ def train(
                     scaler.update()
                 else:
                     optimizer.step()
+                lr_used = schedule.get_last_lr()[0]  # the rate of this step, before the schedule moves on
                 schedule.step()
                 step += 1
                 value = loss.item()
@@ -180,7 +181,7 @@ def train(
                 if step % train.log_every == 0 or last_of_epoch:
                     mean = _mean_across(window, window_n, device)
                     row = {"step": step, "epoch": epoch, "train_loss": mean, "val_loss": None,
-                           "lr": schedule.get_last_lr()[0]}
+                           "lr": lr_used}
                     curve.append(row)
                     window, window_n = 0.0, 0
             epoch_loss = _mean_across(epoch_sum, epoch_n, device)
