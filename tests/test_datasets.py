@@ -164,3 +164,27 @@ def test_keys_are_a_pure_function_of_the_input(tmp_path):
     a = list(iter_records(prepare(tmp_path / "a", params) and tmp_path / "a"))
     b = list(iter_records(prepare(tmp_path / "b", params) and tmp_path / "b"))
     assert a == b and len({r.key for r in a}) == 3
+
+
+def test_prepare_follows_redirects_and_caches_the_target(tmp_path):
+    # A redirect must be followed, not cached as an (empty) annotation file.
+    coco, _ = coco_fixture("http://h")
+    body = json.dumps(coco).encode()
+    with LoopbackServer() as srv:
+        target = srv.route("/real/captions.json", Reply(200, body, content_type="application/json"))
+        url = srv.route("/captions.json", Reply(302, b"", headers={"Location": target}))
+        loop = srv.route("/loop.json", Reply(302, b"", headers={"Location": "/loop.json"}))
+        m = prepare(tmp_path / "src", DataParams(source="coco", annotations=url), cache_dir=tmp_path / "cache")
+        assert m.sha256["annotations"] == hashlib.sha256(body).hexdigest() and m.records == 3
+        with pytest.raises(DatasetError, match="redirects"):
+            prepare(tmp_path / "src2", DataParams(source="coco", annotations=loop), cache_dir=tmp_path / "cache")
+        assert srv.hits["/loop.json"] == 6  # 5 redirects followed, then a final failure (no retries)
+
+
+def test_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"url": "http://x/1", "caption": "a"}\n{"url": "http://x/2", "caption": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=f"{path}:2: not UTF-8"):
+        list(read_jsonl(path, 0.1, 0.1))
+    path.write_bytes(b'\xef\xbb\xbf{"url": "http://x/1", "caption": "a"}\r\n')  # a BOM and CRLF still read
+    assert [r.captions for r in read_jsonl(path, 0.1, 0.1)] == [("a",)]

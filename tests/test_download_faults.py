@@ -170,3 +170,77 @@ def test_per_host_cap(tmp_path):
         assert srv.max_active <= 3
         assert srv.max_active >= 2  # and it still fetched concurrently
     assert all(s["status"] == "ok" for s in read_status(tmp_path / "00000.status.jsonl") + read_status(tmp_path / "00001.status.jsonl"))
+
+
+def test_file_urls_to_devices_and_fifos_are_refused(tmp_path):
+    # A list may name any file: one with no end (/dev/zero) or no writer (a FIFO)
+    # must fail its record, not hang the run or fill the memory.
+    import os
+    import threading
+
+    from pipeline.download.errors import RecordFailure
+    from pipeline.download.fetch import Fetcher
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    fetcher = Fetcher(DownloadParams(**FAST))
+    got: dict = {}
+
+    def fetch_all() -> None:
+        for name, url in (("fifo", fifo.as_uri()), ("zero", "file:///dev/zero")):
+            try:
+                fetcher.fetch(url)
+                got[name] = "ok"
+            except RecordFailure as fail:
+                got[name] = fail.status
+
+    t = threading.Thread(target=fetch_all, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "fetching a FIFO or a device hung"
+    assert got == {"fifo": "file_not_found", "zero": "file_not_found"}
+
+
+def test_body_trickled_slower_than_the_deadline(server, tmp_path):
+    # Each byte arrives within read_timeout, so only the whole-body deadline
+    # (connect + 4 x read = 2.5 s here) can end this request; the body would take 60 s.
+    import socket
+    import threading
+    import time
+
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 300\r\n\r\n")
+                for _ in range(300):
+                    if stop.wait(0.2):
+                        break
+                    try:
+                        conn.sendall(b"x")
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/trickle.jpg"
+        line = run(server, tmp_path, url, connect_timeout=0.5, read_timeout=0.5, retries=0)
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert line["status"] == "timeout" and "deadline" in line["reason"]
+    assert elapsed < 10, elapsed

@@ -85,3 +85,26 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
     metrics = json.loads((tmp_path / "dist.json").read_text())
     assert metrics["world_size"] == 2 and metrics["images"] == 11 and metrics["shards_written"] == 3
+
+
+def test_gather_over_nccl_puts_each_rank_on_its_own_gpu(monkeypatch):
+    # all_gather_object uses the current CUDA device: each rank must set its own first.
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.embed import stage
+
+    calls: list = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    assert stage._gather({"x": 1}) == [{"x": 1}]
+    assert calls == [("set_device", 3), ("init", "nccl"), ("destroy",)]

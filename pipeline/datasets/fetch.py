@@ -44,10 +44,13 @@ def _download(url: str, dest: Path, user_agent: str, retries: int = 3, timeout: 
         try:
             resp = http.request(
                 "GET", url, preload_content=False, timeout=urllib3.Timeout(connect=10.0, read=timeout),
-                retries=urllib3.Retry(total=False, redirect=5, raise_on_redirect=True),
+                # total=False would turn redirects off (urllib3 then returns the 3xx itself):
+                # follow up to 5 redirects, retry nothing else here (the loop below does).
+                retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
+                                      raise_on_redirect=True),
             )
             try:
-                if resp.status >= 400:
+                if resp.status != 200:
                     err = DatasetError(url, f"HTTP {resp.status} {resp.reason or ''}".strip())
                     if resp.status < 500 and resp.status != 429:
                         raise err
@@ -63,6 +66,11 @@ def _download(url: str, dest: Path, user_agent: str, retries: int = 3, timeout: 
             return
         except DatasetError:
             raise
+        except urllib3.exceptions.MaxRetryError as err:
+            if isinstance(err.reason, urllib3.exceptions.ResponseError):  # too many redirects: final
+                raise DatasetError(url, "more than 5 redirects") from None
+            last = err
+            time.sleep(min(30.0, 2.0**attempt))
         except Exception as err:  # timeouts, resets, 5xx: retried with backoff
             last = err
             time.sleep(min(30.0, 2.0**attempt))

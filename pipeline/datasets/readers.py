@@ -266,8 +266,12 @@ def read_jsonl(path: str | Path, val_fraction: float, test_fraction: float) -> I
     path = Path(path)
     known = set(URL_COLUMNS + CAPTION_COLUMNS + OPTIONAL_COLUMNS)
     index = 0
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, text in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte names its line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(path, f"not UTF-8 text: {err.reason}", line_no) from None
             if not text.strip():
                 continue
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -107,11 +108,18 @@ class Fetcher:
         if not path.is_absolute():
             path = self.base_dir / path
         try:
-            size = path.stat().st_size
-            if size > self.p.max_bytes:
-                raise RecordFailure("too_large", f"{size} bytes > max_bytes {self.p.max_bytes}")
+            st = path.stat()
+            # Only regular files: a device (/dev/zero) or a FIFO has no size and would
+            # never end (or never open).
+            if not stat.S_ISREG(st.st_mode):
+                raise RecordFailure("file_not_found", f"{path.name} is not a regular file")
+            if st.st_size > self.p.max_bytes:
+                raise RecordFailure("too_large", f"{st.st_size} bytes > max_bytes {self.p.max_bytes}")
             with open(path, "rb") as f:
-                return f.read()
+                data = f.read(self.p.max_bytes + 1)  # the file may have grown since stat
+            if len(data) > self.p.max_bytes:
+                raise RecordFailure("too_large", f"over max_bytes {self.p.max_bytes}")
+            return data
         except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as err:
             raise RecordFailure("file_not_found", f"{type(err).__name__}: {path.name}") from None
 
@@ -164,8 +172,13 @@ class Fetcher:
             if length and length.isdigit() and int(length) > self.p.max_bytes:
                 raise RecordFailure("too_large", f"Content-Length {length} > max_bytes {self.p.max_bytes}")
             chunks, size = [], 0
+            # read1 returns what one socket read brings; stream()/read(n) would block until n
+            # bytes, so a server trickling a byte per read_timeout would never meet the deadline.
+            read1 = getattr(resp, "read1", None)  # urllib3 >= 2.3
+            body = (iter(lambda: read1(_CHUNK, decode_content=True), b"") if read1 is not None
+                    else resp.stream(_CHUNK, decode_content=True))
             try:
-                for chunk in resp.stream(_CHUNK, decode_content=True):
+                for chunk in body:
                     size += len(chunk)
                     if size > self.p.max_bytes:
                         raise RecordFailure("too_large", f"body over max_bytes {self.p.max_bytes}")

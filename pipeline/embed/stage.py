@@ -56,6 +56,10 @@ def _gather(summary: dict) -> Optional[list[dict]]:
     created = False
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            # all_gather_object sends through torch.cuda.current_device(): without this
+            # every rank would use GPU 0 and NCCL refuses (or hangs on) duplicate GPUs.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         # Ranks may finish hours apart on uneven shards; only this gather waits.
         dist.init_process_group(backend=backend, timeout=timedelta(hours=12))
         created = True
