@@ -12,9 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, TypeVar
-
-T = TypeVar("T")
+from typing import Iterator, Optional
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,6 @@ class Rank:
 
     def owns(self, index: int) -> bool:
         return index % self.world_size == self.rank
-
-    def mine(self, items: Sequence[T]) -> list[T]:
-        return [item for i, item in enumerate(items) if self.owns(i)]
 
 
 def current_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> Rank:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.download.errors import RecordFailure
+from pipeline.imaging import open_image
 
 # We check the pixel count ourselves, before decoding; Pillow's global bomb check
 # would otherwise warn or raise with its own limit.
@@ -60,7 +61,7 @@ def process_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im = Image.open(io.BytesIO(data))
+            im = open_image(data)
     except UnidentifiedImageError:
         raise RecordFailure("not_an_image", f"not an image Pillow reads ({len(data)} bytes)") from None
     except Exception as err:  # broken headers raise all sorts

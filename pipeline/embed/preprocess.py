@@ -13,7 +13,6 @@ work; its agreement with ``processor`` is measured in docs/embed.md.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -21,6 +20,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from PIL import Image
+
+from pipeline.imaging import open_image
 
 
 class ImageDecodeError(ValueError):
@@ -103,7 +104,7 @@ class Preprocessor:
         if not data:
             raise ImageDecodeError("no image in the sample")
         try:
-            im = Image.open(io.BytesIO(data))
+            im = open_image(data)
             w, h = im.size
             # Checked before decoding: a small file can claim billions of pixels.
             if w * h > self.max_pixels:

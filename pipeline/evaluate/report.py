@@ -59,8 +59,10 @@ def thumbnail_uri(image: bytes, size: int) -> Optional[str]:
     """A JPEG data URI of at most size×size pixels, or None for an unreadable image."""
     from PIL import Image, UnidentifiedImageError
 
+    from pipeline.imaging import open_image
+
     try:
-        with Image.open(io.BytesIO(image)) as img:
+        with open_image(image) as img:
             if img.width * img.height > MAX_THUMB_PIXELS:
                 return None
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
