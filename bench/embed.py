@@ -72,7 +72,8 @@ def main() -> None:
 
     from pipeline.distributed import Rank
     from pipeline.embed import embed_shards
-    from pipeline.embed.encoder import Encoder, load_clip
+    from pipeline.embed.encoder import Encoder
+    from pipeline.models.pretrained import load_clip
     from pipeline.embed.precision import choose_device, choose_precision
     from pipeline.embed.preprocess import Preprocessor
     from pipeline.features import load_features
@@ -109,7 +110,7 @@ def main() -> None:
         ours = max(runs, key=lambda s: s["images_per_s"])
 
         # (c) model-only bound: same model, precision, batch size; tensors prepared beforehand
-        m, proc = load_clip(tmp / "clip")
+        m, proc, _ = load_clip(tmp / "clip")
         pre = Preprocessor.from_processor(proc)
         pixels = pre.normalize(torch.stack([pre.to_uint8(j) for j in jpegs]))
         enc = Encoder.build(m, device, precision, clip.output, clip.normalize)
