@@ -73,7 +73,7 @@ def main() -> None:
     from pipeline.distributed import Rank
     from pipeline.embed import embed_shards
     from pipeline.embed.encoder import Encoder
-    from pipeline.models.pretrained import load_clip
+    from pipeline.models.pretrained import load_clip, weights_sha256
     from pipeline.embed.precision import choose_device, choose_precision
     from pipeline.embed.preprocess import Preprocessor
     from pipeline.features import load_features
@@ -91,7 +91,8 @@ def main() -> None:
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=512)).eval()
         model.save_pretrained(tmp / "clip")
         CLIPImageProcessor().save_pretrained(tmp / "clip")
-        (tmp / "clip" / "pin.json").write_text(json.dumps({"model_id": "bench/vit-b-32-random", "revision": "0"}))
+        pin = {"model_id": "bench/vit-b-32-random", "revision": "0", "sha256": weights_sha256(tmp / "clip")}
+        (tmp / "clip" / "pin.json").write_text(json.dumps(pin))
         print(f"setup: {args.images} JPEGs 640x480 (mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB) in "
               f"{-(-args.images // args.per_shard)} shards, ViT-B/32 saved, {time.perf_counter() - t:.1f}s")
 
