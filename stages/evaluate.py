@@ -43,6 +43,7 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     import os
 
     from pipeline.evaluate import EvaluationInputError, JavaMissingError, run_evaluate
+    from pipeline.evaluate.java import JavaToolError
     from pipeline.features import FeatureShardError
 
     # Outside DVC the default params file may be absent: then every evaluate default applies.
@@ -55,7 +56,7 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     try:
         metrics = run_evaluate(section, results=results, references=references, out=out,
                                report_dir=report_dir, control=control, features=features, images=images)
-    except (JavaMissingError, EvaluationInputError, FeatureShardError) as err:
+    except (JavaMissingError, JavaToolError, EvaluationInputError, FeatureShardError) as err:
         raise click.ClickException(str(err)) from None
     shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider")
                       if isinstance(metrics.get(k), float))

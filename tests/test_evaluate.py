@@ -330,3 +330,18 @@ def test_find_corenlp(tmp_path):
     assert folder is None and CORENLP_JARS[0] not in reason.split("missing")[1]
     (tmp_path / CORENLP_JARS[1]).write_bytes(b"")
     assert find_corenlp(str(tmp_path)) == (tmp_path, "")
+
+
+def test_java_that_fails_while_scoring_is_a_clear_error(tmp_path):
+    refs, res, _ = write_coco_pair(tmp_path)
+    (tmp_path / "bin").mkdir()
+    # Answers `java -version` like a JVM, then fails as a crashing scorer would.
+    fake = tmp_path / "bin" / "java"
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-version" ]; then echo \'openjdk version "17"\' >&2; exit 0; fi\n'
+                    "echo 'Exception in thread main' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    proc = run_cli(["--results", str(res), "--references", str(refs), "--out", "m.json"], cwd=tmp_path, env=env)
+    assert proc.returncode != 0
+    assert "PTB tokenizer" in proc.stderr and "Exception in thread main" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.json").exists()

@@ -14,6 +14,10 @@ class JavaMissingError(RuntimeError):
     """Raised before any scoring work when no usable `java` is found."""
 
 
+class JavaToolError(RuntimeError):
+    """A Java scorer (PTB tokenizer, METEOR, SPICE) failed while running."""
+
+
 def require_java() -> str:
     """Return the path of a working `java`; raise JavaMissingError naming the fix otherwise."""
     java = shutil.which("java")

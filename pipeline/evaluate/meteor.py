@@ -15,6 +15,8 @@ from typing import Hashable, Mapping
 
 import pycocoevalcap.meteor.meteor as _meteor
 
+from pipeline.evaluate.java import JavaToolError
+
 JAR = Path(_meteor.__file__).resolve().parent / _meteor.METEOR_JAR
 
 
@@ -54,7 +56,7 @@ class Meteor:
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"METEOR (java, {JAR.name}) stopped (exit code {self._proc.poll()})")
+            raise JavaToolError(f"METEOR (java, {JAR.name}) stopped (exit code {self._proc.poll()})")
         return line.decode("utf-8").strip()
 
     def compute_score(

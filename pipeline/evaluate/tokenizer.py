@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pycocoevalcap.tokenizer.ptbtokenizer as _ptb
 
+from pipeline.evaluate.java import JavaToolError
+
 JAR = Path(_ptb.__file__).resolve().parent / _ptb.STANFORD_CORENLP_3_4_1_JAR
 PUNCTUATIONS = frozenset(_ptb.PUNCTUATIONS)
 # Everything str.splitlines() breaks at; Java's readers break at several of these.
@@ -38,13 +40,13 @@ def ptb_tokenize(sentences: list[str], java: str = "java") -> list[str]:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False,
         )
     if proc.returncode != 0:
-        raise RuntimeError(
+        raise JavaToolError(
             f"PTB tokenizer (java, {JAR.name}) exited {proc.returncode}: "
             f"{proc.stderr.decode('utf-8', 'replace').strip()[-500:]}"
         )
     lines = proc.stdout.decode("utf-8").split("\n")
     if len(lines) < len(sentences):
-        raise RuntimeError(
+        raise JavaToolError(
             f"PTB tokenizer returned {len(lines)} lines for {len(sentences)} captions"
         )
     return [
