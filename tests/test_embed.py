@@ -112,11 +112,12 @@ def test_resume_keeps_finished_shards_and_equals_uninterrupted(tmp_path, clip_di
     # A kill while writing shard 1: its feature file is gone, a partial temp file is left.
     (out / "00001.h5").unlink()
     (out / "00001.h5.tmp").write_bytes(b"partial")
+    (out / "00000.status.jsonl.tmp").write_text("partial")  # beside a finished shard
     again = embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
     assert first["shards_written"] == 3
     assert again["shards_kept"] == 2 and again["shards_written"] == 1 and again["images"] == 4
     assert (out / "00000.h5").stat().st_mtime_ns == stamp["00000.h5"]
-    assert not (out / "00001.h5.tmp").exists()
+    assert not (out / "00001.h5.tmp").exists() and not (out / "00000.status.jsonl.tmp").exists()
     for name, table in full.items():
         back = read_feature_shard(out / name)
         assert back.keys == table.keys

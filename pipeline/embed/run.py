@@ -104,6 +104,9 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
     kept = 0
     for _, shard in mine:
         h5 = out_dir / (shard.stem + ".h5")
+        # Half-written files of a killed run; each rank clears only its own shards'.
+        for tmp in (h5.with_name(h5.name + ".tmp"), _status_path(h5).with_name(_status_path(h5).name + ".tmp")):
+            tmp.unlink(missing_ok=True)
         if _is_finished(h5, identity, shard.stat().st_size):
             kept += 1
         else:
