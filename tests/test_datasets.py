@@ -188,3 +188,13 @@ def test_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
         list(read_jsonl(path, 0.1, 0.1))
     path.write_bytes(b'\xef\xbb\xbf{"url": "http://x/1", "caption": "a"}\r\n')  # a BOM and CRLF still read
     assert [r.captions for r in read_jsonl(path, 0.1, 0.1)] == [("a",)]
+
+
+def test_annotation_file_named_like_the_manifest_is_kept(tmp_path):
+    lines = "".join(f'{{"url": "http://x/{i}.jpg", "caption": "c {i}"}}\n' for i in range(3))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "manifest.json").write_text(lines)
+    m = prepare(tmp_path / "src", DataParams(source="jsonl", annotations=str(tmp_path / "in" / "manifest.json")))
+    assert m.files["annotations"] != "manifest.json"
+    assert (tmp_path / "src" / m.files["annotations"]).read_text() == lines
+    assert read_manifest(tmp_path / "src") == m and len(list(iter_records(tmp_path / "src"))) == 3

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pipeline.datasets.errors import DatasetError
 from pipeline.datasets.fetch import materialize
-from pipeline.datasets.manifest import Manifest, write_manifest
+from pipeline.datasets.manifest import MANIFEST, Manifest, write_manifest
 from pipeline.datasets.source import records_from_manifest
 from pipeline.params import DEMO, DataParams
 
@@ -76,7 +76,7 @@ def prepare(
                 if not src:
                     continue
                 name, digest = materialize(src, tmp, None, Path(cache_dir), user_agent)
-                if name in files.values():  # two roles, same file name: keep both
+                if name in files.values() or name == MANIFEST:  # keep both files, and the manifest
                     os.replace(tmp / name, tmp / f"{role}-{name}")
                     name = f"{role}-{name}"
                 files[role], sha[role], origin[role] = name, digest, src
