@@ -58,9 +58,9 @@ class ImageEmbedder:
 
     def __init__(self, clip_dir: Path, features: dict, device: torch.device) -> None:
         from pipeline.embed.encoder import Encoder
-        from pipeline.models.pretrained import load_clip, model_identity
         from pipeline.embed.precision import choose_precision
         from pipeline.embed.preprocess import Preprocessor
+        from pipeline.models.pretrained import load_clip, model_identity
 
         clip_dir = Path(clip_dir)
         model_id, revision = model_identity(clip_dir)

@@ -15,9 +15,7 @@ rank 0, which alone writes; the files equal a single-process run's.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -25,7 +23,13 @@ import numpy as np
 import torch
 
 from pipeline.distributed import current_rank, process_group
-from pipeline.models.captioner import ClipCaptioner, autocast, pick_device, resolve_precision
+from pipeline.files import write_json
+from pipeline.models.captioner import (
+    ClipCaptioner,
+    autocast,
+    pick_device,
+    resolve_precision,
+)
 from pipeline.params import GenerateParams
 
 log = logging.getLogger(__name__)
@@ -110,9 +114,9 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "results.json", results)
-    _write_json(out_dir / "results_shuffled.json", shuffled)
-    _write_json(out_dir / "references.json", references)
+    write_json(out_dir / "results.json", results, indent=1, ensure_ascii=False)
+    write_json(out_dir / "results_shuffled.json", shuffled, indent=1, ensure_ascii=False)
+    write_json(out_dir / "references.json", references, indent=1, ensure_ascii=False)
 
     metrics = {
         "captions": len(captions),
@@ -126,7 +130,7 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
         "world_size": rank.world_size,
     }
     if metrics_path is not None:
-        _write_json(Path(metrics_path), metrics)
+        write_json(Path(metrics_path), metrics, indent=1, ensure_ascii=False)
     return metrics
 
 
@@ -149,10 +153,3 @@ def _with_references(table):
     return FeatureTable(keys=[table.keys[i] for i in keep], embeddings=table.embeddings[keep],
                         splits=[table.splits[i] for i in keep], captions=[captions[i] for i in keep],
                         attrs=table.attrs)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)

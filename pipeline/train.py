@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,7 +23,13 @@ import numpy as np
 import torch
 
 from pipeline.distributed import current_rank, process_group
-from pipeline.models.captioner import ClipCaptioner, autocast, pick_device, resolve_precision
+from pipeline.files import write_atomic, write_json
+from pipeline.models.captioner import (
+    ClipCaptioner,
+    autocast,
+    pick_device,
+    resolve_precision,
+)
 from pipeline.models.mapper import count_parameters
 from pipeline.params import MapperParams, ParamsError, TrainParams
 
@@ -212,7 +216,7 @@ def train(
         }
         if rank.is_main:
             model.save(out_dir)
-            _write_text(Path(metrics_path), json.dumps(metrics, indent=2) + "\n")
+            write_json(metrics_path, metrics, indent=2)
         if rank.world_size > 1:
             dist.barrier()
         return metrics
@@ -281,14 +285,7 @@ def write_curve(path: str | Path, rows: list[dict]) -> None:
     for r in rows:
         w.writerow({k: ("" if r[k] is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
                     for k in CURVE_FIELDS})
-    _write_text(Path(path), buf.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, buf.getvalue())
 
 
 def _round(x: Optional[float]) -> Optional[float]:

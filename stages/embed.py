@@ -29,10 +29,10 @@ def embed(params_path: str, images: Path, model: Path, out: Path, metrics: Path,
     computes the rest. Under `torchrun --nproc-per-node N capline embed`, or with
     --rank/--world-size on each machine, rank r embeds shards r, r+N, r+2N, ...
     """
-    from pipeline.models.pretrained import ModelError
     from pipeline.embed.stage import run_embed
     from pipeline.features import FeatureShardError
     from pipeline.image_shards import ImageShardError
+    from pipeline.models.pretrained import ModelError
 
     params = load(params_path)
     who = resolve_rank(rank, world_size)

@@ -7,10 +7,11 @@ fractions, record cap) plus the sha256 and origin of every fetched file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from pipeline.files import write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -45,9 +46,7 @@ class Manifest:
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, asdict(manifest), indent=2, sort_keys=True)
     return path
 
 

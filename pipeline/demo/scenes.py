@@ -11,7 +11,6 @@ byte-identical files, and image ``i`` is the same whatever the dataset size.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.files import write_json
 from pipeline.params import DemoData
 from pipeline.records import split_for
 
@@ -204,12 +204,6 @@ def tokens_of(caption: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------ writing
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=None, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
-
-
 def generate_demo(out_dir: Path, params: DemoData) -> None:
     """Write the demo dataset into ``out_dir``.
 
@@ -260,5 +254,6 @@ def generate_demo(out_dir: Path, params: DemoData) -> None:
     if old.exists():
         shutil.rmtree(old)
     info = {"description": "capline demo scenes", "seed": params.seed, "image_size": params.image_size}
-    _write_json(out_dir / "captions.json", {"info": info, "images": coco_images, "annotations": annotations})
-    _write_json(out_dir / "dataset_demo.json", {"dataset": "demo", "images": karpathy})
+    write_json(out_dir / "captions.json", {"info": info, "images": coco_images, "annotations": annotations},
+               separators=(",", ":"))
+    write_json(out_dir / "dataset_demo.json", {"dataset": "demo", "images": karpathy}, separators=(",", ":"))

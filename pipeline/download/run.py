@@ -11,12 +11,10 @@ memory does not grow with the length of the list. Each shard is written whole
 from __future__ import annotations
 
 import hashlib
-import json
-import os
+import multiprocessing
 import queue
 import time
 from collections import Counter
-import multiprocessing
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from pipeline.download.errors import RecordFailure
 from pipeline.download.fetch import Fetcher
 from pipeline.download.image import process_image
 from pipeline.download.shards import Outcome, is_finished, read_statuses, remove_stale, write_shard
+from pipeline.files import write_json
 from pipeline.params import DownloadParams
 from pipeline.records import Record
 
@@ -200,11 +199,7 @@ def download_records(
 
 
 def write_metrics(path: str | Path, summary: Summary) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary.as_metrics(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, summary.as_metrics(), indent=2)
 
 
 def download(

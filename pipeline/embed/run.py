@@ -20,13 +20,13 @@ from tqdm import tqdm
 
 from pipeline.distributed import Rank
 from pipeline.embed.encoder import Encoder
-from pipeline.models.pretrained import load_clip, model_identity
 from pipeline.embed.loader import ShardBatches, SplitRule, make_loader, stripes_for
 from pipeline.embed.precision import DTYPE_NAMES, choose_device, choose_precision
 from pipeline.embed.preprocess import Preprocessor
 from pipeline.features import (FORMAT_VERSION, IDENTITY_ATTRS, FeatureShardError, FeatureTable,
                                read_attrs, write_feature_shard)
 from pipeline.image_shards import ImageShardError, list_shards
+from pipeline.models.pretrained import load_clip, model_identity
 from pipeline.params import ClipParams, DataParams
 
 

@@ -7,7 +7,6 @@ rendezvous), each rank writes its own ``<metrics>.rank<R>.json`` instead.
 """
 from __future__ import annotations
 
-import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -15,14 +14,8 @@ from typing import Optional
 
 from pipeline.distributed import Rank
 from pipeline.embed.run import embed_shards
+from pipeline.files import write_json
 from pipeline.params import Params
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def combine(summaries: list[dict]) -> dict:
@@ -78,7 +71,8 @@ def run_embed(params: Params, images: Path, model: Path, out: Path, metrics: Pat
     gathered = _gather(summary) if rank.world_size > 1 else [summary]
     metrics = Path(metrics)
     if gathered is None:
-        _write_json(metrics.with_name(f"{metrics.stem}.rank{rank.rank}{metrics.suffix}"), combine([summary]))
+        write_json(metrics.with_name(f"{metrics.stem}.rank{rank.rank}{metrics.suffix}"), combine([summary]),
+                   indent=2, sort_keys=True)
     elif rank.is_main:
-        _write_json(metrics, combine(gathered))
+        write_json(metrics, combine(gathered), indent=2, sort_keys=True)
     return summary

@@ -10,12 +10,12 @@ from tqdm import tqdm
 from pipeline.evaluate.baseline import best_constant_caption, frequent_captions
 from pipeline.evaluate.chart import metrics_chart
 from pipeline.evaluate.cocofiles import load_references, load_results
-from pipeline.evaluate.files import write_atomic, write_json, write_jsonl
 from pipeline.evaluate.java import require_java
 from pipeline.evaluate.meteor import Meteor
 from pipeline.evaluate.report import collect_thumbnails, render_report, select_rows
 from pipeline.evaluate.scores import METRICS, Scores, score_tokenized, tokenize_groups
 from pipeline.evaluate.spice import compute_spice, find_corenlp
+from pipeline.files import write_atomic, write_json, write_jsonl
 from pipeline.params import EvaluateParams
 
 PER_IMAGE = "per_image.jsonl"
@@ -150,7 +150,7 @@ def run_evaluate(
     if report_dir is not None:
         steps.set_postfix_str("report")
         write_report(Path(report_dir), params, metrics, per_image, res, refs.captions, ctl, images)
-    write_json(out, metrics)
+    write_json(out, metrics, indent=2, ensure_ascii=False, allow_nan=False)
     steps.update()
     steps.close()
     return metrics

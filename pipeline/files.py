@@ -1,4 +1,8 @@
-"""Whole-or-nothing output files: written to a temporary name, renamed when complete."""
+"""Whole-or-nothing output files: written to a temporary name, renamed when complete.
+
+Every stage writes its small outputs (metrics, manifests, COCO files, curves)
+through here, so a kill never leaves a half-written file under the real name.
+"""
 from __future__ import annotations
 
 import json
@@ -23,8 +27,9 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+def write_json(path: str | Path, obj: Any, **dumps_options: Any) -> None:
+    """``obj`` as JSON (``json.dumps`` with the given options) and a newline."""
+    write_atomic(path, json.dumps(obj, **dumps_options) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
