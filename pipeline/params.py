@@ -16,10 +16,12 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import CaplineError
+
 DEMO = "demo"
 
 
-class ParamsError(ValueError):
+class ParamsError(CaplineError):
     """Raised for any invalid parameter; the message names the key(s)."""
 
 
