@@ -70,11 +70,10 @@ def main() -> None:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
-    from pipeline.distributed import Rank
-    from pipeline.embed import embed_shards
+    from pipeline.runtime import Rank, choose_device, choose_precision
+    from pipeline.embed.run import embed_shards
     from pipeline.embed.encoder import Encoder
     from pipeline.models.pretrained import load_clip, weights_sha256
-    from pipeline.embed.precision import choose_device, choose_precision
     from pipeline.embed.preprocess import Preprocessor
     from pipeline.features import load_features
     from pipeline.params import ClipParams, DataParams
@@ -111,7 +110,7 @@ def main() -> None:
         ours = max(runs, key=lambda s: s["images_per_s"])
 
         # (c) model-only bound: same model, precision, batch size; tensors prepared beforehand
-        m, proc, _ = load_clip(tmp / "clip")
+        m, proc = load_clip(tmp / "clip")
         pre = Preprocessor.from_processor(proc)
         pixels = pre.normalize(torch.stack([pre.to_uint8(j) for j in jpegs]))
         enc = Encoder.build(m, device, precision, clip.output, clip.normalize)

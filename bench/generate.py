@@ -74,7 +74,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     gpt = GPT2LMHeadModel(GPT2Config()).eval()
-    model = ClipCaptioner(MapperParams(type="mlp", prefix_length=10), 512, gpt, _Tok()).eval()
+    model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=10).model_dump(), 512, gpt,
+                                        _Tok()).eval()
     vectors = F.normalize(torch.randn(args.images, 512), dim=-1)
     kw = dict(num_beams=args.beams, max_new_tokens=args.tokens, min_new_tokens=args.tokens, early_stopping=True)
 

@@ -37,8 +37,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.utils import logging as hf_logging
 
-from pipeline.distributed import Rank
-from pipeline.embed import embed_shards
+from pipeline.runtime import Rank
+from pipeline.embed.run import embed_shards
 from pipeline.embed.encoder import Encoder
 from pipeline.models.pretrained import load_clip
 from pipeline.embed.preprocess import Preprocessor
@@ -97,7 +97,7 @@ with tempfile.TemporaryDirectory() as tmp:
         CLIPVisionModelWithProjection(cfg).save_pretrained(folder)
         CLIPImageProcessor(size={"shortest_edge": cfg.image_size},
                            crop_size={"height": cfg.image_size, "width": cfg.image_size}).save_pretrained(folder)
-        model, proc, _ = load_clip(folder)
+        model, proc = load_clip(folder)
         pre = Preprocessor.from_processor(proc)
         base = torch.stack([pre.to_uint8(j) for j in unique[:BATCH]] * max(1, -(-BATCH // UNIQUE)))[:BATCH]
         for precision in ("fp16", "bf16"):

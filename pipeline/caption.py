@@ -15,9 +15,13 @@ from typing import Optional
 
 import torch
 
-from pipeline.models.captioner import ClipCaptioner, pick_device
+from pipeline.errors import CaplineError
+from pipeline.models.captioner import ClipCaptioner
+from pipeline.runtime import PRECISION_OF_DTYPE_NAME, choose_device, choose_precision
 
-PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+class CaptionInputError(CaplineError):
+    """The CLIP folder given to caption does not match what the model was trained on."""
 
 
 @dataclass
@@ -58,7 +62,6 @@ class ImageEmbedder:
 
     def __init__(self, clip_dir: Path, features: dict, device: torch.device) -> None:
         from pipeline.embed.encoder import Encoder
-        from pipeline.embed.precision import choose_precision
         from pipeline.embed.preprocess import Preprocessor
         from pipeline.models.pretrained import load_clip, model_identity
 
@@ -67,17 +70,18 @@ class ImageEmbedder:
         for key, got in (("model_id", model_id), ("model_revision", revision)):
             want = features.get(key)
             if want is not None and want != got:
-                raise ValueError(f"--clip {clip_dir}: {key} is {got!r} but the captioner was trained on "
+                raise CaptionInputError(f"--clip {clip_dir}: {key} is {got!r} but the captioner was trained on "
                                  f"features of {want!r}")
-        model, processor, _ = load_clip(clip_dir)
+        model, processor = load_clip(clip_dir)
         recorded = _json_or_none(features.get("preprocess"))
         mode = (recorded or {}).get("mode", "processor")
         self.pre = Preprocessor.from_processor(processor, mode)
         if recorded is not None and json.loads(self.pre.describe()) != recorded:
-            raise ValueError(f"--clip {clip_dir}: its preprocessing {self.pre.describe()} differs from the one the "
+            raise CaptionInputError(f"--clip {clip_dir}: its preprocessing {self.pre.describe()} differs from the one the "
                              f"training features recorded {features.get('preprocess')}")
-        precision = PRECISION_OF_DTYPE.get(str(features.get("dtype")), "auto")
-        if precision == "fp16" and device.type != "cuda":
+        # The precision the features were made in, where this device runs it.
+        precision = PRECISION_OF_DTYPE_NAME.get(str(features.get("dtype")), "auto")
+        if precision == "fp16" and device.type not in ("cuda", "mps"):
             precision = "fp32"
         self.encoder = Encoder.build(model, device, choose_precision(precision, device),
                                      str(features.get("output", "image_embeds")),
@@ -99,11 +103,11 @@ def caption_images(model_dir: str | Path, clip_dir: str | Path, images: list[str
 
     from pipeline.embed.preprocess import ImageDecodeError
 
-    device = pick_device()
+    device = choose_device("auto")
     model = ClipCaptioner.load(model_dir, device=device)
     embedder = ImageEmbedder(Path(clip_dir), model.features, device)
     if embedder.dim != model.clip_dim:
-        raise ValueError(f"--clip {clip_dir}: gives {embedder.dim}-wide vectors, the model expects {model.clip_dim}")
+        raise CaptionInputError(f"--clip {clip_dir}: gives {embedder.dim}-wide vectors, the model expects {model.clip_dim}")
     torch.manual_seed(options.seed)
     results = [CaptionResult(str(p)) for p in images]
     kwargs = options.generate_kwargs()

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class CaplineError(Exception):
     """An expected failure whose message tells the user what to fix."""
+
+
+class ParamsError(CaplineError):
+    """An invalid parameter; the message names the key (``mapper.layers: ...``)."""

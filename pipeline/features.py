@@ -17,6 +17,8 @@ from typing import Any, Optional
 import h5py
 import numpy as np
 
+from pipeline.errors import CaplineError
+
 FORMAT_VERSION = 1
 CHUNK_BYTES = 2**20
 # The attributes that describe the encoder; they must agree across the shards of one
@@ -24,7 +26,7 @@ CHUNK_BYTES = 2**20
 IDENTITY_ATTRS = ("model_id", "model_revision", "output", "dtype", "normalized", "preprocess", "format_version")
 
 
-class FeatureShardError(ValueError):
+class FeatureShardError(CaplineError):
     """A feature shard that is unreadable, malformed or made by another encoder."""
 
 
@@ -82,8 +84,9 @@ def write_feature_shard(path: Path, table: FeatureTable) -> None:
             tmp.unlink()
 
 
-def _py(value: Any) -> Any:
-    """HDF5 attribute values back to plain Python (numpy scalars, bytes)."""
+def attr_value(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python (numpy scalars and arrays, bytes): the
+    one conversion used wherever attributes are compared with JSON values."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.generic):
@@ -98,7 +101,7 @@ def read_attrs(path: Path) -> dict:
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            return {k: _py(v) for k, v in f.attrs.items()}
+            return {k: attr_value(v) for k, v in f.attrs.items()}
     except (OSError, KeyError) as err:
         raise FeatureShardError(f"{path}: not a readable feature shard ({err})") from None
 
@@ -117,7 +120,7 @@ def read_feature_shard(path: Path, expect: Optional[dict] = None) -> FeatureTabl
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _py(v) for k, v in f.attrs.items()}
+            attrs = {k: attr_value(v) for k, v in f.attrs.items()}
             check_attrs(path, attrs, expect)
             for name in ("embeddings", "keys", "splits", "captions"):
                 if name not in f:

@@ -1,15 +1,20 @@
-"""Whole-or-nothing output files: written to a temporary name, renamed when complete.
+"""Whole-or-nothing outputs: files and folders written under a temporary name and
+renamed when complete, so a kill never leaves a half-written output under its
+real name.
 
-Every stage writes its small outputs (metrics, manifests, COCO files, curves)
-through here, so a kill never leaves a half-written file under the real name.
+Every stage writes its small outputs through here: metrics (one format for all
+stages), JSON and JSON-lines files, CSV curves, and finished folders (models,
+prepared sources) that replace the previous ones only once whole.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -33,4 +38,51 @@ def write_json(path: str | Path, obj: Any, **dumps_options: Any) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line (UTF-8 kept as is), e.g. status and per-image files."""
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: a float that is not a number becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> None:
+    """A stage's metrics file for ``dvc metrics show``: flat JSON, one format for every stage."""
+    clean = {k: finite_or_none(v) for k, v in metrics.items()}
+    write_json(path, clean, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def temp_dir_for(final: str | Path) -> Path:
+    """A fresh, empty temporary folder beside ``final`` (same file system, so it can be renamed).
+
+    Leftovers of a killed earlier run for the same output were never whole: they go.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+
+
+def remove_temporaries(final: str | Path) -> None:
+    """Delete what a killed writer of ``final`` left behind (files or folders)."""
+    final = Path(final)
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``final``; the old one goes only after."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -22,15 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.distributed import current_rank, process_group
-from pipeline.files import write_json
-from pipeline.models.captioner import (
-    ClipCaptioner,
-    autocast,
-    pick_device,
-    resolve_precision,
-)
+from pipeline.features import FeatureShardError
+from pipeline.files import write_json, write_metrics
+from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import GenerateParams
+from pipeline.runtime import autocast, choose_device, choose_precision, current_rank, gather, process_group
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +44,7 @@ def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateP
     """Beam-search captions for ``vectors`` [N, D], ``params.batch_size`` at a time."""
     from tqdm import tqdm
 
-    amp = resolve_precision(params.precision, device, key="generate.precision")
+    amp = choose_precision(params.precision, device, key="generate.precision")
     captions: list[str] = []
     with tqdm(total=len(vectors), desc="generate", unit="img", disable=not progress) as bar:
         for lo in range(0, len(vectors), params.batch_size):
@@ -72,28 +68,23 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
     from pipeline.features import load_features
 
     rank = current_rank()
-    device = pick_device()
+    device = choose_device("auto", rank)
     model = ClipCaptioner.load(model_dir, device=device)
     table = load_features(Path(features_dir), split=params.split, expect=model.feature_expectation())
     if len(table) == 0:
-        raise ValueError(f"{features_dir}: no images in the {params.split!r} split (generate.split)")
+        raise FeatureShardError(f"{features_dir}: no images in the {params.split!r} split (generate.split)")
     model.check_features(table.attrs, int(table.embeddings.shape[1]), str(features_dir))
     table = _with_references(table)
     if len(table) == 0:
-        raise ValueError(f"{features_dir}: no image of the {params.split!r} split has a reference caption")
+        raise FeatureShardError(f"{features_dir}: no image of the {params.split!r} split has a reference caption")
     torch.manual_seed(params.seed)
 
     started = time.perf_counter()
-    with process_group(rank, device) as distributed:
+    with process_group(rank, device):
         # Under torchrun each rank captions rows rank, rank+N, ...; rank 0 gathers them.
         mine = np.arange(rank.rank, len(table), rank.world_size)
         part = caption_vectors(model, table.embeddings[mine], params, device, progress and rank.is_main)
-        parts = [(mine.tolist(), part)]
-        if distributed:
-            import torch.distributed as dist
-
-            parts = [None] * rank.world_size
-            dist.all_gather_object(parts, (mine.tolist(), part))
+        parts = gather((mine.tolist(), part))
     seconds = time.perf_counter() - started
     captions = [""] * len(table)
     for rows, caps in parts:
@@ -130,7 +121,7 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
         "world_size": rank.world_size,
     }
     if metrics_path is not None:
-        write_json(Path(metrics_path), metrics, indent=1, ensure_ascii=False)
+        write_metrics(metrics_path, metrics)
     return metrics
 
 

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from pipeline.errors import CaplineError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 # A member larger than this is not an image a captioner needs; refusing it keeps a
 # hostile shard from making a worker allocate gigabytes.
 MAX_MEMBER_BYTES = 64 * 2**20
 
 
-class ImageShardError(ValueError):
+class ImageShardError(CaplineError):
     """An image shard that cannot be read or is not in the webdataset layout."""
 
 

@@ -16,13 +16,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import CaplineError
+from pipeline.errors import ParamsError
+
+__all__ = ["ParamsError", "Params", "load_params", "parse_params"]
 
 DEMO = "demo"
-
-
-class ParamsError(CaplineError):
-    """Raised for any invalid parameter; the message names the key(s)."""
 
 
 class Section(BaseModel):

@@ -23,14 +23,15 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-import torch
+from pipeline.errors import ParamsError
 
-from pipeline.params import ParamsError
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported where it is used: the download stage needs ranks, not torch.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Names written to feature shard attributes and metrics.
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISION_OF_DTYPE_NAME = {v: k for k, v in DTYPE_NAMES.items()}
@@ -88,6 +89,8 @@ def choose_device(requested: str = "auto", rank: Optional[Rank] = None, key: str
     CPU. ``cuda`` without an index also takes the local rank's GPU, so one setting
     serves every process of a torchrun job.
     """
+    import torch
+
     local = (rank or current_rank()).local_rank
     name = (requested or "auto").strip().lower()
     if name == "auto":
@@ -117,6 +120,8 @@ def choose_device(requested: str = "auto", rank: Optional[Rank] = None, key: str
 
 
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
@@ -124,6 +129,8 @@ def _mps_available() -> bool:
 # -------------------------------------------------------------------- precision
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with avx512_bf16 or AMX, where bf16 matmuls beat fp32 about 2x."""
+    import torch
+
     cpu = getattr(torch._C, "_cpu", None)
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(cpu, probe, None)
@@ -141,6 +148,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def choose_precision(precision: str, device: torch.device, key: str = "precision") -> str:
     """Resolve ``precision`` (``auto | fp32 | bf16 | fp16``) for ``device``; the one policy."""
+    import torch
+
     if precision not in PRECISIONS:
         raise ParamsError(f"{key}: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type not in ("cuda", "mps"):
@@ -154,17 +163,22 @@ def choose_precision(precision: str, device: torch.device, key: str = "precision
     return "fp32"  # MPS: fp32 until its bf16 kernels are complete
 
 
-def dtype_of(precision: str) -> torch.dtype:
-    return DTYPES[precision]
+def dtype_of(precision: str) -> "torch.dtype":
+    """The torch dtype of a resolved precision (fp32, bf16, fp16)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Mixed precision for a resolved precision; fp32 runs as is."""
+    import torch
+
     if precision == "fp32":
         yield
         return
-    with torch.autocast(device_type=device.type, dtype=DTYPES[precision]):
+    with torch.autocast(device_type=device.type, dtype=dtype_of(precision)):
         yield
 
 
@@ -178,6 +192,7 @@ def process_group(rank: Rank, device: Optional[torch.device] = None,
     GPU, set before the group exists, or all ranks would share GPU 0), gloo on the
     CPU. A group that already exists is used and left alone.
     """
+    import torch
     import torch.distributed as dist
 
     if rank.world_size <= 1 or not under_torchrun():

@@ -22,19 +22,21 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.distributed import current_rank, process_group
-from pipeline.files import write_atomic, write_json
-from pipeline.models.captioner import (
-    ClipCaptioner,
-    autocast,
-    pick_device,
-    resolve_precision,
-)
+from pipeline.errors import CaplineError
+from pipeline.features import FeatureShardError, attr_value
+from pipeline.files import write_atomic, write_metrics
+from pipeline.models.captioner import ClipCaptioner
 from pipeline.models.mapper import count_parameters
 from pipeline.params import MapperParams, ParamsError, TrainParams
+from pipeline.runtime import all_reduce_sum, autocast, barrier, choose_device, choose_precision, current_rank, \
+    process_group
 
 log = logging.getLogger(__name__)
 CURVE_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr")
+
+
+class TrainingDiverged(CaplineError):
+    """The loss became inf or NaN; the message says at which step and what to change."""
 
 
 @dataclass
@@ -86,18 +88,17 @@ def train(
 
     Returns the metrics dict (also written, as JSON, to ``metrics_path`` by rank 0).
     """
-    import torch.distributed as dist
     from tqdm import tqdm
 
     from pipeline.features import load_features
 
     started = time.perf_counter()
     rank = current_rank()
-    device = pick_device()
+    device = choose_device("auto", rank)
     group = ExitStack()
     group.enter_context(process_group(rank, device))
     try:
-        amp = resolve_precision(train.precision, device, key="train.precision")
+        amp = choose_precision(train.precision, device, key="train.precision")
         torch.manual_seed(train.seed)
         np.random.seed(train.seed)
 
@@ -105,7 +106,7 @@ def train(
         dim = int(table.embeddings.shape[1]) if table.embeddings.ndim == 2 else 0
         splits = np.asarray(table.splits)
         if not (splits == "train").any():
-            raise ValueError(f"{features_dir}: no images in the train split")
+            raise FeatureShardError(f"{features_dir}: no images in the train split")
 
         model = _build_model(gpt_dir, mapper, train, table.attrs, dim).to(device)
         room = model.max_positions - mapper.prefix_length
@@ -120,7 +121,7 @@ def train(
         train_pairs = _subset_pairs(model, table, splits == "train", max_tokens)
         val_pairs = _subset_pairs(model, table, splits == "val", max_tokens)
         if len(train_pairs) == 0:
-            raise ValueError(f"{features_dir}: the train split has no non-empty captions")
+            raise FeatureShardError(f"{features_dir}: the train split has no non-empty captions")
 
         sampler = torch.utils.data.DistributedSampler(
             range(len(train_pairs)), num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=train.seed
@@ -136,7 +137,7 @@ def train(
         from transformers import get_linear_schedule_with_warmup
 
         schedule = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, total_steps)
-        scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         net: torch.nn.Module = model
         if rank.world_size > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -158,7 +159,7 @@ def train(
                 with autocast(device, amp):
                     loss = net(vectors.to(device), ids.to(device), mask.to(device))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"train: loss is {loss.item()} at step {step + 1} (epoch {epoch}); "
+                    raise TrainingDiverged(f"train: loss is {loss.item()} at step {step + 1} (epoch {epoch}); "
                                              "lower train.lr or use train.precision fp32")
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -210,31 +211,28 @@ def train(
             "train_images": int((splits == "train").sum()),
             "val_pairs": len(val_pairs),
             "world_size": rank.world_size,
-            "precision": str(amp).replace("torch.", "") if amp else "float32",
+            "precision": amp,
+            "device": str(device),
             "seconds": round(seconds, 2),
             "pairs_per_s": round(len(train_pairs) * train.epochs / max(seconds, 1e-9), 2),
         }
         if rank.is_main:
             model.save(out_dir)
-            write_json(metrics_path, metrics, indent=2)
-        if rank.world_size > 1:
-            dist.barrier()
+            write_metrics(metrics_path, metrics)
+        barrier()
         return metrics
     finally:
         group.close()
 
 
 def _build_model(gpt_dir, mapper: MapperParams, train: TrainParams, attrs: dict, dim: int) -> ClipCaptioner:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline.models.pretrained import load_gpt
 
-    gpt_dir = Path(gpt_dir)
-    if not (gpt_dir / "config.json").exists():
-        raise FileNotFoundError(f"{gpt_dir}: no GPT-2 model here (config.json missing); run `capline models gpt`")
-    gpt = AutoModelForCausalLM.from_pretrained(gpt_dir, trust_remote_code=False, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gpt_dir, trust_remote_code=False)
-    features = {k: _plain(v) for k, v in attrs.items()}
+    gpt, tokenizer = load_gpt(Path(gpt_dir))
+    features = {k: attr_value(v) for k, v in attrs.items()}
     features["dim"] = dim
-    return ClipCaptioner(mapper, dim, gpt, tokenizer, features=features, finetune_gpt=train.finetune_gpt)
+    return ClipCaptioner.from_settings(mapper.model_dump(), dim, gpt, tokenizer, features=features,
+                                       finetune_gpt=train.finetune_gpt)
 
 
 def _subset_pairs(model: ClipCaptioner, table, select: np.ndarray, max_tokens: int) -> Pairs:
@@ -258,23 +256,15 @@ def validate(model: ClipCaptioner, pairs: Pairs, batch_size: int, device: torch.
             loss = model(vectors.to(device), ids.to(device), mask.to(device), reduction="sum")
         total[0] += loss.double()
         total[1] += mask.sum()
-    if rank.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(total)
+    all_reduce_sum(total)
     model.train(was_training)
     return float(total[0] / total[1])
 
 
 def _mean_across(total: float, count: int, device: torch.device) -> float:
     """Mean over all processes (every rank reaches the same steps)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([total, count], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        total, count = float(t[0]), int(t[1])
-    return total / max(count, 1)
+    t = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
+    return float(t[0]) / max(int(t[1]), 1)
 
 
 def write_curve(path: str | Path, rows: list[dict]) -> None:
@@ -291,13 +281,3 @@ def write_curve(path: str | Path, rows: list[dict]) -> None:
 def _round(x: Optional[float]) -> Optional[float]:
     return None if x is None or math.isnan(x) else round(float(x), 6)
 
-
-def _plain(value):
-    """HDF5 attribute -> JSON value."""
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    return value

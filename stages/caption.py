@@ -34,14 +34,10 @@ def caption(images: tuple[str, ...], model_dir: str, clip_dir: str, num_beams: i
     are still captioned.
     """
     from pipeline.caption import CaptionOptions, caption_images
-    from pipeline.models.pretrained import ModelError
 
     options = CaptionOptions(num_beams=num_beams, max_new_tokens=max_new_tokens, num_captions=num_captions,
                              sample=sample, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
-    try:
-        results = caption_images(model_dir, clip_dir, list(images), options)
-    except (ValueError, FileNotFoundError, OSError, ModelError) as err:
-        raise click.ClickException(str(err)) from None
+    results = caption_images(model_dir, clip_dir, list(images), options)
     failed = 0
     for r in results:
         if r.error is not None:

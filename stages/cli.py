@@ -1,4 +1,9 @@
-"""The ``capline`` command: one subcommand per DVC stage, plus ``caption``."""
+"""The ``capline`` command: one subcommand per DVC stage, plus ``caption``.
+
+Expected failures (``pipeline.errors.CaplineError``: bad params, bad input files,
+missing models or tools) become a one-line error and exit status 1 here, in one
+place; any other exception is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import importlib
@@ -20,6 +25,14 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        from pipeline.errors import CaplineError
+
+        try:
+            return super().invoke(ctx)
+        except CaplineError as err:
+            raise click.ClickException(str(err)) from None
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 

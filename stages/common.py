@@ -35,9 +35,9 @@ def rank_options(command):
 
 def resolve_rank(rank, world_size):
     """The Rank to work as: explicit options win over torchrun's environment."""
-    from pipeline.distributed import current_rank
+    from pipeline.runtime import current_rank
 
     try:
         return current_rank(rank, world_size)
-    except ValueError as err:
+    except ParamsError as err:
         raise click.BadParameter(str(err), param_hint="--rank/--world-size") from None

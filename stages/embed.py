@@ -30,13 +30,7 @@ def embed(params_path: str, images: Path, model: Path, out: Path, metrics: Path,
     --rank/--world-size on each machine, rank r embeds shards r, r+N, r+2N, ...
     """
     from pipeline.embed.stage import run_embed
-    from pipeline.features import FeatureShardError
-    from pipeline.image_shards import ImageShardError
-    from pipeline.models.pretrained import ModelError
 
     params = load(params_path)
     who = resolve_rank(rank, world_size)
-    try:
-        run_embed(params, images, model, out, metrics, who)
-    except (ImageShardError, FeatureShardError, ModelError) as err:
-        raise click.ClickException(str(err)) from None
+    run_embed(params, images, model, out, metrics, who)

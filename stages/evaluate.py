@@ -42,9 +42,7 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     """
     import os
 
-    from pipeline.evaluate import EvaluationInputError, JavaMissingError, run_evaluate
-    from pipeline.evaluate.java import JavaToolError
-    from pipeline.features import FeatureShardError
+    from pipeline.evaluate.stage import run_evaluate
 
     # Outside DVC the default params file may be absent: then every evaluate default applies.
     if os.path.exists(params_path) or params_path != "params.yaml":
@@ -53,11 +51,8 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
         from pipeline.params import EvaluateParams
 
         section = EvaluateParams()
-    try:
-        metrics = run_evaluate(section, results=results, references=references, out=out,
-                               report_dir=report_dir, control=control, features=features, images=images)
-    except (JavaMissingError, JavaToolError, EvaluationInputError, FeatureShardError) as err:
-        raise click.ClickException(str(err)) from None
+    metrics = run_evaluate(section, results=results, references=references, out=out,
+                           report_dir=report_dir, control=control, features=features, images=images)
     shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider")
                       if isinstance(metrics.get(k), float))
     click.echo(f"{metrics['images']} images: {shown}")

@@ -28,10 +28,7 @@ def generate(params_path: str, model_dir: str, features_dir: str, out_dir: str, 
     from pipeline.generate import generate as run_generate
 
     p = load(params_path)
-    try:
-        metrics = run_generate(model_dir, features_dir, out_dir, p.generate, metrics_path=metrics_path,
-                               progress=progress)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
+    metrics = run_generate(model_dir, features_dir, out_dir, p.generate, metrics_path=metrics_path,
+                           progress=progress)
     if metrics:  # empty on the other ranks under torchrun
         click.echo(f"{metrics['captions']} captions ({metrics['split']}) at {metrics['captions_per_s']} captions/s")

@@ -27,12 +27,9 @@ def models(kind: str, params_path: str, out_dir: Optional[str], source_dir: str)
     `clip.demo` / `gpt.demo` instead. The folder gets pin.json with the model id,
     resolved revision and the sha256 of the weights.
     """
-    from pipeline.models.pretrained import ModelError, pin_model
+    from pipeline.models.pretrained import pin_model
 
     params = load(params_path)
-    try:
-        pin = pin_model(kind, params, out_dir or f"data/models/{kind}", source_dir)
-    except (ModelError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    pin = pin_model(kind, params, out_dir or f"data/models/{kind}", source_dir)
     click.echo(f"{kind}: {pin['model_id']} @ {pin['revision']} sha256 {pin['sha256'][:12]} -> "
                f"{out_dir or f'data/models/{kind}'}")

@@ -21,12 +21,8 @@ def prepare(params_path: str, out_dir: str, cache_dir: str) -> None:
     ARCHIVE#MEMBER), cached, checksummed into manifest.json and checked record
     by record, so a malformed spec stops here, before any image is fetched.
     """
-    from pipeline.datasets.errors import DatasetError
     from pipeline.datasets.prepare import prepare as run
 
     params = load(params_path)
-    try:
-        m = run(out_dir, params.data, cache_dir=cache_dir, user_agent=params.download.user_agent)
-    except (DatasetError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
+    m = run(out_dir, params.data, cache_dir=cache_dir, user_agent=params.download.user_agent)
     click.echo(f"prepared {m.records} records ({m.kind}) in {out_dir}")

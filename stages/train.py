@@ -27,14 +27,10 @@ def train(params_path: str, features_dir: str, gpt_dir: str, out_dir: str, curve
     (e.g. `torchrun --nproc-per-node 2 -m stages.cli train`) it trains with
     DistributedDataParallel and only rank 0 writes.
     """
-    from pipeline.params import ParamsError
     from pipeline.train import train as run_train
 
     p = load(params_path)
-    try:
-        metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
-                            progress=progress)
-    except (ParamsError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        raise click.ClickException(str(err)) from None
+    metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
+                        progress=progress)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
                f"{metrics['params_trainable']} trainable parameters  {metrics['seconds']} s")

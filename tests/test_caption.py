@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.caption import CaptionOptions, ImageEmbedder, caption_images
+from pipeline.caption import CaptionInputError, CaptionOptions, ImageEmbedder, caption_images
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import DemoClip, MapperParams
 from stages.cli import capline
@@ -58,7 +58,8 @@ def setup(tmp_path_factory):
                 "normalized": True, "preprocess": pre.describe(), "format_version": 1, "dim": 16}
     gpt, tok = load_tiny_gpt(save_tiny_gpt(root / "gpt"))
     torch.manual_seed(0)
-    model = ClipCaptioner(MapperParams(type="mlp", prefix_length=2), 16, gpt, tok, features=features,
+    model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok,
+                                        features=features,
                           finetune_gpt=True)
     # Teach it one caption per image, so that captions depend on the image.
     vectors = reference_vectors(clip_dir, images)
@@ -129,7 +130,7 @@ def test_another_clip_folder_is_refused(setup, tmp_path):
     root, clip_dir, images = setup
     other = tmp_path / "clip2"
     build_demo_clip(other, CLIP.model_copy(update={"seed": 1}), 32)
-    with pytest.raises(ValueError, match="model_id|model_revision"):
+    with pytest.raises(CaptionInputError, match="model_id|model_revision"):
         caption_images(root / "model", other, images[:1])
 
 

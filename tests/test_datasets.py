@@ -7,7 +7,8 @@ import zipfile
 
 import pytest
 
-from pipeline.datasets import iter_records, read_manifest
+from pipeline.datasets.manifest import read_manifest
+from pipeline.datasets.source import iter_records
 from pipeline.datasets.errors import DatasetError
 from pipeline.datasets.prepare import prepare
 from pipeline.datasets.readers import read_coco, read_jsonl, read_karpathy, read_table

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.download import download_records
+from pipeline.download.run import download_records
 from pipeline.params import DownloadParams
 from pipeline.records import Record
 from tests.helpers_download import jpeg, png_bomb, read_status, read_tar

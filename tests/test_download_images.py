@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.download import download_records
+from pipeline.download.run import download_records
 from pipeline.download.image import process_image
 from pipeline.download.errors import RecordFailure
 from pipeline.params import DownloadParams

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.datasets.prepare import prepare
-from pipeline.distributed import Rank
-from pipeline.download import download
+from pipeline.runtime import Rank
+from pipeline.download.run import download
 from pipeline.params import DataParams, DownloadParams
 from tests.helpers_download import jpeg, read_status
 from tests.helpers_http import LoopbackServer, Reply
@@ -101,7 +101,7 @@ def test_stale_temporary_files_are_replaced(tmp_path):
 MEMORY_SCRIPT = """
 import json, resource, sys
 from pathlib import Path
-from pipeline.download import download_records
+from pipeline.download.run import download_records
 from pipeline.params import DownloadParams
 from pipeline.records import Record
 n, image, out = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]

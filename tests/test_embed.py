@@ -6,14 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.distributed import Rank
-from pipeline.embed import embed_shards
+from pipeline.runtime import Rank
+from pipeline.embed.run import embed_shards
 from pipeline.models.pretrained import ModelError, model_identity, weights_sha256
-from pipeline.embed.precision import choose_precision, cpu_has_fast_bf16
 from pipeline.embed.preprocess import ImageDecodeError, Preprocessor
 from pipeline.features import load_features, read_feature_shard
 from pipeline.image_shards import ImageShardError, iter_shard
-from pipeline.params import ClipParams, DataParams
+from pipeline.params import ClipParams, DataParams, ParamsError
 from pipeline.records import split_for
 from tests.helpers_embed import (make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
                                  write_img2dataset_shard)
@@ -112,12 +111,12 @@ def test_resume_keeps_finished_shards_and_equals_uninterrupted(tmp_path, clip_di
     # A kill while writing shard 1: its feature file is gone, a partial temp file is left.
     (out / "00001.h5").unlink()
     (out / "00001.h5.tmp").write_bytes(b"partial")
-    (out / "00000.status.jsonl.tmp").write_text("partial")  # beside a finished shard
+    (out / ".00000.status.jsonl.x1y2.tmp").write_text("partial")  # beside a finished shard
     again = embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
     assert first["shards_written"] == 3
     assert again["shards_kept"] == 2 and again["shards_written"] == 1 and again["images"] == 4
     assert (out / "00000.h5").stat().st_mtime_ns == stamp["00000.h5"]
-    assert not (out / "00001.h5.tmp").exists() and not (out / "00000.status.jsonl.tmp").exists()
+    assert not (out / "00001.h5.tmp").exists() and not list(out.glob(".*.tmp"))
     for name, table in full.items():
         back = read_feature_shard(out / name)
         assert back.keys == table.keys
@@ -165,10 +164,7 @@ def test_model_identity_without_pin(tmp_path, images):
         embed_shards(tmp_path, folder, tmp_path / "f", clip_params(), Rank(), DataParams())
 
 
-def test_auto_precision_and_bf16_run(tmp_path, clip_dir, images):
-    cpu = torch.device("cpu")
-    assert choose_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
-    assert choose_precision("fp16", cpu) == "fp16"
+def test_bf16_run(tmp_path, clip_dir, images):
     root, _ = images
     summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(precision="bf16", workers=0), Rank(),
                            DataParams(), progress=False)
@@ -221,7 +217,7 @@ def test_fast_mode_close_to_processor_and_limits(tmp_path):
         small.to_uint8(data)
     with pytest.raises(ImageDecodeError):
         exact.to_uint8(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(ValueError, match="clip.preprocess"):
+    with pytest.raises(ParamsError, match="clip.preprocess"):
         Preprocessor.from_processor(proc, "magic")
 
 

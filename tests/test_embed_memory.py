@@ -16,8 +16,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     from pathlib import Path
-    from pipeline.distributed import Rank
-    from pipeline.embed import embed_shards
+    from pipeline.runtime import Rank
+    from pipeline.embed.run import embed_shards
     from pipeline.params import ClipParams, DataParams
 
     images, clip, out = map(Path, sys.argv[1:4])

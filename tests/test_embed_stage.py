@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.features import load_features
-from stages.embed import embed
+from stages.cli import capline
 from tests.helpers_embed import make_image_dir, make_tiny_clip
 
 
@@ -33,14 +33,14 @@ def args(root, out, metrics, *extra):
 
 
 def test_help_names_options():
-    result = CliRunner().invoke(embed, ["--help"])
+    result = CliRunner().invoke(capline, ["embed"] + ["--help"])
     assert result.exit_code == 0
     for opt in ("--images", "--model", "--out", "--metrics", "--rank", "--world-size", "--params"):
         assert opt in result.output
 
 
 def test_cli_writes_features_and_metrics(setup, tmp_path):
-    result = CliRunner().invoke(embed, args(setup, tmp_path / "f", tmp_path / "m" / "embed.json"))
+    result = CliRunner().invoke(capline, ["embed"] + args(setup, tmp_path / "f", tmp_path / "m" / "embed.json"))
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "m" / "embed.json").read_text())
     assert metrics["images"] == 11 and metrics["failed"] == 1 and metrics["shards_written"] == 3
@@ -51,12 +51,12 @@ def test_cli_writes_features_and_metrics(setup, tmp_path):
 def test_cli_errors_are_clean(setup, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"clip": {"precision": "fp64"}}))
-    result = CliRunner().invoke(embed, ["--params", str(bad)])
+    result = CliRunner().invoke(capline, ["embed"] + ["--params", str(bad)])
     assert result.exit_code != 0 and "clip.precision" in result.output
-    result = CliRunner().invoke(embed, args(setup, tmp_path / "f", tmp_path / "m.json", "--rank", "3",
+    result = CliRunner().invoke(capline, ["embed"] + args(setup, tmp_path / "f", tmp_path / "m.json", "--rank", "3",
                                             "--world-size", "2"))
-    assert result.exit_code != 0 and "rank 3" in result.output
-    result = CliRunner().invoke(embed, args(setup, tmp_path / "f", tmp_path / "m.json")[:4] +
+    assert result.exit_code != 0 and "--rank: 3 is outside" in result.output
+    result = CliRunner().invoke(capline, ["embed"] + args(setup, tmp_path / "f", tmp_path / "m.json")[:4] +
                                 ["--model", str(tmp_path / "none"), "--out", str(tmp_path / "f")])
     assert result.exit_code != 0 and "no config.json" in result.output and "Traceback" not in result.output
 
@@ -65,7 +65,7 @@ def test_cli_errors_are_clean(setup, tmp_path):
                     reason="torchrun not installed")
 def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     single = tmp_path / "single"
-    assert CliRunner().invoke(embed, args(setup, single, tmp_path / "single.json")).exit_code == 0
+    assert CliRunner().invoke(capline, ["embed"] + args(setup, single, tmp_path / "single.json")).exit_code == 0
     bindir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [str(bindir / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
@@ -87,12 +87,12 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     assert metrics["world_size"] == 2 and metrics["images"] == 11 and metrics["shards_written"] == 3
 
 
-def test_gather_over_nccl_puts_each_rank_on_its_own_gpu(monkeypatch):
+def test_process_group_over_nccl_puts_each_rank_on_its_own_gpu(monkeypatch):
     # all_gather_object uses the current CUDA device: each rank must set its own first.
     import torch
     import torch.distributed as dist
 
-    from pipeline.embed import stage
+    from pipeline.runtime import choose_device, current_rank, gather, process_group
 
     calls: list = []
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -106,5 +106,7 @@ def test_gather_over_nccl_puts_each_rank_on_its_own_gpu(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 1)
     monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
-    assert stage._gather({"x": 1}) == [{"x": 1}]
-    assert calls == [("set_device", 3), ("init", "nccl"), ("destroy",)]
+    rank = current_rank()
+    with process_group(rank, choose_device("auto", rank)) as grouped:
+        assert grouped and gather({"x": 1}) == [{"x": 1}]
+    assert calls == [("set_device", torch.device("cuda", 3)), ("init", "nccl"), ("destroy",)]

@@ -232,7 +232,8 @@ def test_feature_folder_without_shards_is_a_clean_error(tmp_path, monkeypatch):
     ({"image_id": "img-a"}, "expected a list"),
 ])
 def test_bad_results_name_the_record_and_keep_old_outputs(tmp_path, results, message):
-    from pipeline.evaluate import EvaluationInputError, run_evaluate
+    from pipeline.evaluate.cocofiles import EvaluationInputError
+    from pipeline.evaluate.stage import run_evaluate
     from pipeline.params import EvaluateParams
 
     refs, res, _ = write_coco_pair(tmp_path)
@@ -246,7 +247,7 @@ def test_bad_results_name_the_record_and_keep_old_outputs(tmp_path, results, mes
 
 
 def test_bad_json_names_the_file(tmp_path):
-    from pipeline.evaluate import EvaluationInputError, load_references
+    from pipeline.evaluate.cocofiles import EvaluationInputError, load_references
 
     bad = tmp_path / "refs.json"
     bad.write_text('{"annotations": [')
@@ -255,7 +256,7 @@ def test_bad_json_names_the_file(tmp_path):
 
 
 def test_constant_baseline_picks_the_best_not_the_most_frequent():
-    from pipeline.evaluate import constant_caption_baseline
+    from pipeline.evaluate.baseline import constant_caption_baseline
 
     # "a shape" is the most frequent but says nothing; the best constant names the common content.
     train = ["a shape"] * 5 + ["A red square."] * 3 + ["a red square"] + ["two blue circles"] * 2 + ["a cat"]

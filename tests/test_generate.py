@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.generate import caption_vectors, derangement, generate
+from pipeline.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import GenerateParams, MapperParams, TrainParams
 from pipeline.train import train
@@ -136,7 +137,7 @@ def test_generate_refuses_features_of_another_encoder(trained, tmp_path):
     table.attrs["output"] = "pooler_output"
     other = write_features(tmp_path / "other", table, shards=1)
     table.attrs["output"] = "image_embeds"
-    with pytest.raises(ValueError, match="output"):
+    with pytest.raises(FeatureShardError, match="output"):
         generate(root / "model", other, tmp_path / "c", GEN, progress=False)
     assert not (tmp_path / "c").exists()
 

@@ -6,9 +6,12 @@ import json
 import pytest
 import torch
 
+from pipeline.features import FeatureShardError
 from pipeline.models.captioner import CONFIG_NAME, ClipCaptioner
-from pipeline.models.mapper import MLPMapper, TransformerMapper, build_mapper, count_parameters
-from pipeline.params import MapperParams, ParamsError
+from pipeline.models.pretrained import ModelError
+from pipeline.models.mapper import (MapperConfigError, MLPConfig, MLPMapper, TransformerConfig, TransformerMapper,
+                                    count_parameters, from_config_dict, make_config)
+from pipeline.params import MapperParams
 from tests.helpers_model import FEATURE_ATTRS, load_tiny_gpt, save_tiny_gpt, torch_threads
 
 
@@ -24,7 +27,7 @@ def linear(i: int, o: int) -> int:
 
 def test_mlp_mapper_size_matches_the_paper_formula():
     clip, width, k = 512, 768, 10
-    m = MLPMapper(clip, width, k)
+    m = MLPMapper(MLPConfig(clip, width, k))
     hidden = width * k // 2
     expected = linear(clip, hidden) + linear(hidden, width * k)
     assert count_parameters(m) == expected
@@ -36,7 +39,7 @@ def test_mlp_mapper_size_matches_the_paper_formula():
 
 def test_transformer_mapper_size_and_shape():
     clip, width, k, cl, layers, ratio = 24, 16, 5, 3, 2, 2.0
-    m = TransformerMapper(clip, width, k, cl, layers, heads=4, mlp_ratio=ratio)
+    m = TransformerMapper(TransformerConfig(clip, width, k, cl, layers, heads=4, mlp_ratio=ratio))
     ff = int(width * ratio)
     block = 3 * width * width + 3 * width + linear(width, width) + linear(width, ff) + linear(ff, width) + 4 * width
     expected = linear(clip, cl * width) + k * width + layers * block
@@ -48,10 +51,29 @@ def test_transformer_mapper_size_and_shape():
     assert not torch.allclose(m(x), m(torch.randn(2, clip)))
 
 
-def test_build_mapper_refuses_a_width_gpt_does_not_have():
-    with pytest.raises(ValueError, match="mapper.width"):
-        build_mapper(MapperParams(type="mlp", width=64), clip_dim=8, width=32)
-    assert isinstance(build_mapper(MapperParams(type="mlp", prefix_length=2), 8, 32), MLPMapper)
+def test_mapper_config_refuses_a_width_gpt_does_not_have():
+    with pytest.raises(MapperConfigError, match="mapper.width"):
+        make_config(MapperParams(type="mlp", width=64).model_dump(), clip_dim=8, width=32)
+    config = make_config(MapperParams(type="mlp", prefix_length=2).model_dump(), 8, 32)
+    assert config == MLPConfig(clip_dim=8, width=32, prefix_length=2, dropout=0.0)
+
+
+def test_unknown_mapper_type_names_the_key_and_the_choices():
+    with pytest.raises(MapperConfigError, match=r"mapper.type: 'lstm' is not one of mlp, transformer"):
+        make_config({"type": "lstm", "prefix_length": 2}, 8, 32)
+
+
+def test_a_saved_config_rebuilds_the_same_mapper_without_the_params_schema():
+    config = make_config(MapperParams(type="transformer", prefix_length=3, clip_length=2, layers=2, heads=2)
+                         .model_dump(), 8, 16)
+    assert isinstance(config, TransformerConfig) and config.layers == 2 and config.clip_length == 2
+    torch.manual_seed(0)
+    mapper = TransformerMapper(config)
+    saved = json.loads(json.dumps({"type": "transformer", **config.__dict__}))
+    rebuilt = from_config_dict(saved)
+    rebuilt.load_state_dict(mapper.state_dict())
+    x = torch.randn(2, 8)
+    assert torch.equal(mapper(x), rebuilt(x))
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +85,14 @@ def make_model(gpt_dir, finetune=False, **mapper):
     gpt, tok = load_tiny_gpt(gpt_dir)
     params = MapperParams(**{"type": "transformer", "prefix_length": 3, "clip_length": 2, "layers": 1, "heads": 2, **mapper})
     torch.manual_seed(0)
-    return ClipCaptioner(params, 16, gpt, tok, features={**FEATURE_ATTRS, "dim": 16}, finetune_gpt=finetune)
+    return ClipCaptioner.from_settings(params.model_dump(), 16, gpt, tok, features={**FEATURE_ATTRS, "dim": 16},
+                                       finetune_gpt=finetune)
 
 
 def test_mismatched_width_names_the_key(gpt_dir):
-    with pytest.raises(ParamsError, match="mapper.width"):
+    with pytest.raises(MapperConfigError, match="mapper.width"):
         make_model(gpt_dir, width=48)
-    with pytest.raises(ParamsError, match="mapper.heads"):
+    with pytest.raises(MapperConfigError, match="mapper.heads"):
         make_model(gpt_dir, heads=5)
 
 
@@ -176,7 +199,7 @@ def test_save_load_round_trip_gives_identical_outputs(gpt_dir, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ModelError):
         model.save(other)
     assert (other / "keep.txt").read_text() == "mine"
 
@@ -184,7 +207,7 @@ def test_save_load_round_trip_gives_identical_outputs(gpt_dir, tmp_path):
 def test_check_features_names_the_mismatch(gpt_dir):
     model = make_model(gpt_dir)
     model.check_features(dict(FEATURE_ATTRS), 16, "x.h5")
-    with pytest.raises(ValueError, match="output"):
+    with pytest.raises(FeatureShardError, match="output"):
         model.check_features({**FEATURE_ATTRS, "output": "pooler_output"}, 16, "x.h5")
-    with pytest.raises(ValueError, match="dim 8"):
+    with pytest.raises(FeatureShardError, match="dim 8"):
         model.check_features(dict(FEATURE_ATTRS), 8, "x.h5")

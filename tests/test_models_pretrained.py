@@ -13,7 +13,8 @@ from PIL import Image
 
 from helpers_models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, save_hub_like_gpt, tiny_params
 from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt
-from pipeline.models.pretrained import ModelError, load_clip, load_gpt, pin_model, weights_sha256
+from pipeline.params import ParamsError
+from pipeline.models.pretrained import ModelError, load_clip, load_gpt, pin_model, read_pin, weights_sha256
 
 
 def _sha(path: Path) -> str:
@@ -38,9 +39,9 @@ def test_pin_local_clip_records_sha_and_reloads_same_outputs(tmp_path):
     assert pin["sha256"] == _sha(out / "model.safetensors") == weights_sha256(out)
     assert not list(tmp_path.glob(".pinned*")), "temporary folder left behind"
 
-    ref_model, ref_proc, _ = load_clip(src)
-    model, proc, loaded_pin = load_clip(out)
-    assert loaded_pin == pin
+    ref_model, ref_proc = load_clip(src)
+    model, proc = load_clip(out)
+    assert read_pin(out) == pin
     for (name, a), (name_b, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
         assert name == name_b and torch.equal(a, b)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
@@ -57,8 +58,8 @@ def test_pin_local_gpt_adds_pad_token_and_keeps_weights(tmp_path):
     pin = pin_model("gpt", tiny_params(gpt_model=str(src)), out, None)
     assert pin["sha256"] == _sha(out / "model.safetensors") and pin["revision"] == "local"
 
-    model, tok, loaded = load_gpt(out)
-    assert loaded == pin
+    model, tok = load_gpt(out)
+    assert read_pin(out) == pin
     assert tok.pad_token == tok.eos_token == EOS
     assert tok.pad_token_id == model.config.pad_token_id == model.config.eos_token_id
     from transformers import GPT2LMHeadModel
@@ -106,7 +107,7 @@ def test_demo_clip_pretraining_changes_weights(tmp_path):
 
 
 def test_demo_clip_rejects_patch_not_dividing_image(tmp_path):
-    with pytest.raises(ValueError, match="patch_size"):
+    with pytest.raises(ParamsError, match="patch_size"):
         build_demo_clip(tmp_path / "x", TINY_CLIP.model_copy(update={"patch_size": 5}), 32)
 
 
@@ -138,7 +139,7 @@ def test_pin_demo_gpt_reads_source_captions(tmp_path):
     src = _write_captions(tmp_path / "source", CAPTIONS)
     pin = pin_model("gpt", tiny_params(), tmp_path / "gpt", src)
     assert pin["model_id"] == "demo" and pin["demo"]["n_embd"] == TINY_GPT.n_embd
-    _, tok, _ = load_gpt(tmp_path / "gpt")
+    _, tok = load_gpt(tmp_path / "gpt")
     assert tok.unk_token_id not in tok("a big yellow disc")["input_ids"]
 
 
@@ -164,17 +165,17 @@ def test_load_corrupt_weights_names_folder(tmp_path):
 
 # ---------------------------------------------------------------------------- CLI
 def test_models_command_pins_demo_clip(tmp_path):
-    from stages.models import models
+    from stages.cli import capline
 
     params = tmp_path / "params.yaml"
     p = tiny_params(image_size=16)
     params.write_text(json.dumps({"data": {"demo": {"image_size": 16}}, "clip": {"demo": p.clip.demo.model_dump()},
                                   "gpt": {"demo": p.gpt.demo.model_dump()}, "mapper": {"heads": 2}}))
-    res = CliRunner().invoke(models, ["clip", "--params", str(params), "--out", str(tmp_path / "m")])
+    res = CliRunner().invoke(capline, ["models", "clip", "--params", str(params), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
     pin = json.loads((tmp_path / "m" / "pin.json").read_text())
     assert pin["sha256"][:12] in res.output and pin["kind"] == "clip"
 
-    bad = CliRunner().invoke(models, ["gpt", "--params", str(params), "--out", str(tmp_path / "g"),
+    bad = CliRunner().invoke(capline, ["models", "gpt", "--params", str(params), "--out", str(tmp_path / "g"),
                                       "--source", str(tmp_path / "nosource")])
     assert bad.exit_code != 0 and "captions.json" in bad.output

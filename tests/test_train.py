@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.features import FeatureShardError
+from pipeline.models.pretrained import ModelError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.train import train
@@ -85,14 +87,14 @@ def test_bad_inputs_name_the_key_or_file(data, tmp_path):
     with pytest.raises(ParamsError, match="mapper.width"):
         train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
               MAPPER.model_copy(update={"width": 64}), TRAIN, progress=False)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelError, match="config.json"):
         train(feats, tmp_path / "nogpt", tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
               MAPPER, TRAIN, progress=False)
     with pytest.raises(ParamsError, match="mapper.prefix_length"):  # GPT-2 has 64 positions
         train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
               MAPPER.model_copy(update={"prefix_length": 63}), TRAIN, progress=False)
     only_test = write_features(tmp_path / "f", scene_table(n_per_class=2, splits=("test",)), shards=1)
-    with pytest.raises(ValueError, match="no images in the train split"):
+    with pytest.raises(FeatureShardError, match="no images in the train split"):
         train(only_test, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, TRAIN,
               progress=False)
     assert not (tmp_path / "m").exists()
@@ -116,4 +118,4 @@ def test_ddp_two_processes_with_torchrun(data, tmp_path):
     assert metrics["steps"] == 2 * 6
     assert len(read_curve(tmp_path / "loss.csv")) == 12
     model = ClipCaptioner.load(tmp_path / "model")
-    assert model.mapper_params.type == "mlp"
+    assert model.mapper_type == "mlp"

@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from pipeline.errors import CaplineError
 
-class DatasetError(ValueError):
+
+class DatasetError(CaplineError):
     def __init__(self, path: str | Path, message: str, line: Optional[int] = None) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pipeline.datasets.errors import DatasetError
 from pipeline.files import write_json
 
 MANIFEST = "manifest.json"
@@ -39,9 +40,9 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"manifest kind {self.kind!r} is not one of {KINDS}")
+            raise DatasetError(MANIFEST, f"kind {self.kind!r} is not one of {KINDS}")
         if "annotations" not in self.files:
-            raise ValueError("manifest files: 'annotations' is required")
+            raise DatasetError(MANIFEST, "files: 'annotations' is required")
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
@@ -53,11 +54,11 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
 def read_manifest(folder: str | Path) -> Manifest:
     path = Path(folder) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; run the prepare stage first (capline prepare)")
+        raise DatasetError(path, "not found; run the prepare stage first (capline prepare)")
     try:
         raw = json.loads(path.read_text())
         if raw.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}")
         return Manifest(**raw)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: not a valid manifest: {err}") from None
+    except (ValueError, TypeError, DatasetError) as err:
+        raise DatasetError(path, f"not a valid manifest: {err}") from None

@@ -22,14 +22,14 @@ from typing import Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from pipeline.distributed import Rank
 from pipeline.download.errors import RecordFailure
 from pipeline.download.fetch import Fetcher
 from pipeline.download.image import process_image
 from pipeline.download.shards import Outcome, is_finished, read_statuses, remove_stale, write_shard
-from pipeline.files import write_json
+from pipeline.files import write_metrics
 from pipeline.params import DownloadParams
 from pipeline.records import Record
+from pipeline.runtime import Rank, rank_path
 
 
 @dataclass
@@ -198,10 +198,6 @@ def download_records(
     return summary
 
 
-def write_metrics(path: str | Path, summary: Summary) -> None:
-    write_json(path, summary.as_metrics(), indent=2)
-
-
 def download(
     source_dir: str | Path,
     out_dir: str | Path,
@@ -211,14 +207,13 @@ def download(
     progress: bool = True,
 ) -> Summary:
     """The download stage: ``data/source`` -> ``data/images`` (+ metrics)."""
-    from pipeline.datasets import iter_records, read_manifest
+    from pipeline.datasets.manifest import read_manifest
+    from pipeline.datasets.source import iter_records
 
     manifest = read_manifest(source_dir)
     summary = download_records(iter_records(source_dir), out_dir, params, rank,
                                base_dir=Path(source_dir), total=manifest.records, progress=progress)
     if metrics_path:
-        path = Path(metrics_path)
-        if rank.world_size > 1:  # each rank writes its own; no coordination between them
-            path = path.with_name(f"{path.stem}.rank{rank.rank}{path.suffix}")
-        write_metrics(path, summary)
+        # Ranks share nothing: each writes its own metrics file when there are several.
+        write_metrics(rank_path(metrics_path, rank), summary.as_metrics())
     return summary

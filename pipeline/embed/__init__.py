@@ -1,4 +1,4 @@
-"""The embed stage: CLIP vectors of image shards into HDF5 feature shards."""
-from pipeline.embed.run import embed_shards
+"""The embed stage: CLIP vectors of image shards into HDF5 feature shards.
 
-__all__ = ["embed_shards"]
+Submodules are imported where used, so a stage pulls in only what it runs.
+"""

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipeline.embed.precision import DTYPES
+from pipeline.runtime import dtype_of
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Encoder:
 
     @classmethod
     def build(cls, model: Any, device: torch.device, precision: str, output: str, normalize: bool) -> "Encoder":
-        model = model.to(device=device, dtype=DTYPES[precision]).eval()
+        model = model.to(device=device, dtype=dtype_of(precision)).eval()
         return cls(model=model, device=device, precision=precision, output=output, normalize=normalize)
 
     @property
@@ -33,7 +33,7 @@ class Encoder:
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = pixel_values.to(self.device, dtype=DTYPES[self.precision], non_blocking=True)
+        x = pixel_values.to(self.device, dtype=dtype_of(self.precision), non_blocking=True)
         pooled = self.model.vision_model(pixel_values=x).pooler_output
         out = self.model.visual_projection(pooled) if self.output == "image_embeds" else pooled
         out = out.float()

@@ -21,10 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.errors import CaplineError
 from pipeline.imaging import open_image
+from pipeline.models.pretrained import ModelError
+from pipeline.errors import ParamsError
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(CaplineError):
     """One image that cannot be used; recorded in the status file, never embedded."""
 
 
@@ -51,7 +54,7 @@ class Preprocessor:
                        max_pixels: Optional[int] = None) -> "Preprocessor":
         """Read a CLIPImageProcessor's settings; refuse settings this path cannot repeat."""
         if mode not in ("processor", "fast"):
-            raise ValueError(f"clip.preprocess: {mode!r} is not one of processor, fast")
+            raise ParamsError(f"clip.preprocess: {mode!r} is not one of processor, fast")
         size = _size_of(getattr(processor, "size", None))
         shortest = hw = None
         if getattr(processor, "do_resize", True):
@@ -60,13 +63,13 @@ class Preprocessor:
             elif size.get("height") and size.get("width"):
                 hw = (int(size["height"]), int(size["width"]))
             else:
-                raise ValueError(f"clip.preprocess: the model's image processor size {size} is not supported")
+                raise ModelError(f"clip model: its image processor size {size} is not supported")
         crop = None
         if getattr(processor, "do_center_crop", False):
             c = _size_of(processor.crop_size)
             crop = (int(c["height"]), int(c["width"]))
         if not getattr(processor, "do_convert_rgb", True):
-            raise ValueError("clip.preprocess: processors with do_convert_rgb=False are not supported")
+            raise ModelError("clip model: image processors with do_convert_rgb=False are not supported")
         resample = getattr(processor, "resample", None)
         resample = int(resample) if resample is not None else int(Image.Resampling.BILINEAR)
         mean = std = None

@@ -8,8 +8,6 @@ sorted by key, so the output does not depend on workers, ranks or timing.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,16 +16,16 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.distributed import Rank
 from pipeline.embed.encoder import Encoder
 from pipeline.embed.loader import ShardBatches, SplitRule, make_loader, stripes_for
-from pipeline.embed.precision import DTYPE_NAMES, choose_device, choose_precision
 from pipeline.embed.preprocess import Preprocessor
 from pipeline.features import (FORMAT_VERSION, IDENTITY_ATTRS, FeatureShardError, FeatureTable,
                                read_attrs, write_feature_shard)
 from pipeline.image_shards import ImageShardError, list_shards
 from pipeline.models.pretrained import load_clip, model_identity
+from pipeline.files import remove_temporaries, write_jsonl
 from pipeline.params import ClipParams, DataParams
+from pipeline.runtime import DTYPE_NAMES, Rank, choose_device, choose_precision
 
 
 def _status_path(h5: Path) -> Path:
@@ -47,12 +45,8 @@ def _is_finished(h5: Path, identity: dict, source_bytes: int) -> bool:
 
 
 def _write_status(path: Path, failed: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in sorted(failed, key=lambda r: r["key"]):
-            f.write(json.dumps({"key": rec["key"], "status": rec["status"], "reason": rec["reason"]},
-                               ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, ({"key": r["key"], "status": r["status"], "reason": r["reason"]}
+                       for r in sorted(failed, key=lambda r: r["key"])))
 
 
 def _remove_orphans(out_dir: Path, stems: set[str]) -> None:
@@ -85,9 +79,9 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
         raise ImageShardError(f"{images_dir}: no image shards (*.tar); run the download stage first")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    device = choose_device(rank.local_rank)
-    precision = choose_precision(clip.precision, device)
-    model, processor, _ = load_clip(model_dir)
+    device = choose_device("auto", rank)
+    precision = choose_precision(clip.precision, device, key="clip.precision")
+    model, processor = load_clip(model_dir)
     model_id, revision = model_identity(model_dir)
     pre = Preprocessor.from_processor(processor, clip.preprocess)
     identity = {
@@ -105,8 +99,8 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
     for _, shard in mine:
         h5 = out_dir / (shard.stem + ".h5")
         # Half-written files of a killed run; each rank clears only its own shards'.
-        for tmp in (h5.with_name(h5.name + ".tmp"), _status_path(h5).with_name(_status_path(h5).name + ".tmp")):
-            tmp.unlink(missing_ok=True)
+        h5.with_name(h5.name + ".tmp").unlink(missing_ok=True)
+        remove_temporaries(_status_path(h5))
         if _is_finished(h5, identity, shard.stat().st_size):
             kept += 1
         else:

@@ -1,13 +1,5 @@
 """Evaluation: pycocoevalcap scores, the constant-caption baseline, the shuffled-image
-control, per-image scores, the HTML report and the metrics chart."""
-from pipeline.evaluate.baseline import Baseline, constant_caption_baseline, frequent_captions
-from pipeline.evaluate.cocofiles import EvaluationInputError, load_references, load_results
-from pipeline.evaluate.java import JavaMissingError, require_java
-from pipeline.evaluate.scores import METRICS, Scores, score_captions, score_tokenized
-from pipeline.evaluate.stage import run_evaluate
+control, per-image scores, the HTML report and the metrics chart.
 
-__all__ = [
-    "Baseline", "EvaluationInputError", "JavaMissingError", "METRICS", "Scores",
-    "constant_caption_baseline", "frequent_captions", "load_references", "load_results",
-    "require_java", "run_evaluate", "score_captions", "score_tokenized",
-]
+Submodules are imported where used, so a stage pulls in only what it runs.
+"""

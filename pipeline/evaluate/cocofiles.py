@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable
 
+from pipeline.errors import CaplineError
+
 ImageId = Hashable  # int or str, exactly as the references file spells it
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(CaplineError):
     """A results or references file that cannot be scored; the message names file and record."""
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from pipeline.errors import CaplineError
+
 INSTALL_HINT = (
     "install a Java runtime (8 or newer), e.g. `apt-get install openjdk-17-jre-headless` "
     "on Debian/Ubuntu or `conda install -c conda-forge openjdk`, and make sure `java` is on PATH"
 )
 
 
-class JavaMissingError(RuntimeError):
+class JavaMissingError(CaplineError):
     """Raised before any scoring work when no usable `java` is found."""
 
 
-class JavaToolError(RuntimeError):
+class JavaToolError(CaplineError):
     """A Java scorer (PTB tokenizer, METEOR, SPICE) failed while running."""
 
 

@@ -1,7 +1,6 @@
 """The evaluate stage: score, compare with baseline and control, write metrics and report."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional
 
@@ -15,19 +14,12 @@ from pipeline.evaluate.meteor import Meteor
 from pipeline.evaluate.report import collect_thumbnails, render_report, select_rows
 from pipeline.evaluate.scores import METRICS, Scores, score_tokenized, tokenize_groups
 from pipeline.evaluate.spice import compute_spice, find_corenlp
-from pipeline.files import write_atomic, write_json, write_jsonl
+from pipeline.files import finite_or_none, write_atomic, write_jsonl, write_metrics
 from pipeline.params import EvaluateParams
 
 PER_IMAGE = "per_image.jsonl"
 REPORT = "report.html"
 CHART = "metrics.png"
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: a score that is not a number is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -144,13 +136,13 @@ def run_evaluate(
     out_metrics["cider_vs_baseline"] = _ratio(model.corpus["cider"], out_metrics.get("baseline_cider"))
     out_metrics["cider_vs_control"] = _ratio(model.corpus["cider"], out_metrics.get("control_cider"))
     out_metrics.update(metrics)  # baseline_caption and the *_skipped reasons
-    metrics = {k: _clean(v) for k, v in out_metrics.items()}
+    metrics = {k: finite_or_none(v) for k, v in out_metrics.items()}
 
     per_image = {i: {**model.per_image[i], **({"spice": spice[i]} if i in spice else {})} for i in ids}
     if report_dir is not None:
         steps.set_postfix_str("report")
         write_report(Path(report_dir), params, metrics, per_image, res, refs.captions, ctl, images)
-    write_json(out, metrics, indent=2, ensure_ascii=False, allow_nan=False)
+    write_metrics(out, metrics)
     steps.update()
     steps.close()
     return metrics
@@ -168,7 +160,7 @@ def write_report(
 ) -> None:
     """per_image.jsonl, metrics.png and the self-contained report.html in ``report_dir``."""
     write_jsonl(report_dir / PER_IMAGE, (
-        {"image_id": i, "caption": captions[i], **{m: _clean(v) for m, v in scores.items()}}
+        {"image_id": i, "caption": captions[i], **{m: finite_or_none(v) for m, v in scores.items()}}
         for i, scores in per_image.items()
     ))
     model = {m: metrics[m] for m in (*METRICS, "spice") if isinstance(metrics.get(m), float)}

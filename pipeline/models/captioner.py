@@ -6,28 +6,30 @@ learns to stop) and padding is excluded from the loss by label -100 and the
 attention mask, never by a token id that also means a real word.
 
 The saved folder is self-contained (see docs/architecture.md, "Models"):
-``captioner.json`` (mapper config and the encoder attributes it was trained on),
-``mapper.safetensors`` and ``gpt/`` (GPT-2 + tokenizer via save_pretrained).
+``captioner.json`` (the mapper's type and config, and the encoder attributes it
+was trained on), ``mapper.safetensors`` and ``gpt/`` (GPT-2 + tokenizer via
+save_pretrained). Loading it needs the mapper registry, not the params schema.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.mapper import build_mapper, count_parameters
-from pipeline.params import MapperParams, check_against_gpt
+from pipeline.features import attr_value
+from pipeline.files import replace_dir, temp_dir_for
+from pipeline.models import mapper as mappers
+from pipeline.models.mapper import count_parameters
+from pipeline.models.pretrained import ModelError
 
 CONFIG_NAME = "captioner.json"
 MAPPER_WEIGHTS = "mapper.safetensors"
 GPT_SUBDIR = "gpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Feature attributes a model must be fed again at generate/caption time.
 FEATURE_KEYS = ("model_id", "model_revision", "output", "normalized")
 
@@ -35,22 +37,21 @@ FEATURE_KEYS = ("model_id", "model_revision", "output", "normalized")
 class ClipCaptioner(nn.Module):
     def __init__(
         self,
-        mapper_params: MapperParams,
-        clip_dim: int,
+        mapper: nn.Module,
         gpt: nn.Module,
         tokenizer: Any,
         features: Optional[dict] = None,
         finetune_gpt: bool = False,
     ) -> None:
         super().__init__()
-        width = int(gpt.config.hidden_size)
-        check_against_gpt(mapper_params, width)
         if tokenizer.eos_token_id is None:
-            raise ValueError("the GPT-2 tokenizer has no EOS token; captions could never end")
-        self.mapper_params = mapper_params
-        self.clip_dim = int(clip_dim)
-        self.prefix_length = mapper_params.prefix_length
-        self.mapper = build_mapper(mapper_params, self.clip_dim, width)
+            raise ModelError("the GPT-2 tokenizer has no EOS token; captions could never end")
+        if mapper.config.width != int(gpt.config.hidden_size):
+            raise ModelError(f"mapper width {mapper.config.width} does not match GPT-2's n_embd "
+                             f"{gpt.config.hidden_size}")
+        self.clip_dim = int(mapper.config.clip_dim)
+        self.prefix_length = int(mapper.config.prefix_length)
+        self.mapper = mapper
         self.gpt = gpt
         self.tokenizer = tokenizer
         self.features = dict(features or {})
@@ -58,6 +59,18 @@ class ClipCaptioner(nn.Module):
         # A frozen GPT-2 gets no gradients and stays in eval mode (no dropout).
         self.gpt.requires_grad_(finetune_gpt)
         self.train(self.training)
+
+    @classmethod
+    def from_settings(cls, mapper_settings: Mapping[str, Any], clip_dim: int, gpt: nn.Module, tokenizer: Any,
+                      features: Optional[dict] = None, finetune_gpt: bool = False) -> "ClipCaptioner":
+        """A new captioner (random mapper) from the params' ``mapper`` section as a mapping."""
+        config = mappers.make_config(mapper_settings, clip_dim, int(gpt.config.hidden_size))
+        mapper = mappers.build_mapper(str(mapper_settings["type"]), config)
+        return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt)
+
+    @property
+    def mapper_type(self) -> str:
+        return self.mapper.kind
 
     # ----------------------------------------------------------------- properties
     @property
@@ -154,11 +167,9 @@ class ClipCaptioner(nn.Module):
 
     # -------------------------------------------------------------------- saving
     def config_dict(self) -> dict:
-        mapper = self.mapper_params.model_dump()
-        mapper["width"] = int(self.gpt.config.hidden_size)
         return {
             "format_version": FORMAT_VERSION,
-            "mapper": mapper,
+            "mapper": mappers.config_dict(self.mapper),
             "clip_dim": self.clip_dim,
             "prefix_length": self.prefix_length,
             "finetune_gpt": self.finetune_gpt,
@@ -173,110 +184,58 @@ class ClipCaptioner(nn.Module):
 
         model_dir = Path(model_dir)
         if model_dir.exists() and any(model_dir.iterdir()) and not (model_dir / CONFIG_NAME).exists():
-            raise FileExistsError(f"{model_dir}: exists and is not a captioner folder; refusing to replace it")
-        tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+            raise ModelError(f"{model_dir}: exists and is not a captioner folder; refusing to replace it")
+        tmp = temp_dir_for(model_dir)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
         save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
         self.gpt.save_pretrained(tmp / GPT_SUBDIR, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp / GPT_SUBDIR)
         (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        tmp.rename(model_dir)
+        replace_dir(tmp, model_dir)
         return model_dir
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "ClipCaptioner":
         """Load a folder written by ``save`` (safetensors only, no remote code)."""
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.models.pretrained import load_gpt
 
         model_dir = Path(model_dir)
         cfg_path = model_dir / CONFIG_NAME
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"{model_dir}: not a trained captioner folder (no {CONFIG_NAME})")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: format_version {cfg.get('format_version')!r}, expected {FORMAT_VERSION}")
-        gpt_dir = model_dir / GPT_SUBDIR
-        gpt = AutoModelForCausalLM.from_pretrained(gpt_dir, trust_remote_code=False, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(gpt_dir, trust_remote_code=False)
-        model = cls(
-            MapperParams(**cfg["mapper"]),
-            cfg["clip_dim"],
-            gpt,
-            tokenizer,
-            features=cfg.get("features"),
-            finetune_gpt=bool(cfg.get("finetune_gpt", False)),
-        )
-        model.mapper.load_state_dict(load_file(str(model_dir / MAPPER_WEIGHTS)), strict=True)
+        if not cfg_path.is_file():
+            raise ModelError(f"{model_dir}: not a trained captioner folder (no {CONFIG_NAME}); run `capline train`")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{cfg_path}: not valid JSON ({err})") from None
+        if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
+            got = cfg.get("format_version") if isinstance(cfg, dict) else None
+            raise ModelError(f"{cfg_path}: format_version {got!r}, expected {FORMAT_VERSION}; retrain with "
+                             "this version of capline")
+        gpt, tokenizer = load_gpt(model_dir / GPT_SUBDIR)
+        try:
+            mapper = mappers.from_config_dict(cfg["mapper"])
+            mapper.load_state_dict(load_file(str(model_dir / MAPPER_WEIGHTS)), strict=True)
+        except (KeyError, TypeError, RuntimeError, OSError) as err:
+            raise ModelError(f"{model_dir}: mapper config or {MAPPER_WEIGHTS} unusable "
+                             f"({type(err).__name__}: {err})") from None
+        model = cls(mapper, gpt, tokenizer, features=cfg.get("features"),
+                    finetune_gpt=bool(cfg.get("finetune_gpt", False)))
         return model.to(device).eval()
 
     def check_features(self, attrs: dict, dim: int, source: str) -> None:
         """Refuse features from another encoder than the one this model was trained on."""
+        from pipeline.features import FeatureShardError
+
         if dim != self.clip_dim:
-            raise ValueError(f"{source}: feature dim {dim} but the model was trained on dim {self.clip_dim}")
+            raise FeatureShardError(f"{source}: feature dim {dim} but the model was trained on dim {self.clip_dim}")
         for key in FEATURE_KEYS:
             want, got = self.features.get(key), attrs.get(key)
-            if want is not None and got is not None and _norm(want) != _norm(got):
-                raise ValueError(f"{source}: feature attribute {key} is {got!r} but the model was trained on {want!r}")
+            if want is not None and got is not None and attr_value(want) != attr_value(got):
+                raise FeatureShardError(f"{source}: feature attribute {key} is {got!r} but the model was trained on {want!r}")
 
     def feature_expectation(self) -> dict:
         """The ``expect`` mapping for ``load_features``."""
         return {k: self.features[k] for k in FEATURE_KEYS if self.features.get(k) is not None}
 
-
-def _norm(value: Any) -> Any:
-    """Compare HDF5 attributes (numpy bools, bytes) with JSON values."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    return value
-
-
-# ----------------------------------------------------------------- precision
-def resolve_precision(precision: str, device: torch.device, key: str = "precision") -> Optional[torch.dtype]:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32).
-
-    ``auto`` picks bf16 where the hardware runs it natively (CUDA with bf16,
-    CPUs with avx512_bf16 or AMX), else fp32 (fp16 is never automatic: it needs
-    loss scaling and can overflow).
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(f"{key}: fp16 needs a CUDA device; use bf16 or fp32 on {device.type}")
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if _cpu_has_bf16() else None
-
-
-def _cpu_has_bf16() -> bool:
-    from pipeline.embed.precision import cpu_has_fast_bf16
-
-    return cpu_has_fast_bf16()
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Iterator[None]:
-    if dtype is None:
-        yield
-    else:
-        with torch.autocast(device_type=device.type, dtype=dtype):
-            yield
-
-
-def pick_device() -> torch.device:
-    from pipeline.distributed import current_rank
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", current_rank().local_rank % torch.cuda.device_count())
-    return torch.device("cpu")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.params import DemoClip, DemoGpt
+from pipeline.params import DemoClip, DemoGpt, ParamsError
 
 EOS = "<|endoftext|>"  # GPT-2's only special token: end of text, also bos and pad
 UNK = "<unk>"
@@ -43,7 +43,7 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if image_size % cfg.patch_size:
-        raise ValueError(
+        raise ParamsError(
             f"clip.demo.patch_size: {cfg.patch_size} does not divide data.demo.image_size {image_size}"
         )
     config = CLIPVisionConfig(
@@ -154,7 +154,7 @@ def build_demo_tokenizer(captions: Iterable[str], max_length: int):
     words.discard(EOS)
     words.discard(UNK)
     if not words:
-        raise ValueError("demo tokenizer: no words in the captions")
+        raise ParamsError("gpt.model: 'demo' builds its vocabulary from the demo captions, and there are none")
     vocab = {tok: i for i, tok in enumerate([EOS, UNK, *sorted(words)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizer

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from pipeline.params import DEMO, Params
+from pipeline.errors import CaplineError
+from pipeline.files import replace_dir, temp_dir_for
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ PIN_FILE = "pin.json"
 LOCAL = "local"  # revision recorded for models that do not come from the hub
 
 
-class ModelError(RuntimeError):
+class ModelError(CaplineError):
     """A model could not be pinned or loaded; the message names the model or folder."""
 
 
@@ -120,7 +123,7 @@ def _save_hub_gpt(model_id: str, revision: str, out: Path) -> Optional[str]:
     return _commit_hash(model)
 
 
-def pin_model(kind: Kind, params: Params, out_dir: Path, source_dir: Optional[Path]) -> dict[str, Any]:
+def pin_model(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path]) -> dict[str, Any]:
     """Pin (or build, for ``demo``) the CLIP or GPT-2 of ``params`` into ``out_dir``.
 
     The folder is written under a temporary name and renamed when whole, with
@@ -129,6 +132,7 @@ def pin_model(kind: Kind, params: Params, out_dir: Path, source_dir: Optional[Pa
     its ``captions.json``.
     """
     from pipeline.models.demo import build_demo_clip, build_demo_gpt
+    from pipeline.params import DEMO
 
     if kind not in ("clip", "gpt"):
         raise ModelError(f"model kind {kind!r}: expected 'clip' or 'gpt'")
@@ -136,10 +140,7 @@ def pin_model(kind: Kind, params: Params, out_dir: Path, source_dir: Optional[Pa
     model_id, revision = section.model, section.revision
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # an interrupted earlier run: never whole, safe to drop
-    tmp.mkdir()
+    tmp = temp_dir_for(out_dir)
     try:
         extra: dict[str, Any] = {}
         if model_id == DEMO:
@@ -161,7 +162,7 @@ def pin_model(kind: Kind, params: Params, out_dir: Path, source_dir: Optional[Pa
             resolved = LOCAL if _is_local(model_id) else (commit or revision)
         pin = {"model_id": model_id, "revision": resolved, "sha256": weights_sha256(tmp), "kind": kind, **extra}
         (tmp / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -181,17 +182,6 @@ def _demo_captions(source_dir: Optional[Path]) -> list[str]:
         raise ModelError(f"{path}: not a COCO captions file ({err!r})") from None
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by the finished ``tmp`` folder; the old one goes only after."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------ loading
 def _check_dir(model_dir: Path, what: str) -> Path:
     model_dir = Path(model_dir)
@@ -204,13 +194,12 @@ def _check_dir(model_dir: Path, what: str) -> Path:
 
 
 def load_clip(model_dir: Path):
-    """(CLIPVisionModelWithProjection in eval mode, image processor, pin) from a pinned folder."""
+    """(CLIPVisionModelWithProjection in eval mode, image processor) from a pinned folder."""
     from transformers import CLIPVisionModelWithProjection
 
     from pipeline.models.demo import image_processor_class
 
     model_dir = _check_dir(model_dir, "clip")
-    pin = read_pin(model_dir)
     try:
         model = CLIPVisionModelWithProjection.from_pretrained(
             model_dir, use_safetensors=True, trust_remote_code=False
@@ -218,15 +207,18 @@ def load_clip(model_dir: Path):
         processor = image_processor_class().from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:  # transformers raises many kinds for a damaged folder
         raise ModelError(f"clip model folder {model_dir}: cannot load ({type(err).__name__}: {err})") from err
-    return model, processor, pin
+    return model, processor
 
 
 def load_gpt(model_dir: Path):
-    """(GPT2LMHeadModel in eval mode, tokenizer with a pad token, pin) from a pinned folder."""
+    """(GPT2LMHeadModel in eval mode, tokenizer with a pad token) from a GPT-2 folder.
+
+    The one way GPT-2 is loaded: pinned folders, the training stage's input and the
+    ``gpt/`` folder of a trained captioner all go through here.
+    """
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     model_dir = _check_dir(model_dir, "gpt")
-    pin = read_pin(model_dir)
     try:
         model = GPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
@@ -239,4 +231,4 @@ def load_gpt(model_dir: Path):
             f"gpt model folder {model_dir}: tokenizer EOS id {tokenizer.eos_token_id} "
             f"differs from the model's eos_token_id {model.config.eos_token_id}"
         )
-    return model, tokenizer, pin
+    return model, tokenizer
