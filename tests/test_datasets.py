@@ -199,3 +199,33 @@ def test_annotation_file_named_like_the_manifest_is_kept(tmp_path):
     assert m.files["annotations"] != "manifest.json"
     assert (tmp_path / "src" / m.files["annotations"]).read_text() == lines
     assert read_manifest(tmp_path / "src") == m and len(list(iter_records(tmp_path / "src"))) == 3
+
+
+def test_an_unknown_source_names_the_key_and_the_registered_ones(tmp_path):
+    from pipeline.errors import ParamsError
+
+    (tmp_path / "l.txt").write_text("x\n")
+    data = DataParams(source="parquet", annotations=str(tmp_path / "l.txt"))
+    with pytest.raises(ParamsError, match=r"data.source: 'parquet' is not one of demo, coco, csv, jsonl, karpathy, tsv"):
+        prepare(tmp_path / "out", data)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_registered_reader_is_a_source_end_to_end(tmp_path, monkeypatch):
+    # Adding a source is one registered function: prepare validates with it, the
+    # manifest records its name and the download stage reads the records through it.
+    from pipeline.datasets import readers
+    from pipeline.records import Record
+
+    monkeypatch.setattr(readers, "READERS", dict(readers.READERS))
+
+    @readers.register("lines")
+    def _lines(s):
+        for i, line in enumerate(s.annotations.read_text().splitlines()):
+            url, caption = line.split(" ", 1)
+            yield Record(f"l{i:03d}", url, split_for(url, s.val_fraction, s.test_fraction), (caption,))
+
+    (tmp_path / "list.txt").write_text("http://h/a.jpg a cat\nhttp://h/b.jpg a dog\n")
+    manifest = prepare(tmp_path / "src", DataParams(source="lines", annotations=str(tmp_path / "list.txt")))
+    assert manifest.kind == "lines" and manifest.records == 2
+    assert [(r.key, r.captions) for r in iter_records(tmp_path / "src")] == [("l000", ("a cat",)), ("l001", ("a dog",))]

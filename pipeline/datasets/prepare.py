@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pipeline.datasets.errors import DatasetError
 from pipeline.datasets.fetch import materialize
 from pipeline.datasets.manifest import MANIFEST, Manifest, write_manifest
+from pipeline.datasets.readers import reader_for
 from pipeline.datasets.source import records_from_manifest
 from pipeline.params import DEMO, DataParams
 
@@ -55,6 +56,8 @@ def prepare(
     user_agent: str = DEFAULT_USER_AGENT,
 ) -> Manifest:
     """Build ``out_dir`` (data/source) from the ``data`` params; return its manifest."""
+    if data.source != DEMO:
+        reader_for(data.source)  # an unknown source stops here, before anything is fetched
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
