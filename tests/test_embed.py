@@ -199,6 +199,23 @@ def test_preprocess_matches_processor_on_odd_images(tmp_path, mode, size):
     assert (ours - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("size", [(50, 71), (71, 50), (47, 47)])
+def test_center_crop_matches_processor_when_the_excess_is_odd(tmp_path, size):
+    # Resized to a shorter side of 33 and cropped to 24: 9 (odd) pixels to drop on an
+    # axis, where an off-by-one crop would shift the image by a pixel.
+    folder = make_tiny_clip(tmp_path / "c", image_size=33, crop=24)
+    from transformers import CLIPImageProcessor
+
+    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(folder))
+    arr = np.random.default_rng(2).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    ours = pre.normalize(pre.to_uint8(buf.getvalue())[None])[0]
+    ref = _processor_pixels(folder, Image.open(io.BytesIO(buf.getvalue())))
+    assert ours.shape == ref.shape == (3, 24, 24)
+    assert (ours - ref).abs().max() < 1e-5
+
+
 def test_fast_mode_close_to_processor_and_limits(tmp_path):
     folder = make_tiny_clip(tmp_path / "c", image_size=32)
     from transformers import CLIPImageProcessor

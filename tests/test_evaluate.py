@@ -321,6 +321,22 @@ def test_report_rows_are_best_and_worst_halves():
     assert "best 2 and worst 2 of 10 images" in html
 
 
+def test_summary_table_escapes_every_value():
+    from pipeline.evaluate.report import render_report
+
+    per_image = {"k0": {"cider": 1.0, "bleu_4": 0.0, "meteor": 0.0, "rouge_l": 0.0}}
+    hostile = '<script>alert("x")</script> & <b>bold</b>'
+    metrics = {"cider": 1.0, "baseline_cider": 0.5, "images": 1, "baseline_caption": hostile,
+               "spice_skipped": "<img src=x onerror=alert(1)>"}
+    html = render_report(metrics, per_image, {"k0": "a cap"}, {"k0": ["ref"]}, limit=4)
+    summary = html[html.index("<table id=summary>"):]
+    summary = summary[:summary.index("</table>")]
+    assert "<script>" not in summary and "<img" not in summary and "<b>" not in summary
+    parser = ReportParser()
+    parser.feed(summary)
+    assert hostile in parser.cells and "<img src=x onerror=alert(1)>" in parser.cells
+
+
 def test_find_corenlp(tmp_path):
     from pipeline.evaluate.spice import CORENLP_JARS, find_corenlp
 
