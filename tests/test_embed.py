@@ -1,5 +1,7 @@
 import io
 import json
+import struct
+import tarfile
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from pipeline.features import load_features, read_feature_shard
 from pipeline.image_shards import ImageShardError, iter_shard
 from pipeline.params import ClipParams, DataParams
 from pipeline.records import split_for
-from tests.helpers_embed import (make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
+from tests.helpers_embed import (_add, make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
                                  write_img2dataset_shard)
 
 PIN = {"model_id": "test/tiny-clip", "revision": "abc123", "sha256": "f" * 64, "kind": "clip"}
@@ -240,3 +242,38 @@ def test_bf16_agrees_with_fp32_on_real_size_vit_b32():
     cos = torch.nn.functional.cosine_similarity(fp32, bf16, dim=-1)
     assert fp32.shape == (4, 512)
     assert cos.min().item() >= 0.999
+
+
+def _tiff_with_text_strip_offsets() -> bytes:
+    """A TIFF whose StripOffsets tag is typed ASCII: Pillow's TIFF plugin raises TypeError
+    on it, an exception outside the usual OSError/ValueError of a corrupt file."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 0x0111:  # StripOffsets: LONG -> ASCII
+            struct.pack_into("<H", data, entry + 2, 2)
+    return bytes(data)
+
+
+def test_any_decode_exception_is_the_images_status_line(tmp_path, clip_dir):
+    from transformers import CLIPImageProcessor
+
+    odd = _tiff_with_text_strip_offsets()
+    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(clip_dir))
+    with pytest.raises(ImageDecodeError, match="TypeError"):
+        pre.to_uint8(odd)
+    root = tmp_path / "images"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for key, member, data in (("a", "a.jpg", photo_jpeg(1)), ("b", "b.tif", odd), ("c", "c.jpg", photo_jpeg(2))):
+            _add(tar, member, data)
+            _add(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
+    summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(),
+                           progress=False)
+    assert summary["images"] == 2 and summary["failed"] == 1
+    assert read_feature_shard(tmp_path / "f" / "00000.h5").keys == ["a", "c"]
+    [rec] = [json.loads(line) for line in (tmp_path / "f" / "00000.status.jsonl").read_text().splitlines()]
+    assert rec["key"] == "b" and rec["status"] == "decode_error" and "TypeError" in rec["reason"]
