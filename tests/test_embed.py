@@ -6,7 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from pipeline.distributed import Rank
 from pipeline.embed import embed_shards
@@ -277,3 +277,20 @@ def test_any_decode_exception_is_the_images_status_line(tmp_path, clip_dir):
     assert read_feature_shard(tmp_path / "f" / "00000.h5").keys == ["a", "c"]
     [rec] = [json.loads(line) for line in (tmp_path / "f" / "00000.status.jsonl").read_text().splitlines()]
     assert rec["key"] == "b" and rec["status"] == "decode_error" and "TypeError" in rec["reason"]
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow decodes no AVIF")
+def test_avif_member_is_embedded(tmp_path, clip_dir):
+    # img2dataset-style shards may hold other formats than JPEG; AVIF is read like the rest.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpeg(4))).save(buf, "AVIF", quality=90)
+    root = tmp_path / "images"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for key, member, data in (("a", "a.jpg", photo_jpeg(1)), ("b", "b.avif", buf.getvalue())):
+            _add(tar, member, data)
+            _add(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
+    summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(),
+                           progress=False)
+    assert summary["images"] == 2 and summary["failed"] == 0
+    assert read_feature_shard(tmp_path / "f" / "00000.h5").keys == ["a", "b"]
