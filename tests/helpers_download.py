@@ -60,6 +60,20 @@ def exif_rotated_jpeg() -> bytes:
     return encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif.tobytes())
 
 
+def tiff_raising_type_error() -> bytes:
+    """A TIFF whose StripOffsets tag is typed ASCII: Pillow's TIFF plugin raises TypeError
+    on it, an exception outside the usual OSError/ValueError of a corrupt file."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 0x0111:  # StripOffsets: LONG -> ASCII
+            struct.pack_into("<H", data, entry + 2, 2)
+    return bytes(data)
+
+
 def read_tar(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}

@@ -1,6 +1,5 @@
 import io
 import json
-import struct
 import tarfile
 
 import numpy as np
@@ -17,6 +16,7 @@ from pipeline.features import load_features, read_feature_shard
 from pipeline.image_shards import ImageShardError, iter_shard
 from pipeline.params import ClipParams, DataParams
 from pipeline.records import split_for
+from tests.helpers_download import tiff_raising_type_error
 from tests.helpers_embed import (_add, make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
                                  write_img2dataset_shard)
 
@@ -244,24 +244,10 @@ def test_bf16_agrees_with_fp32_on_real_size_vit_b32():
     assert cos.min().item() >= 0.999
 
 
-def _tiff_with_text_strip_offsets() -> bytes:
-    """A TIFF whose StripOffsets tag is typed ASCII: Pillow's TIFF plugin raises TypeError
-    on it, an exception outside the usual OSError/ValueError of a corrupt file."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 6), (10, 200, 30)).save(buf, "TIFF")
-    data = bytearray(buf.getvalue())
-    ifd = struct.unpack_from("<I", data, 4)[0]
-    for i in range(struct.unpack_from("<H", data, ifd)[0]):
-        entry = ifd + 2 + 12 * i
-        if struct.unpack_from("<H", data, entry)[0] == 0x0111:  # StripOffsets: LONG -> ASCII
-            struct.pack_into("<H", data, entry + 2, 2)
-    return bytes(data)
-
-
 def test_any_decode_exception_is_the_images_status_line(tmp_path, clip_dir):
     from transformers import CLIPImageProcessor
 
-    odd = _tiff_with_text_strip_offsets()
+    odd = tiff_raising_type_error()
     pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(clip_dir))
     with pytest.raises(ImageDecodeError, match="TypeError"):
         pre.to_uint8(odd)

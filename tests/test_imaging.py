@@ -8,7 +8,7 @@ from pipeline.download.errors import RecordFailure
 from pipeline.download.image import process_image
 from pipeline.image_shards import IMAGE_EXTENSIONS
 from pipeline.imaging import ACCEPT, IMAGE_FORMATS, IMAGE_MIME_TYPES, open_image
-from tests.helpers_download import EPS, SVG
+from tests.helpers_download import EPS, SVG, tiff_raising_type_error
 
 
 
@@ -64,3 +64,10 @@ def test_accept_header_lists_exactly_the_decoded_formats():
     assert {"image/jpeg", "image/png", "image/webp"} <= set(listed)
     assert ("image/avif" in listed) == features.check("avif")
     assert "application/postscript" not in listed and "image/svg+xml" not in listed
+
+
+def test_report_thumbnail_of_an_image_raising_anything_is_left_out():
+    from pipeline.evaluate.report import thumbnail_uri
+
+    assert thumbnail_uri(tiff_raising_type_error(), 32) is None  # Pillow raises TypeError on it
+    assert thumbnail_uri(encode("PNG"), 32).startswith("data:image/jpeg;base64,")
