@@ -27,14 +27,14 @@ def download(params_path: str, source_dir: str, out_dir: str, metrics_path: str,
     so a rerun after a kill resumes; the result is byte-identical to an
     uninterrupted run. Every record gets a status line: ok or a named failure.
     """
-    from pipeline.datasets.errors import DatasetError
     from pipeline.download import download as run
+    from pipeline.errors import CaplineError
 
     params = load(params_path)
     who = resolve_rank(rank, world_size)
     try:
         s = run(source_dir, out_dir, params.download, who, metrics_path=metrics_path, progress=progress)
-    except (DatasetError, FileNotFoundError) as err:
+    except (CaplineError, FileNotFoundError) as err:  # DatasetError, DownloadIncomplete
         raise click.ClickException(str(err)) from None
     m = s.as_metrics()
     click.echo(f"{m['ok']}/{m['records']} ok in {m['shards']} shards ({m['shards_resumed']} resumed), "
