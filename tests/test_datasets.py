@@ -229,3 +229,34 @@ def test_a_registered_reader_is_a_source_end_to_end(tmp_path, monkeypatch):
     manifest = prepare(tmp_path / "src", DataParams(source="lines", annotations=str(tmp_path / "list.txt")))
     assert manifest.kind == "lines" and manifest.records == 2
     assert [(r.key, r.captions) for r in iter_records(tmp_path / "src")] == [("l000", ("a cat",)), ("l001", ("a dog",))]
+
+
+def test_prepare_errors_name_the_users_file_and_line_not_the_copy(tmp_path):
+    # prepare reads a copy in a temporary folder; the message must name the user's file.
+    good = "".join(f"caption {i}\thttp://x/{i}.jpg\n" for i in range(6))
+    user = tmp_path / "lists" / "captions.tsv"
+    user.parent.mkdir()
+    user.write_text(good + "broken line\n")
+    with pytest.raises(DatasetError) as err:
+        prepare(tmp_path / "data" / "source", DataParams(source="tsv", annotations=str(user)))
+    assert str(err.value).startswith(f"{user}:7: expected 2 fields") and ".tmp" not in str(err.value)
+    coco, _ = coco_fixture("http://h")
+    coco["annotations"][1] = {"image_id": 1}  # no caption
+    with LoopbackServer() as srv:
+        url = srv.route("/captions.tsv", Reply(200, (good + "broken line\n").encode(), content_type="text/plain"))
+        zipped = tmp_path / "ann.zip"
+        with zipfile.ZipFile(zipped, "w") as zf:
+            zf.writestr("annotations/captions_val2014.json", json.dumps(coco))
+        zip_url = srv.route("/ann.zip", Reply(200, zipped.read_bytes(), content_type="application/zip"))
+        params = {"url": DataParams(source="tsv", annotations=url),
+                  "zip": DataParams(source="coco", annotations=zip_url + "#captions_val2014.json"),
+                  "member": DataParams(source="coco", annotations=zip_url + "#nope.json")}
+        messages = {}
+        for name, p in params.items():
+            with pytest.raises(DatasetError) as err:
+                prepare(tmp_path / "data" / "source", p, cache_dir=tmp_path / "data" / "cache")
+            messages[name] = str(err.value)
+    assert messages["url"].startswith(f"{url}:7: expected 2 fields")
+    assert messages["zip"].startswith(f"{zip_url}#captions_val2014.json: annotations[1]: needs")
+    assert messages["member"].startswith(f"{zip_url}: zip member 'nope.json' not found")
+    assert not any(".tmp" in m or "cache" in m for m in messages.values())

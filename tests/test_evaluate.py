@@ -170,7 +170,7 @@ def _children() -> list[int]:
     return kids
 
 
-def test_int_ids_with_nothing_else_present(evaluated, tmp_path, monkeypatch):
+def test_outside_dvc_int_ids_and_the_report_beside_out(evaluated, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from stages.cli import capline
@@ -181,14 +181,18 @@ def test_int_ids_with_nothing_else_present(evaluated, tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     before = _children()
     result = CliRunner().invoke(capline, ["evaluate", "--results", str(res), "--references", str(refs),
-                                          "--out", "m.json"])
+                                          "--out", "scores/m.json"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads((work / "m.json").read_text())
+    # Without --report-dir the report goes beside --out; nothing lands in a data/ of the cwd.
+    assert sorted(p.name for p in (work / "scores").iterdir()) == ["m.json", "metrics.png", "per_image.jsonl",
+                                                                   "report.html"]
+    assert sorted(p.name for p in work.iterdir()) == ["scores"]
+    metrics = json.loads((work / "scores" / "m.json").read_text())
     for name in COCO_NAMES.values():
         assert abs(metrics[name] - evaluated["metrics"][name]) < 1e-12
     assert "not found" in metrics["control_skipped"] and "not found" in metrics["baseline_skipped"]
     assert metrics["cider_vs_baseline"] is None
-    rows = [json.loads(x) for x in (work / "data" / "eval" / "per_image.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (work / "scores" / "per_image.jsonl").read_text().splitlines()]
     assert [r["image_id"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # The tokenizer and METEOR Java processes are gone once the command returns.
     if Path("/proc/self/stat").exists():

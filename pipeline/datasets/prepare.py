@@ -19,7 +19,7 @@ from pipeline.datasets.errors import DatasetError
 from pipeline.datasets.fetch import materialize
 from pipeline.datasets.manifest import MANIFEST, Manifest, write_manifest
 from pipeline.datasets.readers import reader_for
-from pipeline.datasets.source import records_from_manifest
+from pipeline.datasets.source import records_from_manifest, shown_name
 from pipeline.params import DEMO, DataParams
 
 DEFAULT_USER_AGENT = "capline/0.1 (+https://github.com/capline/capline)"
@@ -44,7 +44,7 @@ def _count(folder: Path, manifest: Manifest) -> int:
         # Duplicate keys would collide in the shards; keys are short, so this set is small
         # next to the spec itself (COCO json is loaded whole anyway).
         if rec.key in keys:
-            raise DatasetError(folder / manifest.files["annotations"], f"record key {rec.key!r} appears twice")
+            raise DatasetError(shown_name(folder, manifest, "annotations"), f"record key {rec.key!r} appears twice")
         keys.add(rec.key)
     return n
 
