@@ -41,6 +41,7 @@ _EXTENSIONS = {ext[1:]: f for ext, f in Image.registered_extensions().items() if
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(
     sorted(_EXTENSIONS, key=lambda e: (e != "jpg", IMAGE_FORMATS.index(_EXTENSIONS[e]), e)))
 
+
 def open_image(data: bytes) -> Image.Image:
     """Lazily open ``data``; raises PIL.UnidentifiedImageError for any other format."""
     return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
