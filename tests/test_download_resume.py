@@ -206,3 +206,119 @@ def test_records_the_dying_processes_never_took_are_fetched_by_the_next_run(tmp_
     assert summary.shards_resumed == 0 and summary.by_status == {"ok": 6}
     for shard in ("00000", "00001"):
         assert {s["status"] for s in read_status(out / f"{shard}.status.jsonl")} == {"ok"}
+
+
+# ------------------------------------------ fingerprints: what a rerun may reuse
+def _file_records(tmp: Path, n: int = 25, caption: str = "cap") -> list[Record]:
+    folder = tmp / "pics"
+    folder.mkdir(exist_ok=True)
+    recs = []
+    for i in range(n):
+        path = folder / f"{i}.jpg"
+        if not path.exists():
+            path.write_bytes(jpeg(40, 30, seed=i))
+        url = path.as_uri() if i % 9 != 4 else (folder / f"gone{i}.jpg").as_uri()  # some failures too
+        recs.append(Record(f"k{i:03d}", url, "train", (f"{caption} {i}",)))
+    return recs
+
+
+def _stamps(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+FP = dict(workers=2, records_per_shard=5, decode_processes=0, retries=0)
+
+
+def test_changing_a_param_that_does_not_change_bytes_keeps_every_shard(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    first = download_records(recs, out, DownloadParams(**FP), progress=False)
+    stamps = _stamps(out)
+    assert first.shards == 5 and first.shards_resumed == 0
+    assert sorted(p.name for p in out.glob("*.fingerprint.json")) == [f"{i:05d}.fingerprint.json" for i in range(5)]
+    again = download_records(recs, out, DownloadParams(**{**FP, "workers": 3, "per_host": 1, "read_timeout": 2.0,
+                                                          "retries": 2, "user_agent": "other"}), progress=False)
+    assert again.shards_resumed == 5 and again.fetched_ok == 0
+    assert _stamps(out) == stamps  # not one file rewritten
+    assert "remaking" not in caplog.text
+
+
+def test_a_param_that_changes_the_bytes_remakes_the_shards_and_says_why(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    caplog.set_level("WARNING")
+    again = download_records(recs, out, DownloadParams(**{**FP, "jpeg_quality": 60}), progress=False)
+    assert again.shards_resumed == 0
+    assert "download: remaking shard 00000, made with other inputs: params.jpeg_quality: 95 there, 60 here" \
+        in caplog.text
+    # A few lines per reason, then one count: not one line per shard.
+    assert caplog.text.count("remaking shard") == 3
+    assert "remaking 2 more shards for the same reason: params.jpeg_quality" in caplog.text
+    download_records(recs, tmp_path / "fresh", DownloadParams(**{**FP, "jpeg_quality": 60}), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh")
+
+
+def test_only_the_shards_whose_records_changed_are_remade(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    stamps = _stamps(out)
+    caplog.set_level("WARNING")
+    changed = list(recs)
+    changed[7] = Record(recs[7].key, recs[7].url, recs[7].split, ("another caption",))  # shard 1
+    again = download_records(changed, out, DownloadParams(**FP), progress=False)
+    assert again.shards_resumed == 4
+    assert "remaking shard 00001, made with other inputs: records_sha256:" in caplog.text
+    assert "remaking shard 00000" not in caplog.text
+    now = _stamps(out)
+    assert {n for n in now if now[n] != stamps[n]} == {"00001.tar", "00001.status.jsonl", "00001.fingerprint.json"}
+    download_records(changed, tmp_path / "fresh", DownloadParams(**FP), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh")
+
+
+def test_a_code_change_or_a_missing_fingerprint_remakes_the_shard(tmp_path, caplog):
+    recs, out = _file_records(tmp_path, n=10), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    reference = _files(out)
+    fp = json.loads((out / "00000.fingerprint.json").read_text())
+    fp["code_sha256"] = "0" * 64  # as if made by other code
+    (out / "00000.fingerprint.json").write_text(json.dumps(fp))
+    (out / "00001.fingerprint.json").unlink()  # as if made before fingerprints existed
+    caplog.set_level("WARNING")
+    again = download_records(recs, out, DownloadParams(**FP), progress=False)
+    assert again.shards_resumed == 0
+    assert "remaking shard 00000, made with other inputs: code_sha256: '00000000000…0000000' there" in caplog.text
+    assert "remaking shard 00001, made with other inputs: it has no readable fingerprint file" in caplog.text
+    assert _files(out) == reference
+
+
+def test_shards_the_records_no_longer_reach_are_removed(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    (out / "00007.tar.tmp-123").write_bytes(b"left by a killed run")
+    caplog.set_level("WARNING")
+    # The list shrank: 12 records are shards 0-2 (the last one of two records).
+    shrunk = download_records(recs[:12], out, DownloadParams(**FP), progress=False)
+    assert shrunk.shards == 3 and shrunk.shards_resumed == 2
+    assert "download: removed 7 files of shards the records no longer reach (this run has 3 shards)" in caplog.text
+    download_records(recs[:12], tmp_path / "fresh12", DownloadParams(**FP), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh12")
+    # records_per_shard grew: other records per shard, fewer shards.
+    download_records(recs, out, DownloadParams(**{**FP, "records_per_shard": 10}), progress=False)
+    download_records(recs, tmp_path / "fresh10", DownloadParams(**{**FP, "records_per_shard": 10}), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh10")
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+
+
+def test_every_download_param_is_placed_in_or_out_of_the_fingerprint():
+    from pipeline.download.resume import BYTE_PARAMS, OTHER_PARAMS
+
+    fields = set(DownloadParams.model_fields)
+    assert set(BYTE_PARAMS) | set(OTHER_PARAMS) == fields, "place the new param in resume.py"
+    assert not set(BYTE_PARAMS) & set(OTHER_PARAMS)
+
+
+def test_the_code_digest_covers_the_modules_that_make_the_bytes():
+    from pipeline.fingerprint import ROOT, modules_run_by
+
+    run = {p.relative_to(ROOT).as_posix() for p in modules_run_by(["pipeline.download.run"])}
+    assert {"pipeline/download/image.py", "pipeline/download/fetch.py", "pipeline/download/shards.py",
+            "pipeline/download/resume.py", "pipeline/imaging.py", "pipeline/fingerprint.py"} <= run
