@@ -5,16 +5,12 @@ temporary folder with one commit, the demo is shrunk through params.yaml, and
 DVC runs the `capline` stage commands exactly as a user's `dvc repro` would.
 """
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers_repo import copy_project, run as _run, stages_run as _stages_run
+
 pytestmark = pytest.mark.slow
 
 SMALL = {
@@ -28,50 +24,9 @@ SMALL = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    # `capline` lives beside this interpreter; DVC runs it through the shell.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL), sort_keys=False))
-    _run(["git", "init", "-q"], dest)
-    _run(["git", "add", "-A"], dest)
-    _run(["git", "commit", "-qm", "initial"], dest)
-    return dest
-
-
-def _stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+    return copy_project(tmp_path_factory.mktemp("repo"), SMALL)
 
 
 def test_repro_then_experiment(repo: Path):
