@@ -24,10 +24,12 @@ def merge(base: dict, over: dict) -> dict:
     return base
 
 
-def env() -> dict:
+def env(repo: Path) -> dict:
+    """The environment for commands in the copy ``repo``: its own code, not this checkout's."""
     out = dict(os.environ)
     # `capline` lives beside this interpreter; DVC runs it through the shell.
     out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    out["PYTHONPATH"] = str(repo)
     out.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid")
     return out
@@ -35,7 +37,7 @@ def env() -> dict:
 
 def run(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
     """Run ``cmd``; its stdout and stderr, or a failure showing their end."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env(cwd), capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,3 +323,58 @@ def test_the_code_digest_covers_the_modules_that_make_the_bytes():
     run = {p.relative_to(ROOT).as_posix() for p in modules_run_by(["pipeline.download.run"])}
     assert {"pipeline/download/image.py", "pipeline/download/fetch.py", "pipeline/download/shards.py",
             "pipeline/download/resume.py", "pipeline/imaging.py", "pipeline/fingerprint.py"} <= run
+
+
+def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(tmp_path, caplog):
+    """What `dvc exp run` does before it reruns a killed experiment: it checks out the
+    last recorded output over the killed run's finished shards. They come back from
+    the .partial folder, untouched, instead of being fetched again."""
+    gate = threading.Event()
+    gate.set()
+    with LoopbackServer() as srv:
+        lines = []
+        for i in range(30):
+            url = srv.route(f"/{i}.jpg", Reply(200, jpeg(48, 32, seed=i), gate=gate if i >= 10 else None))
+            lines.append(json.dumps({"url": url, "captions": [f"image {i}"]}))
+        (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+        source = tmp_path / "source"
+        prepare(source, DataParams(source="jsonl", annotations=str(tmp_path / "list.jsonl")))
+        base = dict(workers=2, per_host=2, records_per_shard=5, decode_processes=0, retries=0, read_timeout=300)
+        recorded = tmp_path / "recorded"  # the output dvc.lock records: jpeg_quality 95
+        download(source, recorded, DownloadParams(**base), progress=False)
+        assert not (tmp_path / "recorded.partial").exists()  # a finished run keeps nothing aside
+
+        # The experiment (jpeg_quality 60) is killed once shards 0 and 1 are finished;
+        # the images of shard 2 onwards are held back, so no later shard can be.
+        params = tmp_path / "p60.yaml"
+        params.write_text(yaml.safe_dump({"download": {**base, "jpeg_quality": 60}}))
+        out = tmp_path / "out"
+        shutil.copytree(recorded, out)
+        gate.clear()
+        proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "download", "--params", str(params),
+                                 "--source", str(source), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
+                                 "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial = tmp_path / "out.partial"
+        deadline = time.monotonic() + 120
+        while not (list(partial.glob("00001@*.tar")) and srv.hits["/10.jpg"]):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert sorted(p.name.split("@")[0] for p in partial.glob("*.tar")) == ["00000", "00001"]
+
+        # dvc exp run checks out the recorded output over the killed run's shards.
+        shutil.rmtree(out)
+        shutil.copytree(recorded, out)
+        gate.set()
+        hits = dict(srv.hits)
+        caplog.set_level("WARNING")
+        summary = download(source, out, DownloadParams(**base, jpeg_quality=60), progress=False)
+        assert summary.shards_resumed == 2
+        assert all(srv.hits[f"/{i}.jpg"] == hits[f"/{i}.jpg"] for i in range(10))  # not fetched again
+        assert f"download: put back 2 shards finished by a run that did not complete (from {partial})" in caplog.text
+        assert "remaking shard 00002, made with other inputs: params.jpeg_quality: 95 there, 60 here" in caplog.text
+        assert "remaking shard 00000" not in caplog.text
+        download(source, tmp_path / "fresh", DownloadParams(**base, jpeg_quality=60), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh")
+    assert not partial.exists()

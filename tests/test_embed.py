@@ -1,5 +1,6 @@
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -186,6 +187,40 @@ def test_files_of_feature_shards_without_an_image_shard_are_removed(tmp_path, cl
         (out / name).write_bytes(b"left over")
     embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
     embed_shards(root, clip_dir, tmp_path / "fresh", clip_params(), Rank(), DataParams(), progress=False)
+    assert _bytes_of(out) == _bytes_of(tmp_path / "fresh")
+
+
+def test_feature_shards_of_an_unfinished_run_come_back_after_the_output_folder_was_reverted(tmp_path, clip_dir,
+                                                                                          caplog):
+    """`dvc exp run` checks out the last recorded output before it reruns a stage;
+    shards an unfinished run had finished come back from data/features.partial."""
+    root = tmp_path / "img"
+    make_image_dir(root, shards=3, per_shard=3)
+    recorded = tmp_path / "recorded"  # what dvc.lock records: normalized vectors
+    embed_shards(root, clip_dir, recorded, clip_params(workers=0), Rank(), DataParams(), progress=False)
+    assert not (tmp_path / "recorded.partial").exists()  # a finished run keeps nothing aside
+    # The experiment (normalize: false) stops at a damaged shard 2, after shards 0 and 1.
+    good = (root / "00002.tar").read_bytes()
+    (root / "00002.tar").write_bytes(good[:1500])
+    out = tmp_path / "f"
+    with pytest.raises(ImageShardError, match="00002.tar"):
+        embed_shards(root, clip_dir, out, clip_params(workers=0, normalize=False), Rank(), DataParams(),
+                     progress=False)
+    partial = tmp_path / "f.partial"
+    assert sorted(p.name.split("@")[0] for p in partial.glob("*.h5")) == ["00000", "00001"]
+    # The recorded output is checked out over them; the shard is mended; the experiment reruns.
+    shutil.rmtree(out)
+    shutil.copytree(recorded, out)
+    (root / "00002.tar").write_bytes(good)
+    caplog.set_level("WARNING")
+    again = embed_shards(root, clip_dir, out, clip_params(workers=0, normalize=False), Rank(), DataParams(),
+                         progress=False)
+    assert (again["shards_kept"], again["shards_written"]) == (2, 1)
+    assert f"embed: put back 2 feature shards finished by a run that did not complete (from {partial})" in caplog.text
+    assert "embed: remaking 00002.h5, made with other inputs: normalized: True there, False here" in caplog.text
+    assert not partial.exists()
+    embed_shards(root, clip_dir, tmp_path / "fresh", clip_params(workers=0, normalize=False), Rank(), DataParams(),
+                 progress=False)
     assert _bytes_of(out) == _bytes_of(tmp_path / "fresh")
 
 

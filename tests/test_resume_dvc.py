@@ -4,9 +4,11 @@ Each test runs `dvc repro` in a fresh git copy of the project, kills it (the who
 process group, SIGKILL) while the stage is between shards, runs `dvc repro` again,
 and checks that the finished shards were kept and that the stage's entry in
 dvc.lock (its outputs' hashes) equals that of an uninterrupted run in another copy.
-Then `dvc exp run -S` with a param that does not change the shards keeps them all,
-and one that does remakes them (and the feature shards after them), with a log
-line naming it.
+Then `dvc exp run -S` with a param that does not change the shards keeps them all;
+a killed `dvc exp run -S` with one that does, run again, gets back the shards it
+had finished (DVC checks out the recorded ones over them first) and remakes the
+rest with a log line naming the param; a download change remakes the feature
+shards too.
 
 Download is stopped at a known point: the loopback server holds every image of
 shards 3 and later until the test opens the gate, so shards 0-2 are finished and
@@ -41,7 +43,7 @@ GIVE_UP_S = 900
 def _start(cmd: list[str], repo: Path, log: Path) -> subprocess.Popen:
     """``cmd`` in its own process group, so that one kill reaches DVC, the stage and its workers."""
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=repo, env=env(), stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=repo, env=env(repo), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
@@ -134,10 +136,24 @@ def test_killed_download_resumes_under_dvc_repro(gated, tmp_path_factory):
     assert dict(srv.hits) == hits
     assert _out_hash(repo, "download", "data/images") == before
 
-    # A param that changes the bytes: every shard is remade, and the log says why.
+    # A killed experiment with a param that changes the bytes. Run again, `dvc exp run`
+    # first checks out the recorded shards (jpeg_quality 95) over the three it had
+    # finished; those come back from data/images.partial, the rest are remade with a
+    # log line saying why, and nothing is fetched twice.
+    gate.clear()
+    hits = dict(srv.hits)
+    log = repo.parent / "killed-exp.log"
+    proc = _start(["dvc", "exp", "run", "download", "-S", "download.jpeg_quality=80"], repo, log)
+    _kill_when(proc, lambda: (len(list((repo / "data/images.partial").glob("*.tar"))) == 3
+                              and srv.hits[f"/{OPEN}.jpg"] > hits[f"/{OPEN}.jpg"]), log)
+    gate.set()
+    hits = dict(srv.hits)
     out = run(["dvc", "exp", "run", "download", "-S", "download.jpeg_quality=80"], repo)
-    assert "in 8 shards (0 resumed)" in out
-    assert "download: remaking shard 00000, made with other inputs: params.jpeg_quality: 95 there, 80 here" in out
+    assert "in 8 shards (3 resumed)" in out
+    assert "download: put back 3 shards finished by a run that did not complete" in out
+    assert "download: remaking shard 00003, made with other inputs: params.jpeg_quality: 95 there, 80 here" in out
+    assert all(srv.hits[f"/{i}.jpg"] == hits[f"/{i}.jpg"] for i in range(OPEN))
+    assert not (repo / "data/images.partial").exists()
     assert _out_hash(repo, "download", "data/images") != before
     assert yaml.safe_load((repo / "params.yaml").read_text())["download"]["jpeg_quality"] == 80
     run(["capline", "download", "--source", "data/source", "--out", str(repo.parent / "fresh80"),

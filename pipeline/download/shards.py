@@ -39,6 +39,11 @@ def fingerprint_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"{shard_stem(index)}.fingerprint.json"
 
 
+def shard_files(out_dir: Path, index: int) -> list[Path]:
+    """A shard's files in the order they are put in place: the tar (the finished mark) last."""
+    return [fingerprint_path(out_dir, index), status_path(out_dir, index), tar_path(out_dir, index)]
+
+
 def is_finished(out_dir: Path, index: int) -> bool:
     return tar_path(out_dir, index).exists()
 

@@ -29,10 +29,11 @@ from pipeline.embed.loader import ShardBatches, SplitRule, make_loader, stripes_
 from pipeline.embed.preprocess import Preprocessor
 from pipeline.features import (FORMAT_VERSION, IDENTITY_ATTRS, FeatureShardError, FeatureTable,
                                read_attrs, write_feature_shard)
-from pipeline.fingerprint import RedoLog, code_sha256, describe_difference, file_sha256, library_versions
+from pipeline.fingerprint import RedoLog, code_sha256, describe_difference, digest, file_sha256, library_versions
 from pipeline.image_shards import ImageShardError, list_shards
 from pipeline.models.pretrained import load_clip, model_identity
 from pipeline.files import remove_temporaries, write_jsonl
+from pipeline.partial import PartialShards
 from pipeline.params import ClipParams, DataParams
 from pipeline.runtime import DTYPE_NAMES, Rank, choose_device, choose_precision
 
@@ -129,11 +130,13 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
         "libraries": library_versions(*LIBRARIES),
     }
 
+    partial = PartialShards(out_dir)
     if rank.is_main:
         _remove_orphans(out_dir, {s.stem for s in shards})
+        partial.forget_others(s.stem for s in shards)
     mine = [(i, s) for i, s in enumerate(shards) if rank.owns(i)]
     todo: list[tuple[Path, dict]] = []
-    kept = 0
+    kept = restored = 0
     redo = RedoLog(log, "embed")
     for _, shard in mine:
         h5 = out_dir / (shard.stem + ".h5")
@@ -141,17 +144,26 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
         h5.with_name(h5.name + ".tmp").unlink(missing_ok=True)
         remove_temporaries(_status_path(h5))
         expected = {**identity, "source_sha256": file_sha256(shard), "made_with": made_with}
-        if h5.exists():
-            why = _why_not_reusable(h5, expected)
-            if why is None:
-                kept += 1
-                continue
+        key = digest(expected)
+        partial.forget([shard.stem], keep={shard.stem: key})  # kept shards made from other inputs are of no use
+        why = _why_not_reusable(h5, expected) if h5.exists() else None
+        if h5.exists() and why is None:
+            kept += 1
+            continue
+        # The finished mark goes first: a kill while it is remade never leaves the
+        # old vectors beside a new status file.
+        h5.unlink(missing_ok=True)
+        if partial.restore(shard.stem, key, [_status_path(h5), h5]):
+            kept += 1
+            restored += 1
+            continue
+        if why is not None:
             redo.note(h5.name, why)
-            # The finished mark goes first: a kill while it is remade never leaves
-            # the old vectors beside the new status file.
-            h5.unlink()
         todo.append((shard, expected))
     redo.close()
+    if restored:
+        log.warning("embed: put back %d feature shards finished by a run that did not complete (from %s)",
+                    restored, partial.root)
 
     summary: dict[str, Any] = {
         "rank": rank.rank, "world_size": rank.world_size, "device": str(device), "precision": precision,
@@ -166,7 +178,10 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
     summary["seconds"]["load"] = time.perf_counter() - t_start
     if todo:
         encoder = Encoder.build(model, device, precision, clip.output, clip.normalize)
-        _run(todo, out_dir, encoder, pre, clip, data, summary, progress)
+        _run(todo, out_dir, encoder, pre, clip, data, summary, progress, partial)
+    # Every shard of this rank is in the output folder, where DVC records it: nothing to keep.
+    partial.forget(s.stem for _, s in mine)
+    partial.remove_if_empty()
     summary["seconds"]["total"] = time.perf_counter() - t_start
     work_s = summary["seconds"]["total"] - summary["seconds"]["load"]
     summary["images_per_s"] = summary["images"] / work_s if summary["images"] and work_s > 0 else 0.0
@@ -174,7 +189,7 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
 
 
 def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Preprocessor, clip: ClipParams,
-         data: DataParams, summary: dict, progress: bool) -> None:
+         data: DataParams, summary: dict, progress: bool, partial: PartialShards) -> None:
     secs = summary["seconds"]
     stripes = stripes_for(len(todo), clip.workers)
     dataset = ShardBatches([shard for shard, _ in todo], pre, clip.batch_size, SplitRule(data.val_fraction, data.test_fraction), stripes)
@@ -210,7 +225,10 @@ def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Pr
             buf.done += 1
             if buf.done == stripes:
                 t = time.perf_counter()
-                _write_shard(*todo[shard_idx], out_dir, buffers.pop(shard_idx), dim)
+                shard, made_from = todo[shard_idx]
+                h5 = _write_shard(shard, made_from, out_dir, buffers.pop(shard_idx), dim)
+                # Out of DVC's reach until the run completes (see pipeline/partial.py).
+                partial.save(shard.stem, digest(made_from), [_status_path(h5), h5])
                 secs["write"] += time.perf_counter() - t
                 summary["shards_written"] += 1
                 bar.update(1)
@@ -227,7 +245,7 @@ def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Pr
         raise ImageShardError(error)
 
 
-def _write_shard(shard: Path, made_from: dict, out_dir: Path, buf: _ShardBuffer, dim: int) -> None:
+def _write_shard(shard: Path, made_from: dict, out_dir: Path, buf: _ShardBuffer, dim: int) -> Path:
     """``made_from``: the encoder attributes, ``source_sha256`` and ``made_with`` (stored as JSON)."""
     order = sorted(range(len(buf.keys)), key=lambda i: buf.keys[i])
     store = np.float16 if made_from["dtype"] == "float16" else np.float32
@@ -244,3 +262,4 @@ def _write_shard(shard: Path, made_from: dict, out_dir: Path, buf: _ShardBuffer,
     # The status file goes first: a shard counts as finished only when both exist.
     _write_status(_status_path(h5), buf.failed)
     write_feature_shard(h5, table)
+    return h5
