@@ -53,8 +53,16 @@ class PartialShards:
     """The ``<out>.partial`` folder of one output folder."""
 
     def __init__(self, out_dir: str | Path) -> None:
-        out_dir = Path(out_dir)
-        self.root = out_dir.with_name(out_dir.name + ".partial")
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir.with_name(self.out_dir.name + ".partial")
+
+    def sweep(self) -> None:
+        """Remove the links a killed run left half made, here and in the output folder."""
+        for folder in (self.root, self.out_dir):
+            if folder.is_dir():
+                for path in folder.glob(".*.link"):
+                    if _left_by_a_dead_process(path):
+                        path.unlink(missing_ok=True)
 
     def _entry(self, stem: str, digest: str, path: Path) -> Path:
         # The file's suffix after the stem (".tar", ".status.jsonl", ...) is kept.
@@ -77,17 +85,13 @@ class PartialShards:
         return True
 
     def _entries(self) -> list[tuple[Path, str, str]]:
-        """(path, stem, digest) of every kept file; drops links that dead processes left half made."""
+        """(path, stem, digest) of every kept file."""
         if not self.root.is_dir():
             return []
         out = []
         for path in self.root.iterdir():
-            if path.name.startswith("."):
-                if _left_by_a_dead_process(path):
-                    path.unlink(missing_ok=True)
-                continue
             stem, sep, rest = path.name.rpartition(SEP)
-            if sep:
+            if sep and not path.name.startswith("."):
                 out.append((path, stem, rest[:DIGEST_CHARS]))
         return out
 

@@ -378,3 +378,20 @@ def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(t
         download(source, tmp_path / "fresh", DownloadParams(**base, jpeg_quality=60), progress=False)
     assert _files(out) == _files(tmp_path / "fresh")
     assert not partial.exists()
+
+
+def test_links_a_killed_run_left_half_made_are_removed(tmp_path):
+    from pipeline.partial import PartialShards
+
+    recs, out = _file_records(tmp_path, n=10), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a process id that no longer runs
+    (out / f".00001.tar.{dead}.link").write_bytes(b"half")
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / f".00001@0123456789abcdef.tar.{dead}.link").write_bytes(b"half")
+    alive = out / f".00000.tar.{os.getpid()}.link"  # another process's link in progress is left alone
+    alive.write_bytes(b"busy")
+    PartialShards(out).sweep()
+    assert not (out / f".00001.tar.{dead}.link").exists() and alive.exists()
+    assert not list((tmp_path / "out.partial").iterdir())

@@ -275,6 +275,7 @@ def download_records(
 
     run_fp = run_fingerprint(params)
     partial = PartialShards(out_dir)
+    partial.sweep()
     redo = RedoLog(log, "download")
     n_shards = 0
     owned: list[str] = []

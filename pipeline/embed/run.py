@@ -131,6 +131,7 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
     }
 
     partial = PartialShards(out_dir)
+    partial.sweep()
     if rank.is_main:
         _remove_orphans(out_dir, {s.stem for s in shards})
         partial.forget_others(s.stem for s in shards)
