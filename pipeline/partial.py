@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -55,6 +56,7 @@ class PartialShards:
     def __init__(self, out_dir: str | Path) -> None:
         self.out_dir = Path(out_dir)
         self.root = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self._by_stem: Optional[dict[str, list[tuple[Path, str]]]] = None
 
     def sweep(self) -> None:
         """Remove the links a killed run left half made, here and in the output folder."""
@@ -95,11 +97,21 @@ class PartialShards:
                 out.append((path, stem, rest[:DIGEST_CHARS]))
         return out
 
-    def forget(self, stems: Iterable[str], keep: Optional[dict[str, str]] = None) -> None:
-        """Remove what is kept for ``stems``, except the fingerprint ``keep[stem]``."""
-        stems, keep = set(stems), keep or {}
-        for path, stem, digest in self._entries():
-            if stem in stems and digest != keep.get(stem, "")[:DIGEST_CHARS]:
+    def keep_only(self, stem: str, digest: str) -> None:
+        """Drop what is kept for shard ``stem`` under another fingerprint: of no use to this run."""
+        if self._by_stem is None:  # one listing per run, not one per shard
+            self._by_stem = defaultdict(list)
+            for path, s, d in self._entries():
+                self._by_stem[s].append((path, d))
+        for path, d in self._by_stem.pop(stem, []):
+            if d != digest[:DIGEST_CHARS]:
+                path.unlink(missing_ok=True)
+
+    def forget(self, stems: Iterable[str]) -> None:
+        """Remove what is kept for ``stems`` (their run completed: DVC records them now)."""
+        stems = set(stems)
+        for path, stem, _ in self._entries():
+            if stem in stems:
                 path.unlink(missing_ok=True)
 
     def forget_others(self, stems: Iterable[str]) -> None:

@@ -293,7 +293,7 @@ def download_records(
             remove_stale(out_dir, index)
             fingerprint = shard_fingerprint(run_fp, recs)
             key = digest(fingerprint)
-            partial.forget([stem], keep={stem: key})  # kept shards made from other inputs are of no use
+            partial.keep_only(stem, key)
             finished = is_finished(out_dir, index)
             why = why_not_reusable(out_dir, index, fingerprint) if finished else None
             if finished and why is None:

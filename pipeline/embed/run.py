@@ -146,7 +146,7 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
         remove_temporaries(_status_path(h5))
         expected = {**identity, "source_sha256": file_sha256(shard), "made_with": made_with}
         key = digest(expected)
-        partial.forget([shard.stem], keep={shard.stem: key})  # kept shards made from other inputs are of no use
+        partial.keep_only(shard.stem, key)
         why = _why_not_reusable(h5, expected) if h5.exists() else None
         if h5.exists() and why is None:
             kept += 1
