@@ -54,7 +54,7 @@ class PartialShards:
     """The ``<out>.partial`` folder of one output folder."""
 
     def __init__(self, out_dir: str | Path) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir).absolute()  # "." has no name to put ".partial" after
         self.root = self.out_dir.with_name(self.out_dir.name + ".partial")
         self._by_stem: Optional[dict[str, list[tuple[Path, str]]]] = None
 
