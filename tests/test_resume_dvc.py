@@ -98,8 +98,12 @@ def gated(tmp_path_factory):
 
 
 def _download_params(listing: Path) -> dict:
+    # Every fetch thread has its own connection slot (per_host >= workers), so records
+    # start in list order and the last open record always starts before the first held
+    # one; held requests never time out before the kill.
     return {"data": {"source": "jsonl", "annotations": str(listing)},
-            "download": {"records_per_shard": PER_SHARD, "workers": 2, "per_host": 2, "retries": 0}}
+            "download": {"records_per_shard": PER_SHARD, "workers": 2, "per_host": 16, "retries": 0,
+                         "read_timeout": 600}}
 
 
 def test_killed_download_resumes_under_dvc_repro(gated, tmp_path_factory):
