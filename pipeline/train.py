@@ -329,29 +329,13 @@ def train_step(run: Run, batch: np.ndarray) -> None:
     world, rank = run.rank.world_size, run.rank.rank
     micro = micro_batches(batch, lengths, world * params.grad_accum)[rank * params.grad_accum:
                                                                      (rank + 1) * params.grad_accum]
-    # Each micro-batch's token-loss sum over the global batch's tokens, times world_size
-    # (DDP averages over processes): the gradient of the global batch's mean token loss.
-    scale = world / float(lengths[batch].sum())
-    run.optimizer.zero_grad(set_to_none=True)
-    step_loss, step_tokens = 0.0, 0
-    for a, idx in enumerate(micro):
-        vectors, ids, mask = collate(run.data.train, run.data.vectors, idx, model.pad_token_id)
-        sync = a == len(micro) - 1 or not isinstance(run.net, torch.nn.parallel.DistributedDataParallel)
-        with (contextlib.nullcontext() if sync else run.net.no_sync()):
-            with autocast(run.device, run.amp):
-                loss_sum = run.net(vectors.to(run.device), ids.to(run.device), mask.to(run.device),
-                                   reduction="sum")
-            run.scaler.scale(loss_sum * scale).backward()
-        step_loss += loss_sum.item()
-        step_tokens += int(mask.sum())
+    tensors = [collate(run.data.train, run.data.vectors, idx, model.pad_token_id) for idx in micro]
+    step_loss, step_tokens = optimizer_step(run.net, run.optimizer, run.scaler, run.trainable, tensors,
+                                            global_tokens=int(lengths[batch].sum()), world_size=world,
+                                            device=run.device, amp=run.amp, grad_clip=params.grad_clip)
     if not math.isfinite(step_loss):
         raise TrainingDiverged(f"train: loss is {step_loss} at step {p.step + 1} (epoch {p.epoch}); "
                                "lower train.lr or use train.precision fp32")
-    run.scaler.unscale_(run.optimizer)
-    if params.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(run.trainable, params.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
     run.lr_used = run.schedule.get_last_lr()[0]  # this step's rate, before the schedule moves on
     run.schedule.step()
     p.step += 1
@@ -364,6 +348,40 @@ def train_step(run: Run, batch: np.ndarray) -> None:
     if run.bar is not None:
         run.bar.update(1)
         run.bar.set_postfix(epoch=p.epoch, loss=f"{step_loss / max(step_tokens, 1):.3f}")
+
+
+def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   trainable: list, micro: list, global_tokens: int, world_size: int, device: torch.device,
+                   amp: str, grad_clip: Optional[float]) -> tuple[float, int]:
+    """Forward and backward of this process's micro-batches ``(vectors, ids, mask)``, then
+    clip and step. Returns this process's summed token loss and token count.
+
+    Each micro-batch's token-loss sum is divided by the global batch's token count and
+    multiplied by ``world_size`` (DDP averages over processes): the gradient is that
+    of the global batch's mean token loss. With a frozen GPT-2 no weight gradient of
+    GPT-2 is built (its parameters do not require grad); a GradScaler that is not
+    enabled passes everything through unchanged.
+    """
+    scale = world_size / float(global_tokens)
+    ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+    optimizer.zero_grad(set_to_none=True)
+    losses, tokens = [], 0
+    for a, (vectors, ids, mask) in enumerate(micro):
+        sync = not ddp or a == len(micro) - 1
+        with (contextlib.nullcontext() if sync else net.no_sync()):
+            with autocast(device, amp):
+                loss_sum = net(vectors.to(device, non_blocking=True), ids.to(device, non_blocking=True),
+                               mask.to(device, non_blocking=True), reduction="sum")
+            scaler.scale(loss_sum * scale).backward()
+        losses.append(loss_sum.detach())
+        tokens += int(mask.sum())
+    step_loss = float(torch.stack(losses).sum())  # one device sync per step
+    scaler.unscale_(optimizer)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return step_loss, tokens
 
 
 def log_row(run: Run) -> None:

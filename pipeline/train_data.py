@@ -27,12 +27,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline.features import (FeatureShardError, check_same_encoder, list_feature_shards, load_features,
-                               read_feature_shard)
+from pipeline.features import (IDENTITY_ATTRS, FeatureShardError, check_same_encoder, list_feature_shards,
+                               load_features, read_feature_shard)
 
 log = logging.getLogger(__name__)
 BUCKET_BATCHES = 50  # length bucketing sorts within chunks of this many batches
 GIB = 2**30
+TOKENIZE_CHUNK = 65536  # captions per tokenizer call
 
 
 @dataclass
@@ -74,11 +75,15 @@ def build_captions(tokenizer: Any, eos_id: int, rows: Sequence[int], captions: S
             if cap and cap.strip():
                 pair_rows.append(row)
                 texts.append(cap)
-    ids = tokenize(tokenizer, eos_id, texts, max_tokens)
-    lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((t for r in ids for t in r), dtype=np.int32, count=int(offsets[-1]))
+    lengths, parts = [], []
+    for c in range(0, len(texts), TOKENIZE_CHUNK):  # bounded temporary lists
+        ids = tokenize(tokenizer, eos_id, texts[c:c + TOKENIZE_CHUNK], max_tokens)
+        lengths.append(np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids)))
+        parts.append(np.fromiter((t for r in ids for t in r), dtype=np.int32, count=int(lengths[-1].sum())))
+    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths_all) + 1, dtype=np.int64)
+    np.cumsum(lengths_all, out=offsets[1:])
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     return Captions(np.asarray(pair_rows, dtype=np.int64), offsets, flat)
 
 
@@ -187,7 +192,7 @@ def load_training_data(features_dir: Path, tokenizer: Any, eos_id: int, max_toke
         largest = max(shard_rows) * dim * 4
         window = max(1, limit // (2 * max(largest, 1)))
         vectors = ShardVectors(shards, shard_rows, capacity=2 * window)
-        attrs = {k: v for k, v in first[1].items() if k != "dim"}
+        attrs = {k: first[1][k] for k in IDENTITY_ATTRS if k in first[1]}
         if 2 * largest > limit:
             log.warning("train.max_memory_gb %.3g holds fewer than two shards (%.3g GB each): two are kept anyway",
                         max_memory_gb, largest / GIB)

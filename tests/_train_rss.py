@@ -2,7 +2,7 @@
 
     python tests/_train_rss.py FOLDER SHARDS      -> last line: {"peak_mib": ..., ...}
 
-The shards (2048 vectors of 4096 floats: 32 MiB each) are written by a separate
+The shards (2048 vectors of 2048 floats: 16 MiB each) are written by a separate
 process first, so that only training counts in the peak.
 """
 import json
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROWS, DIM = 2048, 4096
+ROWS, DIM = 2048, 2048
 
 
 def write(folder: Path, shards: int) -> None:
@@ -44,7 +44,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     params = TrainParams(epochs=1, batch_size=512, lr=1e-3, warmup_steps=0, precision="fp32",
-                         max_memory_gb=0.1, checkpoint_every=None)
+                         max_memory_gb=0.05, checkpoint_every=None)
     metrics = train(folder / "f", folder / "gpt", folder / "m", folder / "c.csv", folder / "t.json",
                     MapperParams(type="mlp", prefix_length=2), params, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -7,8 +7,10 @@ DVC runs the `capline` stage commands exactly as a user's `dvc repro` would.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ SMALL = {
     "download": {"records_per_shard": 50, "workers": 4},
     "clip": {"batch_size": 32, "workers": 1},
     "mapper": {"layers": 1, "prefix_length": 4, "clip_length": 4},
-    "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 5, "log_every": 2},
+    "train": {"epochs": 3, "batch_size": 32, "warmup_steps": 5, "log_every": 2, "checkpoint_every": 5},
     "generate": {"num_beams": 2, "max_new_tokens": 12},
     "evaluate": {"baseline_candidates": 5, "report_images": 10},
 }
@@ -89,6 +91,13 @@ def test_repro_then_experiment(repo: Path):
         assert name in flat  # dvc metrics show lists it
     assert (repo / "data/eval/report.html").stat().st_size > 0
     assert (repo / "data/train/loss.csv").read_text().startswith("step")
+    assert (repo / "data/train/val.csv").read_text().startswith("step,epoch,val_loss")
+    # One plot draws the train and the validation loss.
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo))
+    loss = [p for name, plot in plots.items() if "loss" in name.lower() for p in plot]
+    drawn = json.dumps(loss)
+    assert "train_loss" in drawn and "val_loss" in drawn, list(plots)
+    assert not list((repo / "data/checkpoints/train").iterdir())  # a finished run leaves none
 
     # Nothing changed: everything is cached.
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo)
@@ -107,3 +116,36 @@ def test_repro_then_experiment(repo: Path):
 
     shown = _run(["dvc", "exp", "show", "--json"], repo)
     assert "cider" in shown
+
+
+def _lock_outs(repo: Path, stage: str) -> dict:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    # The metrics file holds timings, different in any two runs; everything else must match.
+    return {o["path"]: o["md5"] for o in lock["outs"] if not o["path"].startswith("data/metrics/")}
+
+
+def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
+    """Kill `dvc repro` (its whole process group) after train's first checkpoint; a plain
+    `dvc repro` then resumes and ends with the weights of the uninterrupted run."""
+    _run(["dvc", "repro"], repo)  # the workspace as an uninterrupted run left it
+    before = _lock_outs(repo, "train")
+    weights = {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")}
+    checkpoints = repo / "data/checkpoints/train"
+
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(checkpoints.glob("step-*")), "no checkpoint appeared before the run ended"
+    assert not (repo / "data/model").exists()  # DVC removed the output before running
+
+    out = _run(["dvc", "repro"], repo)
+    assert "resuming from" in out and "train" in _stages_run(out)
+    assert {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")} == weights
+    after = _lock_outs(repo, "train")
+    # The same dvc.lock entries (model and curves) as the uninterrupted run.
+    assert after == before and "data/model" in after
+    assert not list(checkpoints.iterdir())
