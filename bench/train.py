@@ -21,7 +21,7 @@ caption 40 tokens, no token id 0), then times steps of each, alternating, and
 reports samples/s, tokens/s and the fraction of this machine's measured bf16 matmul
 rate that our step reaches. The last line printed is a JSON object.
 
-    python bench/train.py [--steps 4] [--rounds 2] [--batch-size 40]
+    python bench/train.py [--steps 4] [--rounds 2] [--batch-size 40] [--threads N]
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.params import MapperParams
+from pipeline.params import MapperParams, TrainParams
 from pipeline.runtime import choose_precision
-from pipeline.train import optimizer_step
+from pipeline.train import make_optimizer, optimizer_step
 from pipeline.train_data import BUCKET_BATCHES, Captions, MemoryVectors, collate
 
 CLIP_DIM, FIXED_LEN, PREFIX = 512, 40, 10
@@ -155,7 +155,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=40)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cpu")
     amp = choose_precision(args.precision, device, key="--precision")
@@ -188,7 +191,7 @@ def main() -> None:
     from transformers import get_linear_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=2e-5)
+    opt = make_optimizer(trainable, TrainParams(lr=2e-5), device)
     sched = get_linear_schedule_with_warmup(opt, 5000, 10**6)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 

@@ -224,7 +224,7 @@ def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: Train
         log.warning("train.warmup_steps %d >= %d training steps: the learning rate never reaches train.lr",
                     params.warmup_steps, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = make_optimizer(trainable, params, device)
     schedule = get_linear_schedule_with_warmup(optimizer, params.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     net: torch.nn.Module = model
@@ -256,6 +256,16 @@ def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: Train
     return run
 
 
+def make_optimizer(trainable: list, params: TrainParams, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel (one pass over each tensor) where torch has it for the device."""
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # older torch: no fused CPU AdamW
+            pass
+    return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+
+
 def resume(run: Run) -> None:
     """Continue from the newest checkpoint of this run's identity, if there is one."""
     found = run.ckpts.latest(quiet=not run.rank.is_main)
@@ -280,7 +290,8 @@ def resume(run: Run) -> None:
     if run.rank.is_main:
         # Best weights found after this checkpoint were never part of it; they come again.
         run.ckpts.remove("best", except_steps=[s for s in run.ckpts.steps("best") if s <= found.step])
-        if run.progress.best_step is not None and run.progress.best_step not in run.ckpts.steps("best"):
+        if run.params.keep == "best" and run.progress.best_step is not None \
+                and run.progress.best_step not in run.ckpts.steps("best"):
             raise CaplineError(f"{found.path}: its best weights (step {run.progress.best_step}) are missing from "
                                f"{run.ckpts.root}; delete the folder to start over")
     log.info("train: resuming from %s (step %d, epoch %d, batch %d of %d)", found.path, found.step,

@@ -94,6 +94,7 @@ def test_repro_then_experiment(repo: Path):
     assert (repo / "data/train/val.csv").read_text().startswith("step,epoch,val_loss")
     # One plot draws the train and the validation loss.
     plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo))
+    plots = plots.get("data", plots)  # dvc 3: {"data": {plot name: [...]}}
     loss = [p for name, plot in plots.items() if "loss" in name.lower() for p in plot]
     drawn = json.dumps(loss)
     assert "train_loss" in drawn and "val_loss" in drawn, list(plots)

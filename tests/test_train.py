@@ -191,6 +191,14 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, c
     assert "ignored: made by another run (features:" in caplog.text
 
 
+def test_resume_with_keep_last(data, tmp_path):
+    params = RESUME.model_copy(update={"keep": "last"})
+    with pytest.raises(_StopForTest):
+        _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck", stop_after=7)
+    metrics = _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck")
+    assert metrics["resumed_from_step"] == 6 and metrics["kept"] == "last" and metrics["steps"] == 18
+
+
 def test_checkpoint_holds_the_whole_state(data, tmp_path):
     with pytest.raises(_StopForTest):
         _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
