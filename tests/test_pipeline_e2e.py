@@ -126,15 +126,19 @@ def _lock_outs(repo: Path, stage: str) -> dict:
 
 
 def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
-    """Kill `dvc repro` (its whole process group) after train's first checkpoint; a plain
-    `dvc repro` then resumes and ends with the weights of the uninterrupted run."""
-    _run(["dvc", "repro"], repo)  # the workspace as an uninterrupted run left it
-    before = _lock_outs(repo, "train")
-    weights = {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")}
+    """Kill `dvc repro` (its whole process group) after train's first checkpoint; `dvc
+    repro` again resumes, and ends with the weights, curves and dvc.lock entries of an
+    uninterrupted run. (Params no run has used yet: with params DVC has seen finish,
+    `dvc repro` restores the outputs from its run cache and trains nothing.)"""
+    _run(["dvc", "repro"], repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["seed"] = 7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     checkpoints = repo / "data/checkpoints/train"
+    shutil.rmtree(checkpoints, ignore_errors=True)
 
-    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -145,8 +149,16 @@ def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
 
     out = _run(["dvc", "repro"], repo)
     assert "resuming from" in out and "train" in _stages_run(out)
-    assert {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")} == weights
-    after = _lock_outs(repo, "train")
-    # The same dvc.lock entries (model and curves) as the uninterrupted run.
-    assert after == before and "data/model" in after
+    assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] > 0
     assert not list(checkpoints.iterdir())
+    resumed = {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")}
+    resumed_lock = _lock_outs(repo, "train")
+    curves = {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")}
+
+    # The same params uninterrupted (--force: neither the run cache nor the outputs reused).
+    out = _run(["dvc", "repro", "--force", "--single-item", "train"], repo)
+    assert "resuming from" not in out
+    assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] == 0
+    assert {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")} == resumed
+    assert {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")} == curves
+    assert _lock_outs(repo, "train") == resumed_lock and "data/model" in resumed_lock
