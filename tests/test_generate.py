@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.decoding import prepare_for_inference
 from pipeline.generate import caption_vectors, derangement, generate
 from pipeline.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
@@ -35,21 +36,31 @@ def trained(tmp_path_factory):
     return root, feats, table
 
 
-def test_batched_beam_search_equals_one_at_a_time(trained):
+def texts(nbest):
+    return [[c.text for c in caps] for caps in nbest]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_batched_beam_search_equals_one_at_a_time(trained, precision):
+    from pipeline.runtime import choose_precision
+
     root, feats, table = trained
-    model = ClipCaptioner.load(root / "model")
-    vectors = table.embeddings[:12]
-    one = caption_vectors(model, vectors, GEN.model_copy(update={"batch_size": 1}), torch.device("cpu"), False)
-    many = caption_vectors(model, vectors, GEN, torch.device("cpu"), False)
-    assert one == many
-    assert len(set(many)) > 1  # the captions depend on the image
+    device = torch.device("cpu")
+    model = prepare_for_inference(ClipCaptioner.load(root / "model"), device, choose_precision(precision, device))
+    vectors, keys = table.embeddings[:12], table.keys[:12]
+    params = GEN.model_copy(update={"precision": precision, "num_return_sequences": 3})
+    one = caption_vectors(model, vectors, params.model_copy(update={"batch_size": 1}), keys, False)
+    many = caption_vectors(model, vectors, params, keys, False)
+    assert one == many  # captions and their scores, every one of the n-best
+    assert len({caps[0].text for caps in many}) > 1  # the captions depend on the image
 
 
 def test_trained_model_names_what_is_in_the_image(trained):
     root, feats, table = trained
     model = ClipCaptioner.load(root / "model")
     test = [i for i, s in enumerate(table.splits) if s == "test"]
-    caps = caption_vectors(model, table.embeddings[test], GEN, torch.device("cpu"), False)
+    caps = [c[0].text for c in caption_vectors(model, table.embeddings[test], GEN, [table.keys[i] for i in test],
+                                               False)]
     right = 0
     for i, cap in zip(test, caps):
         colour, shape = table.captions[i][0].split()[1:3]

@@ -83,6 +83,10 @@ class ClipCaptioner(nn.Module):
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
     def max_positions(self) -> int:
         cfg = self.gpt.config
         return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024))
@@ -125,15 +129,19 @@ class ClipCaptioner(nn.Module):
         )
 
     @torch.no_grad()
-    def generate_ids(self, clip_vectors: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:
         """Token ids continuing each prefix (transformers' generate, KV cache).
 
-        Extra keyword arguments go to ``generate`` (num_beams, max_new_tokens,
-        length_penalty, no_repeat_ngram_size, do_sample, temperature, top_p,
-        num_return_sequences). ``max_new_tokens`` is capped by GPT-2's positions.
+        With ``generation_config`` (what the stages use, see pipeline/decoding.py) that
+        config alone decides; other keyword arguments (``logits_processor``) go to
+        ``generate``. Without it, keyword arguments are generation settings
+        (num_beams, max_new_tokens, ...), ``max_new_tokens`` capped by GPT-2's positions.
         """
         prefix = self.prefix(clip_vectors)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if generation_config is not None:
+            return self.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config,
+                                     **kwargs)
         room = self.max_positions - self.prefix_length
         kwargs["max_new_tokens"] = max(1, min(int(kwargs.get("max_new_tokens", 30)), room))
         kwargs.setdefault("eos_token_id", self.eos_token_id)
