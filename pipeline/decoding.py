@@ -119,12 +119,23 @@ def _replace_word(text: str, word: str, new: str) -> str:
     return re.sub(rf"(?<![\w.-]){re.escape(word)}(?![\w])", new, text)
 
 
-def save_generation_config(d: Decoding, out_dir: Path, eos_token_id: int, pad_token_id: int) -> Path:
-    """Write ``generation_config.json`` (transformers' format) into ``out_dir``."""
-    config = generation_config(d, eos_token_id, pad_token_id)
+def save_generation_config(d: Optional[Decoding], out_dir: Path, eos_token_id: int, pad_token_id: int) -> Path:
+    """Write ``generation_config.json`` (transformers' format) into ``out_dir``.
+
+    ``d`` None: the pipeline's documented defaults, the schema defaults of the
+    ``generate`` params taken from code (so that a trained model does not depend on
+    params.yaml's generate section, and tuning it never retrains).
+    """
+    config = generation_config(d if d is not None else Decoding(), eos_token_id, pad_token_id)
     config.validate(strict=True)  # the file must load in transformers without complaint
     config.save_pretrained(out_dir)
     return Path(out_dir) / GENERATION_CONFIG
+
+
+def default_generation_config(model: "ClipCaptioner", model_dir: Optional[Path] = None) -> "GenerationConfig":
+    """The model folder's decoding defaults as a GenerationConfig (the code's defaults without a file)."""
+    saved = load_decoding(model_dir) if model_dir is not None else None
+    return generation_config(saved or Decoding(), model.eos_token_id, model.pad_token_id)
 
 
 def load_decoding(model_dir: Path) -> Optional[Decoding]:
@@ -132,16 +143,18 @@ def load_decoding(model_dir: Path) -> Optional[Decoding]:
     path = Path(model_dir) / GENERATION_CONFIG
     if not path.is_file():
         return None
+    from pipeline.models.pretrained import ModelError
+
     try:
         values = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ParamsError(f"{path}: not valid JSON ({err})") from None
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(values, dict):
-        raise ParamsError(f"{path}: not a JSON object")
+        raise ModelError(f"{path}: not a JSON object")
     try:
         return decoding_from_config(values)
     except ParamsError as err:
-        raise ParamsError(f"{path}: {err}") from None
+        raise ModelError(f"{path}: {err}") from None
 
 
 # ----------------------------------------------------------------- precision
@@ -230,15 +243,18 @@ def room_for_caption(model: "ClipCaptioner") -> int:
     return model.max_positions - model.prefix_length
 
 
-def check_room(model: "ClipCaptioner", d: Decoding, key: str = "generate.") -> int:
-    """max_new_tokens capped by GPT-2's positions after the prefix; min_new_tokens must fit."""
+def check_room(model: "ClipCaptioner", d: Decoding, name=lambda key: f"generate.{key}") -> int:
+    """max_new_tokens capped by GPT-2's positions after the prefix; min_new_tokens must fit.
+
+    ``name`` turns a field into what the user wrote (a params key or an option).
+    """
     room = room_for_caption(model)
     if d.min_new_tokens > room:
-        raise ParamsError(f"{key}min_new_tokens: {d.min_new_tokens} does not fit: GPT-2 has {model.max_positions} "
-                          f"positions and the prefix takes {model.prefix_length}, leaving {room}")
+        raise ParamsError(f"{name('min_new_tokens')}: {d.min_new_tokens} does not fit: GPT-2 has "
+                          f"{model.max_positions} positions and the prefix takes {model.prefix_length}, leaving {room}")
     if d.max_new_tokens > room:
-        log.warning("%smax_new_tokens %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
-                    key, d.max_new_tokens, room, model.max_positions, model.prefix_length)
+        log.warning("%s %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
+                    name("max_new_tokens"), d.max_new_tokens, room, model.max_positions, model.prefix_length)
     return min(d.max_new_tokens, room)
 
 

@@ -25,7 +25,7 @@ import torch
 from pipeline.errors import CaplineError
 from pipeline.features import FeatureShardError, attr_value
 from pipeline.files import write_atomic, write_metrics
-from pipeline.models.captioner import ClipCaptioner
+from pipeline.models.captioner import ClipCaptioner, check_clip_folder
 from pipeline.models.mapper import count_parameters
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.runtime import all_reduce_sum, autocast, barrier, choose_device, choose_precision, current_rank, \
@@ -83,9 +83,12 @@ def train(
     mapper: MapperParams,
     train: TrainParams,
     progress: bool = True,
+    clip_dir: str | Path | None = None,
 ) -> dict:
     """Train a captioner on ``features_dir``'s train split; write model, curve, metrics.
 
+    ``clip_dir``: the pinned CLIP folder that made the features, copied into the
+    model folder (checked against the features before training starts).
     Returns the metrics dict (also written, as JSON, to ``metrics_path`` by rank 0).
     """
     from tqdm import tqdm
@@ -109,6 +112,8 @@ def train(
             raise FeatureShardError(f"{features_dir}: no images in the train split")
 
         model = _build_model(gpt_dir, mapper, train, table.attrs, dim).to(device)
+        if clip_dir is not None:
+            check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
         room = model.max_positions - mapper.prefix_length
         if room < 2:  # a word and EOS at the least; fewer would crash inside GPT-2
             raise ParamsError(f"mapper.prefix_length: {mapper.prefix_length} leaves {max(room, 0)} of GPT-2's "
@@ -217,7 +222,7 @@ def train(
             "pairs_per_s": round(len(train_pairs) * train.epochs / max(seconds, 1e-9), 2),
         }
         if rank.is_main:
-            model.save(out_dir)
+            model.save(out_dir, clip_dir=clip_dir)
             write_metrics(metrics_path, metrics)
         barrier()
         return metrics

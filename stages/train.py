@@ -12,6 +12,9 @@ from stages.common import load, params_option
               type=click.Path(file_okay=False), help="folder of HDF5 feature shards (train and val splits are used)")
 @click.option("--gpt", "gpt_dir", default="data/models/gpt", show_default=True,
               type=click.Path(file_okay=False), help="GPT-2 + tokenizer folder (save_pretrained layout)")
+@click.option("--clip", "clip_dir", default="data/models/clip", show_default=True,
+              type=click.Path(file_okay=False),
+              help="the pinned CLIP folder that made the features; copied into the model folder")
 @click.option("--out", "out_dir", default="data/model", show_default=True,
               type=click.Path(file_okay=False), help="trained captioner folder to write (replaced when whole)")
 @click.option("--curve", "curve_path", default="data/train/loss.csv", show_default=True,
@@ -19,7 +22,7 @@ from stages.common import load, params_option
 @click.option("--metrics", "metrics_path", default="data/metrics/train.json", show_default=True,
               type=click.Path(dir_okay=False), help="final metrics JSON (train_loss, val_loss, params, seconds)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
-def train(params_path: str, features_dir: str, gpt_dir: str, out_dir: str, curve_path: str,
+def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_dir: str, curve_path: str,
           metrics_path: str, progress: bool) -> None:
     """Train a captioner from the `mapper` and `train` params.
 
@@ -31,6 +34,6 @@ def train(params_path: str, features_dir: str, gpt_dir: str, out_dir: str, curve
 
     p = load(params_path)
     metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
-                        progress=progress)
+                        progress=progress, clip_dir=clip_dir)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
                f"{metrics['params_trainable']} trainable parameters  {metrics['seconds']} s")
