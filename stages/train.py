@@ -1,6 +1,8 @@
 """`capline train`: train the ClipCap mapper on feature shards."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from stages.common import load, params_option
@@ -14,7 +16,8 @@ from stages.common import load, params_option
               type=click.Path(file_okay=False), help="GPT-2 + tokenizer folder (save_pretrained layout)")
 @click.option("--clip", "clip_dir", default="data/models/clip", show_default=True,
               type=click.Path(file_okay=False),
-              help="the pinned CLIP folder that made the features; copied into the model folder")
+              help="the pinned CLIP folder that made the features; copied into the model folder (without it, "
+                   "`capline caption` needs --clip)")
 @click.option("--out", "out_dir", default="data/model", show_default=True,
               type=click.Path(file_okay=False), help="trained captioner folder to write (replaced when whole)")
 @click.option("--curve", "curve_path", default="data/train/loss.csv", show_default=True,
@@ -33,6 +36,11 @@ def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_
     from pipeline.train import train as run_train
 
     p = load(params_path)
+    source = click.get_current_context().get_parameter_source("clip_dir")
+    if source is click.core.ParameterSource.DEFAULT and not Path(clip_dir).is_dir():
+        click.echo(f"warning: no CLIP folder at {clip_dir}; the model folder will not hold its CLIP "
+                   "(`capline caption` will need --clip)", err=True)
+        clip_dir = None
     metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
                         progress=progress, clip_dir=clip_dir)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
