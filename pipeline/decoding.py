@@ -269,15 +269,16 @@ def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     """
     n = d.num_return_sequences
     limit = max_new_tokens if max_new_tokens is not None else min(d.max_new_tokens, room_for_caption(model))
-    vectors = vectors.to(model.device)
+    prefix = model.prefix(vectors.to(model.device))
     config = generation_config(d, model.eos_token_id, model.pad_token_id, max_new_tokens=limit)
     processors = []
     sampler = None
+    ours = 1  # rows we make per image; generate itself makes num_beams rows of each
     if d.do_sample and d.num_beams == 1:
         # Rows image-major: image i's captions are rows i*n .. i*n+n-1, each with its own seed;
         # generate itself decodes greedily over the sampler's choice.
-        vectors = vectors.repeat_interleave(n, dim=0)
-        sampler = SeededSampler([row_seed(d.seed, k, j) for k in keys for j in range(n)], d, vectors.device)
+        ours = n
+        sampler = SeededSampler([row_seed(d.seed, k, j) for k in keys for j in range(n)], d, prefix.device)
         processors.append(sampler)
         plain = d.model_copy(update={"do_sample": False, "num_return_sequences": 1})
         config = generation_config(plain, model.eos_token_id, model.pad_token_id, max_new_tokens=limit)
@@ -288,10 +289,15 @@ def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     if scored_beams:
         config.return_dict_in_generate = True
         config.output_scores = True
+    cache = prefix_cache(model, prefix, ours * d.num_beams)
+    if ours > 1:
+        prefix = prefix.repeat_interleave(ours, dim=0)
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
     with warnings.catch_warnings():
         # With inputs_embeds the penalties see only the caption's tokens: what we want, not a problem.
         warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
-        out = model.generate_ids(vectors, generation_config=config, logits_processor=processors or None)
+        out = model.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config,
+                                 logits_processor=processors or None, cache=cache)
     ids = out.sequences if scored_beams else out
     texts = model.decode(ids)
     if scored_beams:
@@ -306,6 +312,23 @@ def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
         # Best first, as beam search returns them; ties keep the draw order.
         per_image = [sorted(caps, key=lambda c: -c.score) for caps in per_image]
     return per_image
+
+
+def prefix_cache(model: "ClipCaptioner", prefix: torch.Tensor, rows_per_image: int):
+    """GPT-2's KV cache of all but the last prefix position, computed once per image and
+    repeated for each of its ``rows_per_image`` rows (beams, samples); None when each image
+    has one row.
+
+    generate copies the prefix to every beam before its first forward pass; with this
+    cache it runs only the last prefix position per beam, which saves
+    (rows_per_image - 1) x (prefix_length - 1) positions of GPT-2 per image.
+    """
+    if rows_per_image <= 1 or prefix.shape[1] < 2:
+        return None
+    out = model.gpt.transformer(inputs_embeds=prefix[:, :-1], use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(rows_per_image)
+    return cache
 
 
 def _sample_scores(sampler: SeededSampler, ids: torch.Tensor, eos: int) -> list[float]:
