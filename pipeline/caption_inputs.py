@@ -85,7 +85,10 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Entry]:
             continue
         path = Path(text).expanduser()
         if path.is_dir():
-            for image in folder_images(path):
+            images = folder_images(path)
+            if not images:
+                yield Failure(text, text, f"a folder without image files ({', '.join(IMAGE_EXTS)})")
+            for image in images:
                 yield Item(name=str(image), image_id=str(image), url=image.resolve().as_uri())
         elif path.suffix.lower() == SHARD_EXT and path.is_file():
             yield from _shard_items(path)

@@ -227,8 +227,8 @@ def check_decoding(d: "Decoding") -> None:
     if not d.do_sample:
         for key, off in SAMPLING_OFF.items():
             if getattr(d, key) != off:
-                raise ValueError(f"{key}: {getattr(d, key)} applies only when sampling; set do_sample: true "
-                                 f"or leave {key} at {off}")
+                raise ValueError(f"{key}: {getattr(d, key)} applies only when sampling (do_sample); "
+                                 f"leave it at {off} otherwise")
     if d.num_beams == 1 and d.length_penalty != 1.0:
         raise ValueError(f"length_penalty: {d.length_penalty} applies only to beam search; num_beams is 1")
 

@@ -169,11 +169,14 @@ def test_bad_inputs_get_an_error_and_the_rest_are_captioned(setup, tmp_path):
     truncated.write_bytes((tmp_path / "ok.jpg").read_bytes()[:100])
     html = tmp_path / "page.jpg"
     html.write_text("<html><script>alert(1)</script></html>")
-    paths = [images[0], truncated, tmp_path / "missing.png", html, images[1]]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no pictures here")
+    paths = [images[0], truncated, tmp_path / "missing.png", html, tmp_path / "empty", images[1]]
     results = caption_inputs(root / "model", [str(p) for p in paths], BEAM, progress=False)
-    assert [r.error is None for r in results] == [True, False, False, False, True]
+    assert [r.error is None for r in results] == [True, False, False, False, False, True]
     assert "not found" in results[2].error and "cannot decode" in results[1].error
-    assert len(results[0].captions) == 1 and len(results[4].captions) == 1
+    assert "without image files" in results[4].error
+    assert len(results[0].captions) == 1 and len(results[5].captions) == 1
 
 
 def test_another_clip_folder_is_refused(setup, tmp_path):
