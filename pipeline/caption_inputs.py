@@ -4,8 +4,8 @@ An INPUT is any of:
 
 * an ``http://`` or ``https://`` URL, fetched with the download stage's ``Fetcher``
   (timeouts, retries, size cap, redirects counted and never to ``file:``);
-* a folder: every file under it (recursively) with an image extension, sorted by
-  path;
+* a folder: every file under it (recursively) with the extension of a format that
+  pipeline/imaging.py decodes, sorted by path;
 * an image tar shard (``*.tar``: ours or img2dataset's webdataset output): every
   sample, in tar order, named ``SHARD.tar#KEY``;
 * any other file: an image (read through the same fetcher, with the same size cap).
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
-from pipeline.image_shards import IMAGE_EXTS, ImageShardError, iter_shard
+from pipeline.image_shards import ImageShardError, iter_shard
+from pipeline.imaging import IMAGE_EXTENSIONS
 
 SHARD_EXT = ".tar"
 
@@ -50,7 +51,7 @@ def is_url(text: str) -> bool:
 
 def folder_images(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively, sorted by their path (hidden files skipped)."""
-    exts = {f".{e}" for e in IMAGE_EXTS}
+    exts = {f".{e}" for e in IMAGE_EXTENSIONS}
     found = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
@@ -87,7 +88,7 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Entry]:
         if path.is_dir():
             images = folder_images(path)
             if not images:
-                yield Failure(text, text, f"a folder without image files ({', '.join(IMAGE_EXTS)})")
+                yield Failure(text, text, "a folder without image files")
             for image in images:
                 yield Item(name=str(image), image_id=str(image), url=image.resolve().as_uri())
         elif path.suffix.lower() == SHARD_EXT and path.is_file():

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.caption import CaptionInputError, ImageEmbedder, caption_inputs, resolve_decoding
-from pipeline.decoding import decode_batch, prepare_for_inference
+from pipeline.models.decoding import decode_batch, prepare_for_inference
 from pipeline.params import Decoding
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import DemoClip, MapperParams
@@ -29,7 +29,7 @@ def _one_thread():
 
 def reference_vectors(clip_dir, paths):
     """CLIP's own processor and model, the plain way: what the features must equal."""
-    from pipeline.models.demo import image_processor_class
+    from pipeline.models.pretrained import image_processor_class
     from transformers import CLIPVisionModelWithProjection
 
     processor = image_processor_class().from_pretrained(clip_dir)
@@ -43,7 +43,8 @@ def reference_vectors(clip_dir, paths):
 def setup(tmp_path_factory):
     from pipeline.models.pretrained import model_identity
     from pipeline.embed.preprocess import Preprocessor
-    from pipeline.models.demo import build_demo_clip, image_processor_class
+    from pipeline.models.demo import build_demo_clip
+    from pipeline.models.pretrained import image_processor_class
 
     root = tmp_path_factory.mktemp("caption")
     clip_dir = root / "clip"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.decoding import decoding_from_config, generation_config, row_seed
+from pipeline.models.decoding import decoding_from_config, generation_config, row_seed
 from pipeline.params import Decoding, ParamsError, parse_params
 
 VALID = [

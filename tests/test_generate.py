@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decoding import prepare_for_inference
+from pipeline.models.decoding import prepare_for_inference
 from pipeline.generate import caption_vectors, derangement, generate
 from pipeline.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
@@ -253,7 +253,7 @@ def test_sampling_follows_the_seed(trained, tmp_path):
 def test_generation_config_beside_the_results_is_the_one_used(trained, tmp_path):
     from transformers import GenerationConfig
 
-    from pipeline.decoding import decoding_from_config
+    from pipeline.models.decoding import decoding_from_config
     from pipeline.params import Decoding
 
     root, feats, table = trained

@@ -137,7 +137,7 @@ class ClipCaptioner(nn.Module):
     def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:
         """Token ids continuing each prefix (transformers' generate, KV cache).
 
-        With ``generation_config`` (what the stages use, see pipeline/decoding.py) that
+        With ``generation_config`` (what the stages use, see pipeline/models/decoding.py) that
         config alone decides; other keyword arguments (``logits_processor``) go to
         ``generate``. Without it, keyword arguments are generation settings
         (num_beams, max_new_tokens, ...), ``max_new_tokens`` capped by GPT-2's positions.
@@ -199,7 +199,7 @@ class ClipCaptioner(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from pipeline.decoding import default_generation_config, save_generation_config
+        from pipeline.models.decoding import default_generation_config, save_generation_config
 
         model_dir = Path(model_dir)
         if model_dir.exists() and any(model_dir.iterdir()) and not (model_dir / CONFIG_NAME).exists():
@@ -235,7 +235,7 @@ class ClipCaptioner(nn.Module):
         """Load a folder written by ``save`` (safetensors only, no remote code)."""
         from safetensors.torch import load_file
 
-        from pipeline.decoding import default_generation_config
+        from pipeline.models.decoding import default_generation_config
         from pipeline.models.pretrained import load_gpt
 
         model_dir = Path(model_dir)
