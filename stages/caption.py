@@ -64,8 +64,10 @@ def caption(inputs: tuple[str, ...], model_dir: str, clip_dir: str | None, out_p
 
     def report(result) -> None:
         if result.error is not None:
+            from tqdm import tqdm
+
             failed.append(result)
-            click.echo(f"{result.name}\terror: {result.error}", err=True)
+            tqdm.write(f"{result.name}\terror: {result.error}", file=sys.stderr)  # above the progress bar
 
     results = caption_inputs(model_dir, list(inputs), d, clip_dir=clip_dir, device=device, precision=precision,
                              batch_size=batch_size, progress=progress, on_result=report)
