@@ -266,5 +266,6 @@ def test_generation_config_beside_the_results_is_the_one_used(trained, tmp_path)
     # A greedy run removes the n-best list of the previous run in the same folder.
     generate(root / "model", feats, tmp_path / "c", GEN.model_copy(update={"num_beams": 1}), progress=False)
     assert not (tmp_path / "c/nbest.jsonl").exists()
-    # The trained model folder carries the code's decoding defaults, in transformers' format.
-    assert decoding_from_config(GenerationConfig.from_pretrained(root / "model")) == Decoding()
+    # The trained model folder carries the code's decoding defaults (the length cut to the 64 positions
+    # GPT-2 has after the prefix of 2), in transformers' format.
+    assert decoding_from_config(GenerationConfig.from_pretrained(root / "model")) == Decoding(max_new_tokens=64 - 2)

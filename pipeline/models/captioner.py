@@ -199,7 +199,7 @@ class ClipCaptioner(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from pipeline.models.decoding import default_generation_config, save_generation_config
+        from pipeline.models.decoding import generation_config, model_defaults, save_generation_config
 
         model_dir = Path(model_dir)
         if model_dir.exists() and any(model_dir.iterdir()) and not (model_dir / CONFIG_NAME).exists():
@@ -212,10 +212,11 @@ class ClipCaptioner(nn.Module):
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
             save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
             # GPT-2's own generation_config.json says the same as the folder's.
-            self.gpt.generation_config = default_generation_config(self)
+            decoding = model_defaults(self)
+            self.gpt.generation_config = generation_config(decoding, self.eos_token_id, self.pad_token_id)
             self.gpt.save_pretrained(tmp / GPT_SUBDIR, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / GPT_SUBDIR)
-            save_generation_config(None, tmp, self.eos_token_id, self.pad_token_id)
+            save_generation_config(decoding, tmp, self.eos_token_id, self.pad_token_id)
             if clip_dir is not None:
                 # A copy, not a path: the folder must caption after being moved or shipped alone.
                 shutil.copytree(clip_dir, tmp / CLIP_SUBDIR, ignore=shutil.ignore_patterns(".*"))

@@ -119,23 +119,30 @@ def _replace_word(text: str, word: str, new: str) -> str:
     return re.sub(rf"(?<![\w.-]){re.escape(word)}(?![\w])", new, text)
 
 
-def save_generation_config(d: Optional[Decoding], out_dir: Path, eos_token_id: int, pad_token_id: int) -> Path:
+def save_generation_config(d: Decoding, out_dir: Path, eos_token_id: int, pad_token_id: int) -> Path:
     """Write ``generation_config.json`` (transformers' format) into ``out_dir``.
 
-    ``d`` None: the pipeline's documented defaults, the schema defaults of the
-    ``generate`` params taken from code (so that a trained model does not depend on
-    params.yaml's generate section, and tuning it never retrains).
+    A trained model folder gets ``model_defaults``: the schema defaults of the
+    ``generate`` params taken from code, not params.yaml (so that a trained model does
+    not depend on params.yaml's generate section, and tuning it never retrains).
     """
-    config = generation_config(d if d is not None else Decoding(), eos_token_id, pad_token_id)
+    config = generation_config(d, eos_token_id, pad_token_id)
     config.validate(strict=True)  # the file must load in transformers without complaint
     config.save_pretrained(out_dir)
     return Path(out_dir) / GENERATION_CONFIG
 
 
+def model_defaults(model: "ClipCaptioner") -> Decoding:
+    """The pipeline's documented decoding defaults (the schema's, from code), with
+    ``max_new_tokens`` cut to what GPT-2's positions leave after the prefix."""
+    d = Decoding()
+    return d.model_copy(update={"max_new_tokens": max(1, min(d.max_new_tokens, room_for_caption(model)))})
+
+
 def default_generation_config(model: "ClipCaptioner", model_dir: Optional[Path] = None) -> "GenerationConfig":
-    """The model folder's decoding defaults as a GenerationConfig (the code's defaults without a file)."""
+    """The model folder's decoding defaults as a GenerationConfig (``model_defaults`` without a file)."""
     saved = load_decoding(model_dir) if model_dir is not None else None
-    return generation_config(saved or Decoding(), model.eos_token_id, model.pad_token_id)
+    return generation_config(saved or model_defaults(model), model.eos_token_id, model.pad_token_id)
 
 
 def load_decoding(model_dir: Path) -> Optional[Decoding]:
