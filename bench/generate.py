@@ -12,7 +12,8 @@ same number of steps). In one run it measures:
       sequence at every step (no KV cache), fp32.
 The methods run in interleaved rounds, so a machine whose load changes during the
 run slows them alike. It checks that our path in fp32 gives the same captions as
-(b), reports FLOPs per caption, the machine's measured matmul rate and the
+(b), counts how many of our default-precision captions equal fp32's and those of
+batches of one image, reports FLOPs per caption, the machine's measured matmul rate and the
 fraction of it reached, and the share of our time spent in the 50,257-wide LM head.
 The last line printed is a JSON object.
 
@@ -177,6 +178,12 @@ def main() -> None:
     t_fp32 = time.perf_counter() - t
     same_as_hf = fp32_captions[:len(hf_captions)] == hf_captions
     same_precision_vs_fp32 = sum(a == b for a, b in zip(ours_captions, fp32_captions))
+    # Our path, default precision, one image per batch: do the captions depend on the batch?
+    t = time.perf_counter()
+    with torch.inference_mode():
+        single = [decode_batch(ours, vectors[i:i + 1], stage, keys[i:i + 1])[0][0].text for i in range(args.images)]
+    t_single = time.perf_counter() - t
+    same_unbatched = sum(a == b for a, b in zip(ours_captions, single))
 
     # Where our time goes: the fp32 LM head alone, at our batch's row count, for every step of a batch.
     rows = min(args.images, stage.batch_size) * args.beams
@@ -206,6 +213,8 @@ def main() -> None:
         "images": {"ours": counts["ours"], "hf_per_image": counts["hf"], "no_kv_cache_loop": counts["ref"]},
         "ours_fp32_same_captions_as_hf": same_as_hf,
         "ours_vs_ours_fp32_same_captions": f"{same_precision_vs_fp32}/{args.images}",
+        "ours_one_image_per_batch": round(args.images / t_single, 3),
+        "ours_batched_vs_one_per_batch_same_captions": f"{same_unbatched}/{args.images}",
         "gflop_per_caption": round(flops["total"] / 1e9, 2),
         "lm_head_share_of_flops": round(flops["head"] / flops["total"], 3),
         "matmul_gflops_fp32": round(rate_fp32, 1), "matmul_gflops_bf16": round(rate_bf16, 1),
@@ -220,7 +229,9 @@ def main() -> None:
           f"(ours x{res['ratio_vs_hf_per_image']})")
     print(f"ClipCap loop without KV cache, fp32: {res['no_kv_cache_loop']} captions/s "
           f"(ours x{res['ratio_vs_no_kv_cache_loop']})")
-    print(f"ours in fp32 gives transformers' captions: {same_as_hf}")
+    print(f"ours in fp32 gives transformers' captions: {same_as_hf}; ours ({precision}) equals ours in fp32 for "
+          f"{res['ours_vs_ours_fp32_same_captions']} images and ours one image per batch for "
+          f"{res['ours_batched_vs_one_per_batch_same_captions']}")
     print(f"{res['gflop_per_caption']} GFLOP per caption ({res['lm_head_share_of_flops']:.0%} in the LM head); "
           f"ours runs {res['ours_gflops']} GFLOP/s = {res['fraction_of_matmul_bound']:.0%} of the matmul bound "
           f"(fp32 {res['matmul_gflops_fp32']}, bf16 {res['matmul_gflops_bf16']} GFLOP/s); "
