@@ -238,10 +238,11 @@ def check_decoding(d: "Decoding") -> None:
 class GenerateParams(Decoding):
     """Captioning the feature shards (stage: generate): which images, how many at once, and the decoding."""
 
-    split: Literal["train", "val", "test"] = "test"
-    batch_size: int = Field(32, ge=1)
+    split: Literal["train", "val", "test"] = Field("test", description="which split to caption")
+    batch_size: int = Field(32, ge=1, description="images per generate call (the captions do not depend on it)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 weights where the device runs bf16 fast, else fp32")
+        "auto", description="auto: bf16 weights (the LM head stays fp32) where the device runs bf16 fast, else "
+                            "fp32; fp16 on a GPU only")
 
 
 # ---------------------------------------------------------------------- evaluate
