@@ -333,7 +333,7 @@ def prefix_cache(model: "ClipCaptioner", prefix: torch.Tensor, rows_per_image: i
     if rows_per_image <= 1 or prefix.shape[1] < 2:
         return None
     out = model.gpt.transformer(inputs_embeds=prefix[:, :-1], use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(rows_per_image)
     return cache
 
