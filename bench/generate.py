@@ -17,7 +17,7 @@ batches of one image, reports FLOPs per caption, the machine's measured matmul r
 fraction of it reached, and the share of our time spent in the 50,257-wide LM head.
 The last line printed is a JSON object.
 
-    python bench/generate.py [--images 32] [--hf-images 32] [--ref-images 8] [--rounds 4]
+    python bench/generate.py [--images 32] [--hf-images 32] [--ref-images 8] [--rounds 4] [--threads N]
 """
 from __future__ import annotations
 
@@ -106,7 +106,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds the per-image methods are split into")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every method (default: torch's, one per core); 1 on a shared machine "
+                         "keeps other processes' load from stalling the threads of every small op")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -209,7 +214,7 @@ def main() -> None:
         "no_kv_cache_loop": round(counts["ref"] / times["ref"], 3),
         "precision": precision,
         "ours_fp32": round(args.images / t_fp32, 3),
-        "batch_size": stage.batch_size, "beams": args.beams, "new_tokens": args.tokens, "prefix_length": 10,
+        "threads": torch.get_num_threads(), "batch_size": stage.batch_size, "beams": args.beams, "new_tokens": args.tokens, "prefix_length": 10,
         "images": {"ours": counts["ours"], "hf_per_image": counts["hf"], "no_kv_cache_loop": counts["ref"]},
         "ours_fp32_same_captions_as_hf": same_as_hf,
         "ours_vs_ours_fp32_same_captions": f"{same_precision_vs_fp32}/{args.images}",
