@@ -191,17 +191,65 @@ class TrainParams(Section):
 
 
 # ---------------------------------------------------------------------- generate
-class GenerateParams(Section):
-    """Caption generation with GPT-2 beam search (transformers' generate, KV cache)."""
+class Decoding(Section):
+    """How captions are decoded: every knob of transformers' generate that capline uses.
 
-    split: Literal["train", "val", "test"] = "test"
-    batch_size: int = Field(32, ge=1)
-    num_beams: int = Field(5, ge=1)
-    max_new_tokens: int = Field(67, ge=1)
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 0
+    All explicit: nothing falls back to a library default. The same fields make the
+    model folder's ``generation_config.json`` and the options of ``capline caption``.
+    """
+
+    num_beams: int = Field(5, ge=1, description="beam width; 1 = greedy (or plain sampling with do_sample)")
+    length_penalty: float = Field(1.0, description="beam search: a caption's score is its summed log-probability "
+                                                   "divided by length ** length_penalty")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="no n-gram of this size occurs twice in a caption; 0 = off")
+    repetition_penalty: float = Field(1.0, gt=0, description="CTRL penalty on tokens already in the caption; 1.0 = off")
+    min_new_tokens: int = Field(0, ge=0, description="EOS is forbidden before this many tokens")
+    max_new_tokens: int = Field(67, ge=1, description="caption length cap, tokens (EOS included)")
+    do_sample: bool = Field(False, description="sample tokens instead of taking the most likely ones")
+    temperature: float = Field(1.0, gt=0, description="sampling only: logits are divided by this; 1.0 = off")
+    top_k: int = Field(0, ge=0, description="sampling only: keep the k most likely tokens; 0 = off")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling only: keep the smallest set of tokens whose "
+                                                      "probability reaches top_p; 1.0 = off")
+    num_return_sequences: int = Field(1, ge=1, description="captions per image (the n-best list)")
+    seed: int = Field(0, description="seeds sampling (per image) and the shuffled-image control")
+
+    @model_validator(mode="after")
+    def _check_decoding(self) -> "Decoding":
+        check_decoding(self)
+        return self
+
+
+# Sampling-only knobs and the value that means "off".
+SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def check_decoding(d: "Decoding") -> None:
+    """Refuse combinations that cannot mean what they say; messages start with the key."""
+    if d.min_new_tokens > d.max_new_tokens:
+        raise ValueError(f"min_new_tokens: {d.min_new_tokens} is more than max_new_tokens {d.max_new_tokens}")
+    if d.num_beams > 1 and d.num_return_sequences > d.num_beams:
+        raise ValueError(f"num_return_sequences: {d.num_return_sequences} is more than num_beams {d.num_beams}; "
+                         "beam search returns at most num_beams captions per image")
+    if d.num_beams == 1 and not d.do_sample and d.num_return_sequences > 1:
+        raise ValueError(f"num_return_sequences: {d.num_return_sequences} captions per image need do_sample "
+                         "or num_beams >= num_return_sequences; greedy decoding makes one")
+    if not d.do_sample:
+        for key, off in SAMPLING_OFF.items():
+            if getattr(d, key) != off:
+                raise ValueError(f"{key}: {getattr(d, key)} applies only when sampling (do_sample); "
+                                 f"leave it at {off} otherwise")
+    if d.num_beams == 1 and d.length_penalty != 1.0:
+        raise ValueError(f"length_penalty: {d.length_penalty} applies only to beam search; num_beams is 1")
+
+
+class GenerateParams(Decoding):
+    """Captioning the feature shards (stage: generate): which images, how many at once, and the decoding."""
+
+    split: Literal["train", "val", "test"] = Field("test", description="which split to caption")
+    batch_size: int = Field(32, ge=1, description="images per generate call (the captions do not depend on it)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 weights (the LM head stays fp32) where the device runs bf16 fast, else "
+                            "fp32; fp16 on a GPU only")
 
 
 # ---------------------------------------------------------------------- evaluate
@@ -255,11 +303,26 @@ def _format_errors(err: ValidationError) -> str:
             # A section validator names a key inside its message ("heads: ...").
             if ":" in msg.split(" ")[0]:
                 key = f"{key}.{msg.split(':', 1)[0]}" if key else msg.split(":", 1)[0]
-                msg = msg.split(":", 1)[1].strip()
+                msg = _qualify(msg.split(":", 1)[1].strip(), e["loc"])
         if isinstance(e.get("input"), (str, int, float, bool)) and e["type"] != "extra_forbidden":
             msg += f" (got {e['input']!r})"
         lines.append(f"{key or '<root>'}: {msg}")
     return "invalid params: " + "; ".join(lines)
+
+
+def _qualify(msg: str, loc: tuple) -> str:
+    """Name the other keys of a section's message in full (``num_beams`` -> ``generate.num_beams``)."""
+    import re
+
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or not loc:
+        return msg
+    prefix = ".".join(str(p) for p in loc)
+    names = "|".join(sorted(model.model_fields, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.])({names})(?![\w])", rf"{prefix}.\1", msg)
 
 
 def parse_params(raw: dict[str, Any]) -> Params:

@@ -43,7 +43,7 @@ import torch
 from pipeline.checkpoint import Checkpoints, capture_rng, digest_files, load_checkpoint, restore_rng
 from pipeline.errors import CaplineError
 from pipeline.files import write_atomic, write_metrics
-from pipeline.models.captioner import ClipCaptioner
+from pipeline.models.captioner import ClipCaptioner, check_clip_folder
 from pipeline.models.mapper import count_parameters
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.runtime import (Rank, all_reduce_sum, autocast, barrier, choose_device, choose_precision,
@@ -147,12 +147,15 @@ def train(
     val_curve_path: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     stop_after: Optional[int] = None,
+    clip_dir: str | Path | None = None,
 ) -> dict:
     """Train a captioner on ``features_dir``'s train split; write model, curves, metrics.
 
     ``checkpoint_dir``: where checkpoints go and are resumed from (None: a temporary
     folder, so no resume). ``val_curve_path`` defaults to ``val.csv`` beside the
     curve. ``stop_after``: stop (raise) after that many steps, as a kill would (tests).
+    ``clip_dir``: the pinned CLIP folder that made the features, copied into the
+    model folder (checked against the features before training starts).
     Returns the metrics dict (also written, as JSON, to ``metrics_path`` by rank 0).
     """
     started = time.perf_counter()
@@ -161,13 +164,13 @@ def train(
     with process_group(rank, device):
         run = setup(Path(features_dir), Path(gpt_dir), mapper, train, rank, device,
                     Path(curve_path), Path(val_curve_path or Path(curve_path).with_name("val.csv")),
-                    checkpoint_dir, progress, stop_after)
+                    checkpoint_dir, progress, stop_after, clip_dir)
         try:
             while run.progress.epoch <= train.epochs and not run.progress.stopped_early:
                 run_epoch(run)
             if run.bar is not None:
                 run.bar.close()
-            return finish(run, Path(out_dir), Path(metrics_path), mapper, started)
+            return finish(run, Path(out_dir), Path(metrics_path), mapper, started, clip_dir)
         finally:
             if run.bar is not None:
                 run.bar.close()
@@ -178,7 +181,7 @@ def train(
 # -------------------------------------------------------------------- setup
 def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: TrainParams, rank: Rank,
           device: torch.device, curve_path: Path, val_curve_path: Path, checkpoint_dir, progress: bool,
-          stop_after: Optional[int]) -> Run:
+          stop_after: Optional[int], clip_dir=None) -> Run:
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -214,6 +217,8 @@ def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: Train
     features = {**data.attrs, "dim": data.dim}
     model = ClipCaptioner.from_settings(mapper.model_dump(), data.dim, gpt, tokenizer, features=features,
                                         finetune_gpt=params.finetune_gpt).to(device)
+    if clip_dir is not None:
+        check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
 
     batches_per_epoch = len(data.train) // params.batch_size
     if batches_per_epoch == 0:
@@ -485,7 +490,8 @@ def _maybe_stop(run: Run) -> None:
 
 
 # -------------------------------------------------------------------- finish
-def finish(run: Run, out_dir: Path, metrics_path: Path, mapper: MapperParams, started: float) -> dict:
+def finish(run: Run, out_dir: Path, metrics_path: Path, mapper: MapperParams, started: float,
+           clip_dir=None) -> dict:
     """The kept weights into the model folder; curves and metrics; checkpoints removed."""
     p, params, model = run.progress, run.params, run.model
     kept = "last"
@@ -530,7 +536,7 @@ def finish(run: Run, out_dir: Path, metrics_path: Path, mapper: MapperParams, st
         if kept == "best":
             load_checkpoint(run.ckpts.path(p.best_step, "best")).restore(modules=run.checkpoint_modules)
         write_curves(run)
-        model.save(out_dir)
+        model.save(out_dir, clip_dir=clip_dir)
         write_metrics(metrics_path, metrics)
         # The run is complete: nothing is left to resume.
         run.ckpts.remove("step")

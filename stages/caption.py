@@ -1,55 +1,81 @@
-"""`capline caption`: caption image files with a trained captioner."""
+"""`capline caption`: caption image files, folders, URLs and tar shards with a trained model folder."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+# Decoding options: (field, click type, help). Unset options take the model folder's defaults.
+DECODING_OPTIONS = [
+    ("num_beams", click.IntRange(min=1), "beam width; 1 = greedy"),
+    ("length_penalty", float, "beam search: score = summed log-probability / length ** this"),
+    ("no_repeat_ngram_size", click.IntRange(min=0), "no n-gram of this size twice in a caption; 0 = off"),
+    ("repetition_penalty", float, "penalty on tokens already in the caption; 1.0 = off"),
+    ("min_new_tokens", click.IntRange(min=0), "EOS forbidden before this many tokens"),
+    ("max_new_tokens", click.IntRange(min=1), "caption length cap, tokens"),
+    ("temperature", float, "sampling only: logits divided by this"),
+    ("top_k", click.IntRange(min=0), "sampling only: keep the k most likely tokens; 0 = off"),
+    ("top_p", float, "sampling only: nucleus mass; 1.0 = off"),
+    ("num_return_sequences", click.IntRange(min=1), "captions per image (n-best, best first)"),
+    ("seed", int, "seed of sampling (per image: the same image gets the same captions)"),
+]
+
+
+def decoding_options(command):
+    for key, kind, help_text in reversed(DECODING_OPTIONS):
+        command = click.option("--" + key.replace("_", "-"), key, type=kind, default=None,
+                               help=help_text + " [default: the model folder's]")(command)
+    return click.option("--do-sample/--no-do-sample", "do_sample", default=None,
+                        help="sample instead of beam search / greedy [default: the model folder's]")(command)
+
 
 @click.command("caption")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_dir", default="data/model", show_default=True, type=click.Path(file_okay=False),
-              help="trained captioner folder (from `capline train`)")
-@click.option("--clip", "clip_dir", default="data/models/clip", show_default=True,
-              type=click.Path(file_okay=False), help="the CLIP folder the training features were made with")
-@click.option("--beams", "num_beams", default=5, show_default=True, type=click.IntRange(min=1),
-              help="beam width (one caption per image)")
-@click.option("--max-new-tokens", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--num-captions", default=1, show_default=True, type=click.IntRange(min=1),
-              help="captions per image; more than one samples them (see --temperature, --top-p)")
-@click.option("--sample", is_flag=True, help="sample instead of beam search, even for one caption")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int, help="seed for sampling")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object per image instead of path<TAB>caption")
-def caption(images: tuple[str, ...], model_dir: str, clip_dir: str, num_beams: int, max_new_tokens: int,
-            num_captions: int, sample: bool, temperature: float, top_p: float, batch_size: int, seed: int,
-            as_json: bool) -> None:
-    """Caption IMAGES (files) with a trained model.
+              help="trained model folder (from `capline train`); it holds its CLIP and decoding defaults")
+@click.option("--clip", "clip_dir", default=None, type=click.Path(file_okay=False),
+              help="CLIP folder, for a model folder trained without one [default: the model folder's clip/]")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="write the results to this file instead of stdout")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "coco", "tsv"]), default=None,
+              help="jsonl (every caption, scores, errors), coco (COCO results: first caption per image) or tsv "
+                   "(input<TAB>caption) [default: from --out's suffix .jsonl/.json/.tsv, else tsv]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="auto: bf16 weights where the device runs bf16 fast, else fp32")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="images per batch")
+@click.option("--progress/--no-progress", default=True, help="progress bar on stderr when there are many images")
+@decoding_options
+def caption(inputs: tuple[str, ...], model_dir: str, clip_dir: str | None, out_path: str | None, fmt: str | None,
+            device: str, precision: str, batch_size: int, progress: bool, **decoding) -> None:
+    """Caption INPUTS: image files, folders (recursive), http(s) URLs and image tar shards.
 
-    Prints `path<TAB>caption` per caption (or JSON lines with --json). Images that
-    cannot be read are reported on stderr and make the exit status 1; the others
-    are still captioned.
+    Every decoding option defaults to the model folder's generation_config.json.
+    Results go to stdout or --out. An input that fails (missing, 404, not an image,
+    truncated) is reported on stderr with its reason, the others are still captioned,
+    and the exit status is 1.
     """
-    from pipeline.caption import CaptionOptions, caption_images
+    from pipeline.caption import caption_inputs, format_for, format_results, option_name, resolve_decoding
+    from pipeline.files import write_atomic
 
-    options = CaptionOptions(num_beams=num_beams, max_new_tokens=max_new_tokens, num_captions=num_captions,
-                             sample=sample, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
-    results = caption_images(model_dir, clip_dir, list(images), options)
-    failed = 0
-    for r in results:
-        if r.error is not None:
-            failed += 1
-            click.echo(f"{r.path}\terror: {r.error}", err=True)
-            if as_json:
-                click.echo(json.dumps(r.as_dict(), ensure_ascii=False))
-            continue
-        if as_json:
-            click.echo(json.dumps(r.as_dict(), ensure_ascii=False))
-        else:
-            for text in r.captions:
-                click.echo(f"{r.path}\t{' '.join(text.split())}")  # one line per caption, whatever it holds
+    fmt = format_for(out_path, fmt)
+    d = resolve_decoding(model_dir, decoding, name=option_name)
+    failed = []
+
+    def report(result) -> None:
+        if result.error is not None:
+            from tqdm import tqdm
+
+            failed.append(result)
+            tqdm.write(f"{result.name}\terror: {result.error}", file=sys.stderr)  # above the progress bar
+
+    results = caption_inputs(model_dir, list(inputs), d, clip_dir=clip_dir, device=device, precision=precision,
+                             batch_size=batch_size, progress=progress, on_result=report)
+    text = format_results(results, fmt)
+    if out_path is not None:
+        write_atomic(out_path, text)
+        click.echo(f"{len(results) - len(failed)} images captioned, {len(failed)} failed -> {out_path}", err=True)
+    else:
+        click.echo(text, nl=False)
     if failed:
         sys.exit(1)

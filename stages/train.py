@@ -1,6 +1,8 @@
 """`capline train`: train the ClipCap mapper on feature shards."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from stages.common import load, params_option
@@ -12,6 +14,10 @@ from stages.common import load, params_option
               type=click.Path(file_okay=False), help="folder of HDF5 feature shards (train and val splits are used)")
 @click.option("--gpt", "gpt_dir", default="data/models/gpt", show_default=True,
               type=click.Path(file_okay=False), help="GPT-2 + tokenizer folder (save_pretrained layout)")
+@click.option("--clip", "clip_dir", default="data/models/clip", show_default=True,
+              type=click.Path(file_okay=False),
+              help="the pinned CLIP folder that made the features; copied into the model folder (without it, "
+                   "`capline caption` needs --clip)")
 @click.option("--out", "out_dir", default="data/model", show_default=True,
               type=click.Path(file_okay=False), help="trained captioner folder to write (replaced when whole)")
 @click.option("--curve", "curve_path", default="data/train/loss.csv", show_default=True,
@@ -24,7 +30,7 @@ from stages.common import load, params_option
 @click.option("--metrics", "metrics_path", default="data/metrics/train.json", show_default=True,
               type=click.Path(dir_okay=False), help="final metrics JSON (train_loss, val_loss, params, seconds)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
-def train(params_path: str, features_dir: str, gpt_dir: str, out_dir: str, curve_path: str,
+def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_dir: str, curve_path: str,
           val_curve_path: str, checkpoint_dir: str, metrics_path: str, progress: bool) -> None:
     """Train a captioner from the `mapper` and `train` params.
 
@@ -37,8 +43,14 @@ def train(params_path: str, features_dir: str, gpt_dir: str, out_dir: str, curve
     from pipeline.train import train as run_train
 
     p = load(params_path)
+    source = click.get_current_context().get_parameter_source("clip_dir")
+    if source is click.core.ParameterSource.DEFAULT and not Path(clip_dir).is_dir():
+        click.echo(f"warning: no CLIP folder at {clip_dir}; the model folder will not hold its CLIP "
+                   "(`capline caption` will need --clip)", err=True)
+        clip_dir = None
     metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
-                        progress=progress, val_curve_path=val_curve_path, checkpoint_dir=checkpoint_dir)
+                        progress=progress, val_curve_path=val_curve_path, checkpoint_dir=checkpoint_dir,
+                        clip_dir=clip_dir)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
                f"best step {metrics['best_step']} (val_loss {metrics['best_val_loss']}, kept: {metrics['kept']})  "
                f"{metrics['params_trainable']} trainable parameters  {metrics['samples_per_s']} samples/s  "

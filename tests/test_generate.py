@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.models.decoding import prepare_for_inference
 from pipeline.generate import caption_vectors, derangement, generate
 from pipeline.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
@@ -35,21 +36,34 @@ def trained(tmp_path_factory):
     return root, feats, table
 
 
-def test_batched_beam_search_equals_one_at_a_time(trained):
+def texts(nbest):
+    return [[c.text for c in caps] for caps in nbest]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_batched_beam_search_equals_one_at_a_time(trained, precision):
+    from pipeline.runtime import choose_precision
+
     root, feats, table = trained
-    model = ClipCaptioner.load(root / "model")
-    vectors = table.embeddings[:12]
-    one = caption_vectors(model, vectors, GEN.model_copy(update={"batch_size": 1}), torch.device("cpu"), False)
-    many = caption_vectors(model, vectors, GEN, torch.device("cpu"), False)
-    assert one == many
-    assert len(set(many)) > 1  # the captions depend on the image
+    device = torch.device("cpu")
+    model = prepare_for_inference(ClipCaptioner.load(root / "model"), device, choose_precision(precision, device))
+    vectors, keys = table.embeddings[:12], table.keys[:12]
+    params = GEN.model_copy(update={"precision": precision, "num_return_sequences": 3})
+    one = caption_vectors(model, vectors, params.model_copy(update={"batch_size": 1}), keys, False)
+    many = caption_vectors(model, vectors, params, keys, False)
+    assert texts(one) == texts(many)  # every caption of the n-best, in the same order
+    # Scores agree to rounding (a matmul over 9 rows and one over 45 may add in another order).
+    assert [c.score for caps in one for c in caps] == pytest.approx([c.score for caps in many for c in caps],
+                                                                    abs=1e-3)
+    assert len({caps[0].text for caps in many}) > 1  # the captions depend on the image
 
 
 def test_trained_model_names_what_is_in_the_image(trained):
     root, feats, table = trained
     model = ClipCaptioner.load(root / "model")
     test = [i for i, s in enumerate(table.splits) if s == "test"]
-    caps = caption_vectors(model, table.embeddings[test], GEN, torch.device("cpu"), False)
+    caps = [c[0].text for c in caption_vectors(model, table.embeddings[test], GEN, [table.keys[i] for i in test],
+                                               False)]
     right = 0
     for i, cap in zip(test, caps):
         colour, shape = table.captions[i][0].split()[1:3]
@@ -186,3 +200,72 @@ def test_torchrun_two_processes_write_what_one_process_writes(trained, tmp_path)
     for name in ("results.json", "results_shuffled.json", "references.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert json.loads((tmp_path / "two.json").read_text())["world_size"] == 2
+
+
+def _nbest(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("update", [
+    {"num_beams": 1, "do_sample": True, "num_return_sequences": 3, "temperature": 1.3, "top_k": 8, "top_p": 0.95},
+    {"num_beams": 3, "num_return_sequences": 3},
+], ids=["sampling", "beam"])
+def test_nbest_file_lists_every_caption_best_first(trained, tmp_path, update):
+    root, feats, table = trained
+    params = GEN.model_copy(update={**update, "precision": "auto"})
+    metrics = generate(root / "model", feats, tmp_path / "a", params, progress=False)
+    rows = _nbest(tmp_path / "a/nbest.jsonl")
+    results = json.loads((tmp_path / "a/results.json").read_text())
+    assert [r["image_id"] for r in rows] == [r["image_id"] for r in results]
+    for row, result in zip(rows, results):
+        assert len(row["captions"]) == 3
+        scores = [c["score"] for c in row["captions"]]
+        assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
+        assert row["captions"][0]["caption"] == result["caption"]  # results.json: the first of the n-best
+    assert metrics["num_return_sequences"] == 3 and metrics["precision"] in ("bf16", "fp32")
+    assert metrics["device"] == "cpu"
+    # Same params and seed: the same files.
+    generate(root / "model", feats, tmp_path / "b", params, progress=False)
+    for name in ("nbest.jsonl", "results.json", "results_shuffled.json", "generation_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # In batches of one: the same captions, the same scores to rounding.
+    generate(root / "model", feats, tmp_path / "c", params.model_copy(update={"batch_size": 1}), progress=False)
+    for name in ("results.json", "results_shuffled.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
+    one = _nbest(tmp_path / "c/nbest.jsonl")
+    assert [[c["caption"] for c in r["captions"]] for r in one] == [[c["caption"] for c in r["captions"]] for r in rows]
+    assert [c["score"] for r in one for c in r["captions"]] == pytest.approx(
+        [c["score"] for r in rows for c in r["captions"]], abs=1e-3)
+
+
+def test_sampling_follows_the_seed(trained, tmp_path):
+    root, feats, table = trained
+    params = GEN.model_copy(update={"num_beams": 1, "do_sample": True, "num_return_sequences": 4,
+                                    "temperature": 2.0, "seed": 1})
+    generate(root / "model", feats, tmp_path / "a", params, progress=False)
+    generate(root / "model", feats, tmp_path / "b", params.model_copy(update={"seed": 2}), progress=False)
+    a, b = _nbest(tmp_path / "a/nbest.jsonl"), _nbest(tmp_path / "b/nbest.jsonl")
+    texts = lambda rows: [[c["caption"] for c in r["captions"]] for r in rows]  # noqa: E731
+    assert texts(a) != texts(b)
+    assert sum(len(set(t)) > 1 for t in texts(a)) > len(a) // 2  # several different captions per image
+
+
+def test_generation_config_beside_the_results_is_the_one_used(trained, tmp_path):
+    from transformers import GenerationConfig
+
+    from pipeline.models.decoding import decoding_from_config
+    from pipeline.params import Decoding
+
+    root, feats, table = trained
+    params = GEN.model_copy(update={"num_beams": 4, "length_penalty": 0.6, "no_repeat_ngram_size": 2,
+                                    "repetition_penalty": 1.2, "min_new_tokens": 2, "num_return_sequences": 2})
+    generate(root / "model", feats, tmp_path / "c", params, progress=False)
+    config = GenerationConfig.from_pretrained(tmp_path / "c")
+    assert decoding_from_config(config) == Decoding(**{k: getattr(params, k) for k in Decoding.model_fields})
+    assert config.early_stopping is True and config.eos_token_id is not None
+    # A greedy run removes the n-best list of the previous run in the same folder.
+    generate(root / "model", feats, tmp_path / "c", GEN.model_copy(update={"num_beams": 1}), progress=False)
+    assert not (tmp_path / "c/nbest.jsonl").exists()
+    # The trained model folder carries the code's decoding defaults (the length cut to the 64 positions
+    # GPT-2 has after the prefix of 2), in transformers' format.
+    assert decoding_from_config(GenerationConfig.from_pretrained(root / "model")) == Decoding(max_new_tokens=64 - 2)

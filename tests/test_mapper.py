@@ -181,7 +181,8 @@ def test_save_load_round_trip_gives_identical_outputs(gpt_dir, tmp_path):
     with torch.no_grad():  # make GPT-2 differ from the saved base so its weights must be saved too
         model.gpt.get_input_embeddings().weight.add_(0.01)
     out = model.save(tmp_path / "model")
-    assert sorted(p.name for p in out.iterdir()) == ["captioner.json", "gpt", "mapper.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["captioner.json", "generation_config.json", "gpt",
+                                                    "mapper.safetensors"]
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     cfg = json.loads((out / CONFIG_NAME).read_text())
     assert cfg["features"]["model_id"] == FEATURE_ATTRS["model_id"] and cfg["clip_dim"] == 16

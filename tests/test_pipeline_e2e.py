@@ -78,6 +78,20 @@ def test_repro_then_experiment(repo: Path):
     shown = _run(["dvc", "exp", "show", "--json"], repo)
     assert "cider" in shown
 
+    # A decoding change reruns generate and evaluate only: train does not read the generate section.
+    out = _run(["dvc", "exp", "run", "-S", "generate.num_beams=3", "-S", "generate.num_return_sequences=2"], repo)
+    assert _stages_run(out) == {"generate", "evaluate"}
+    nbest = [json.loads(line) for line in (repo / "data/captions/nbest.jsonl").read_text().splitlines()]
+    assert nbest and all(len(row["captions"]) == 2 for row in nbest)
+
+    # The trained folder holds its CLIP and decoding defaults: it captions a shard on its own.
+    assert (repo / "data/model/clip/pin.json").is_file() and (repo / "data/model/generation_config.json").is_file()
+    shard = sorted((repo / "data/images").glob("*.tar"))[0]
+    out = _run(["capline", "caption", "--model", "data/model", "--num-beams", "2", "--format", "jsonl",
+                "--no-progress", str(shard)], repo)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows and all(r.get("captions") for r in rows)
+
 
 def _lock_outs(repo: Path, stage: str) -> dict:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]

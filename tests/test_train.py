@@ -376,3 +376,16 @@ def test_sigkill_then_rerun_gives_the_same_weights(data, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert (killed / "loss.csv").read_text() == (tmp_path / "whole" / "loss.csv").read_text()
+
+
+def test_a_clip_folder_that_did_not_make_the_features_is_refused_before_training(data, tmp_path):
+    from pipeline.models.demo import build_demo_clip
+    from pipeline.params import DemoClip
+
+    root, gpt, feats = data
+    clip = build_demo_clip(tmp_path / "clip", DemoClip(hidden_size=32, layers=1, heads=2, projection_dim=16,
+                                                        pretrain_steps=0), 32) or tmp_path / "clip"
+    with pytest.raises(ModelError, match="model_id"):
+        train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, TRAIN,
+              progress=False, clip_dir=clip)
+    assert not (tmp_path / "c.csv").exists() and not (tmp_path / "m").exists()

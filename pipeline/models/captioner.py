@@ -5,14 +5,18 @@ cross-entropy on the caption positions only. Captions end with EOS (so generatio
 learns to stop) and padding is excluded from the loss by label -100 and the
 attention mask, never by a token id that also means a real word.
 
-The saved folder is self-contained (see docs/architecture.md, "Models"):
+The saved folder is self-sufficient (see docs/model.md, "The model folder"):
 ``captioner.json`` (the mapper's type and config, and the encoder attributes it
-was trained on), ``mapper.safetensors`` and ``gpt/`` (GPT-2 + tokenizer via
-save_pretrained). Loading it needs the mapper registry, not the params schema.
+was trained on), ``mapper.safetensors``, ``gpt/`` (GPT-2 + tokenizer via
+save_pretrained), ``generation_config.json`` (the decoding defaults, transformers'
+format) and ``clip/`` (a copy of the pinned CLIP folder that made the features),
+so ``capline caption --model DIR`` needs nothing else. Loading it needs the mapper
+registry, not the params schema.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -24,11 +28,12 @@ from pipeline.features import attr_value
 from pipeline.files import replace_dir, temp_dir_for
 from pipeline.models import mapper as mappers
 from pipeline.models.mapper import count_parameters
-from pipeline.models.pretrained import ModelError
+from pipeline.models.pretrained import PIN_FILE, ModelError
 
 CONFIG_NAME = "captioner.json"
 MAPPER_WEIGHTS = "mapper.safetensors"
 GPT_SUBDIR = "gpt"
+CLIP_SUBDIR = "clip"
 FORMAT_VERSION = 2
 # Feature attributes a model must be fed again at generate/caption time.
 FEATURE_KEYS = ("model_id", "model_revision", "output", "normalized")
@@ -83,6 +88,10 @@ class ClipCaptioner(nn.Module):
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
     def max_positions(self) -> int:
         cfg = self.gpt.config
         return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024))
@@ -125,15 +134,19 @@ class ClipCaptioner(nn.Module):
         )
 
     @torch.no_grad()
-    def generate_ids(self, clip_vectors: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:
         """Token ids continuing each prefix (transformers' generate, KV cache).
 
-        Extra keyword arguments go to ``generate`` (num_beams, max_new_tokens,
-        length_penalty, no_repeat_ngram_size, do_sample, temperature, top_p,
-        num_return_sequences). ``max_new_tokens`` is capped by GPT-2's positions.
+        With ``generation_config`` (what the stages use, see pipeline/models/decoding.py) that
+        config alone decides; other keyword arguments (``logits_processor``) go to
+        ``generate``. Without it, keyword arguments are generation settings
+        (num_beams, max_new_tokens, ...), ``max_new_tokens`` capped by GPT-2's positions.
         """
         prefix = self.prefix(clip_vectors)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if generation_config is not None:
+            return self.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config,
+                                     **kwargs)
         room = self.max_positions - self.prefix_length
         kwargs["max_new_tokens"] = max(1, min(int(kwargs.get("max_new_tokens", 30)), room))
         kwargs.setdefault("eos_token_id", self.eos_token_id)
@@ -178,19 +191,43 @@ class ClipCaptioner(nn.Module):
             "params_total": count_parameters(self),
         }
 
-    def save(self, model_dir: str | Path) -> Path:
-        """Write the self-contained model folder (temporary name, renamed when whole)."""
+    def save(self, model_dir: str | Path, clip_dir: str | Path | None = None) -> Path:
+        """Write the self-sufficient model folder (temporary name, renamed when whole).
+
+        ``clip_dir``: the pinned CLIP folder that made the training features; it is
+        checked against the recorded encoder and copied into ``clip/``.
+        """
         from safetensors.torch import save_file
+
+        from pipeline.models.decoding import generation_config, model_defaults, save_generation_config
 
         model_dir = Path(model_dir)
         if model_dir.exists() and any(model_dir.iterdir()) and not (model_dir / CONFIG_NAME).exists():
             raise ModelError(f"{model_dir}: exists and is not a captioner folder; refusing to replace it")
+        config = self.config_dict()
+        if clip_dir is not None:
+            config["clip"] = {"dir": CLIP_SUBDIR, **check_clip_folder(Path(clip_dir), self.features)}
         tmp = temp_dir_for(model_dir)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
-        save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
-        self.gpt.save_pretrained(tmp / GPT_SUBDIR, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp / GPT_SUBDIR)
-        (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
+        try:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
+            save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
+            # GPT-2's own generation_config.json says the same as the folder's.
+            decoding = model_defaults(self)
+            self.gpt.generation_config = generation_config(decoding, self.eos_token_id, self.pad_token_id)
+            self.gpt.save_pretrained(tmp / GPT_SUBDIR, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / GPT_SUBDIR)
+            save_generation_config(decoding, tmp, self.eos_token_id, self.pad_token_id)
+            if clip_dir is not None:
+                # A copy, not a path: the folder must caption after being moved or shipped alone.
+                shutil.copytree(clip_dir, tmp / CLIP_SUBDIR, ignore=shutil.ignore_patterns(".*"))
+                # The pin travels with the copy, so the copy keeps the identity the features recorded.
+                pin = {k: v for k, v in config["clip"].items() if k != "dir"}
+                if not (tmp / CLIP_SUBDIR / PIN_FILE).exists():
+                    (tmp / CLIP_SUBDIR / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         replace_dir(tmp, model_dir)
         return model_dir
 
@@ -199,6 +236,7 @@ class ClipCaptioner(nn.Module):
         """Load a folder written by ``save`` (safetensors only, no remote code)."""
         from safetensors.torch import load_file
 
+        from pipeline.models.decoding import default_generation_config
         from pipeline.models.pretrained import load_gpt
 
         model_dir = Path(model_dir)
@@ -222,7 +260,16 @@ class ClipCaptioner(nn.Module):
                              f"({type(err).__name__}: {err})") from None
         model = cls(mapper, gpt, tokenizer, features=cfg.get("features"),
                     finetune_gpt=bool(cfg.get("finetune_gpt", False)))
+        model.model_dir = model_dir
+        # Decoding defaults come from the captioner's folder, never from GPT-2's own file.
+        model.gpt.generation_config = default_generation_config(model, model_dir)
         return model.to(device).eval()
+
+    @property
+    def clip_dir(self) -> Optional[Path]:
+        """The CLIP folder saved with this model (None for a model trained without one)."""
+        folder = getattr(self, "model_dir", None)
+        return folder / CLIP_SUBDIR if folder is not None and (folder / CLIP_SUBDIR).is_dir() else None
 
     def check_features(self, attrs: dict, dim: int, source: str) -> None:
         """Refuse features from another encoder than the one this model was trained on."""
@@ -239,3 +286,19 @@ class ClipCaptioner(nn.Module):
         """The ``expect`` mapping for ``load_features``."""
         return {k: self.features[k] for k in FEATURE_KEYS if self.features.get(k) is not None}
 
+
+
+def check_clip_folder(clip_dir: Path, features: Mapping[str, Any]) -> dict:
+    """The pin of ``clip_dir`` if it is the encoder that made ``features``; else a ModelError naming both."""
+    from pipeline.models.pretrained import model_identity, read_pin
+
+    if not (clip_dir / "config.json").is_file():
+        raise ModelError(f"clip folder {clip_dir}: no config.json (missing or not a pinned model folder; "
+                         "run `capline models clip`)")
+    model_id, revision = model_identity(clip_dir)
+    for key, got in (("model_id", model_id), ("model_revision", revision)):
+        want = features.get(key)
+        if want is not None and attr_value(want) != got:
+            raise ModelError(f"clip folder {clip_dir}: {key} is {got!r} but the features were made by {want!r}")
+    pin = read_pin(clip_dir)
+    return {k: pin[k] for k in ("model_id", "revision", "sha256")}

@@ -1,0 +1,52 @@
+"""Decoding settings: every value explicit in transformers' format, and param errors that name the keys."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.models.decoding import decoding_from_config, generation_config, row_seed
+from pipeline.params import Decoding, ParamsError, parse_params
+
+VALID = [
+    {},
+    {"num_beams": 1},
+    {"num_beams": 3, "num_return_sequences": 3, "length_penalty": 0.5, "no_repeat_ngram_size": 3},
+    {"num_beams": 1, "do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "num_return_sequences": 5},
+    {"num_beams": 4, "do_sample": True, "num_return_sequences": 2, "repetition_penalty": 1.3},
+    {"min_new_tokens": 5, "max_new_tokens": 5},
+]
+
+
+@pytest.mark.parametrize("values", VALID)
+def test_generation_config_is_explicit_valid_and_round_trips(values):
+    d = Decoding(**values)
+    config = generation_config(d, eos_token_id=7, pad_token_id=7)
+    config.validate(strict=True)  # what transformers checks before saving
+    assert decoding_from_config(config) == d
+    assert config.do_sample == d.do_sample and config.num_beams == d.num_beams
+    if d.do_sample:  # no sampling knob is left to transformers' defaults (top_k=50 among them)
+        assert (config.top_k, config.top_p, config.temperature) == (d.top_k, d.top_p, d.temperature)
+
+
+@pytest.mark.parametrize("values, keys", [
+    ({"num_beams": 2, "num_return_sequences": 3}, ["generate.num_return_sequences", "generate.num_beams"]),
+    ({"num_beams": 1, "num_return_sequences": 2}, ["generate.num_return_sequences", "generate.num_beams",
+                                                   "do_sample"]),
+    ({"temperature": 0.7}, ["generate.temperature", "generate.do_sample"]),
+    ({"top_k": 50}, ["generate.top_k", "generate.do_sample"]),
+    ({"top_p": 0.9}, ["generate.top_p", "generate.do_sample"]),
+    ({"num_beams": 1, "length_penalty": 0.5}, ["generate.length_penalty", "generate.num_beams"]),
+    ({"min_new_tokens": 9, "max_new_tokens": 8}, ["generate.min_new_tokens", "generate.max_new_tokens"]),
+    ({"top_p": 1.5, "do_sample": True}, ["generate.top_p"]),
+    ({"temperature": 0, "do_sample": True}, ["generate.temperature"]),
+    ({"repetition_penalty": 0}, ["generate.repetition_penalty"]),
+])
+def test_impossible_settings_are_param_errors_naming_the_keys(values, keys):
+    with pytest.raises(ParamsError) as err:
+        parse_params({"generate": values})
+    for key in keys:
+        assert key in str(err.value)
+
+
+def test_row_seeds_are_a_pure_function_of_seed_image_and_index():
+    assert row_seed(0, "a", 0) == row_seed(0, "a", 0)
+    assert len({row_seed(s, k, j) for s in (0, 1) for k in ("a", "b") for j in (0, 1)}) == 8
