@@ -97,13 +97,14 @@ class ImageEmbedder:
 
 
 def caption_images(model_dir: str | Path, clip_dir: str | Path, images: list[str | Path],
-                   options: CaptionOptions = CaptionOptions(), progress: bool = False) -> list[CaptionResult]:
+                   options: CaptionOptions = CaptionOptions(), progress: bool = False,
+                   device: str = "auto") -> list[CaptionResult]:
     """Captions for image files, in input order; unreadable images carry an error instead."""
     from tqdm import tqdm
 
     from pipeline.embed.preprocess import ImageDecodeError
 
-    device = choose_device("auto")
+    device = choose_device(device, key="--device")
     model = ClipCaptioner.load(model_dir, device=device)
     embedder = ImageEmbedder(Path(clip_dir), model.features, device)
     if embedder.dim != model.clip_dim:

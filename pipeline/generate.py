@@ -63,12 +63,12 @@ def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateP
 
 
 def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, params: GenerateParams,
-             metrics_path: str | Path | None = None, progress: bool = True) -> dict:
-    """Caption the ``params.split`` images of ``features_dir``; return (and write) metrics."""
+             metrics_path: str | Path | None = None, progress: bool = True, device: str = "auto") -> dict:
+    """Caption the ``params.split`` images of ``features_dir`` on ``device``; return (and write) metrics."""
     from pipeline.features import load_features
 
     rank = current_rank()
-    device = choose_device("auto", rank)
+    device = choose_device(device, rank, key="device")
     model = ClipCaptioner.load(model_dir, device=device)
     table = load_features(Path(features_dir), split=params.split, expect=model.feature_expectation())
     if len(table) == 0:
@@ -119,6 +119,8 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
         "seconds": round(seconds, 3),
         "captions_per_s": round(len(captions) / max(seconds, 1e-9), 3),
         "world_size": rank.world_size,
+        "device": str(device),
+        "precision": choose_precision(params.precision, device, key="generate.precision"),
     }
     if metrics_path is not None:
         write_metrics(metrics_path, metrics)

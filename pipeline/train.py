@@ -83,6 +83,7 @@ def train(
     mapper: MapperParams,
     train: TrainParams,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict:
     """Train a captioner on ``features_dir``'s train split; write model, curve, metrics.
 
@@ -94,7 +95,7 @@ def train(
 
     started = time.perf_counter()
     rank = current_rank()
-    device = choose_device("auto", rank)
+    device = choose_device(device, rank, key="device")
     group = ExitStack()
     group.enter_context(process_group(rank, device))
     try:
@@ -213,6 +214,8 @@ def train(
             "world_size": rank.world_size,
             "precision": amp,
             "device": str(device),
+            "gpt_model_id": model.gpt_source.get("model_id"),
+            "gpt_revision": model.gpt_source.get("revision"),
             "seconds": round(seconds, 2),
             "pairs_per_s": round(len(train_pairs) * train.epochs / max(seconds, 1e-9), 2),
         }
@@ -226,13 +229,15 @@ def train(
 
 
 def _build_model(gpt_dir, mapper: MapperParams, train: TrainParams, attrs: dict, dim: int) -> ClipCaptioner:
-    from pipeline.models.pretrained import load_gpt
+    from pipeline.models.pretrained import load_gpt, read_pin
 
     gpt, tokenizer = load_gpt(Path(gpt_dir))
     features = {k: attr_value(v) for k, v in attrs.items()}
     features["dim"] = dim
+    pin = read_pin(Path(gpt_dir))
+    source = {k: pin[k] for k in ("model_id", "revision", "sha256")}
     return ClipCaptioner.from_settings(mapper.model_dump(), dim, gpt, tokenizer, features=features,
-                                       finetune_gpt=train.finetune_gpt)
+                                       finetune_gpt=train.finetune_gpt, gpt_source=source)
 
 
 def _subset_pairs(model: ClipCaptioner, table, select: np.ndarray, max_tokens: int) -> Pairs:

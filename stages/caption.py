@@ -24,9 +24,10 @@ import click
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int, help="seed for sampling")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per image instead of path<TAB>caption")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
 def caption(images: tuple[str, ...], model_dir: str, clip_dir: str, num_beams: int, max_new_tokens: int,
             num_captions: int, sample: bool, temperature: float, top_p: float, batch_size: int, seed: int,
-            as_json: bool) -> None:
+            as_json: bool, device: str) -> None:
     """Caption IMAGES (files) with a trained model.
 
     Prints `path<TAB>caption` per caption (or JSON lines with --json). Images that
@@ -37,7 +38,7 @@ def caption(images: tuple[str, ...], model_dir: str, clip_dir: str, num_beams: i
 
     options = CaptionOptions(num_beams=num_beams, max_new_tokens=max_new_tokens, num_captions=num_captions,
                              sample=sample, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
-    results = caption_images(model_dir, clip_dir, list(images), options)
+    results = caption_images(model_dir, clip_dir, list(images), options, device=device)
     failed = 0
     for r in results:
         if r.error is not None:

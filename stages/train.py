@@ -31,6 +31,6 @@ def train(params_path: str, features_dir: str, gpt_dir: str, out_dir: str, curve
 
     p = load(params_path)
     metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
-                        progress=progress)
+                        progress=progress, device=p.device)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
                f"{metrics['params_trainable']} trainable parameters  {metrics['seconds']} s")

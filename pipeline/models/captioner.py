@@ -42,6 +42,7 @@ class ClipCaptioner(nn.Module):
         tokenizer: Any,
         features: Optional[dict] = None,
         finetune_gpt: bool = False,
+        gpt_source: Optional[dict] = None,
     ) -> None:
         super().__init__()
         if tokenizer.eos_token_id is None:
@@ -55,6 +56,8 @@ class ClipCaptioner(nn.Module):
         self.gpt = gpt
         self.tokenizer = tokenizer
         self.features = dict(features or {})
+        # Where GPT-2 came from: the pin of its folder (model id, resolved revision, sha256).
+        self.gpt_source = dict(gpt_source or {})
         self.finetune_gpt = finetune_gpt
         # A frozen GPT-2 gets no gradients and stays in eval mode (no dropout).
         self.gpt.requires_grad_(finetune_gpt)
@@ -62,11 +65,12 @@ class ClipCaptioner(nn.Module):
 
     @classmethod
     def from_settings(cls, mapper_settings: Mapping[str, Any], clip_dim: int, gpt: nn.Module, tokenizer: Any,
-                      features: Optional[dict] = None, finetune_gpt: bool = False) -> "ClipCaptioner":
+                      features: Optional[dict] = None, finetune_gpt: bool = False,
+                      gpt_source: Optional[dict] = None) -> "ClipCaptioner":
         """A new captioner (random mapper) from the params' ``mapper`` section as a mapping."""
         config = mappers.make_config(mapper_settings, clip_dim, int(gpt.config.hidden_size))
         mapper = mappers.build_mapper(str(mapper_settings["type"]), config)
-        return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt)
+        return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt, gpt_source=gpt_source)
 
     @property
     def mapper_type(self) -> str:
@@ -174,6 +178,7 @@ class ClipCaptioner(nn.Module):
             "prefix_length": self.prefix_length,
             "finetune_gpt": self.finetune_gpt,
             "features": self.features,
+            "gpt_source": self.gpt_source,
             "params_trainable": count_parameters(self, trainable_only=True),
             "params_total": count_parameters(self),
         }
@@ -221,7 +226,7 @@ class ClipCaptioner(nn.Module):
             raise ModelError(f"{model_dir}: mapper config or {MAPPER_WEIGHTS} unusable "
                              f"({type(err).__name__}: {err})") from None
         model = cls(mapper, gpt, tokenizer, features=cfg.get("features"),
-                    finetune_gpt=bool(cfg.get("finetune_gpt", False)))
+                    finetune_gpt=bool(cfg.get("finetune_gpt", False)), gpt_source=cfg.get("gpt_source"))
         return model.to(device).eval()
 
     def check_features(self, attrs: dict, dim: int, source: str) -> None:
