@@ -133,6 +133,15 @@ def check_hub_model(kind: Kind, model_id: str, revision: str) -> Optional[str]:
     return getattr(info, "sha", None)
 
 
+def _cached_commit(model_id: str, revision: str) -> Optional[str]:
+    """The commit the cache holds for ``revision`` (after a load, the one just used):
+    the snapshot folder's name, which is the commit hash."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
 def _commit_hash(obj: Any) -> Optional[str]:
     config = getattr(obj, "config", obj)
     value = getattr(config, "_commit_hash", None)
@@ -211,7 +220,7 @@ def pin_model(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[
                 raise
             except (OSError, ValueError, KeyError) as err:
                 raise ModelError(f"{kind}.model {model_id!r} (revision {revision!r}): cannot load: {err}") from err
-            resolved = LOCAL if _is_local(model_id) else (commit or revision)
+            resolved = LOCAL if _is_local(model_id) else (commit or _cached_commit(model_id, revision) or revision)
         pin = {"model_id": model_id, "revision": resolved, "sha256": weights_sha256(tmp), "kind": kind, **extra}
         (tmp / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, out_dir)
