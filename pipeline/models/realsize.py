@@ -18,30 +18,34 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.params import ParamsError
+from pipeline.errors import ParamsError
 
 EOS = "<|endoftext|>"  # GPT-2's only special token (end of text, also bos and unk)
 SEED = 0
 GPT2_VOCAB = 50_257
 GPT2_POSITIONS = 1024
 VIT_B32_PROJECTION = 512
+# openai/clip-vit-large-patch14's vision tower, as overrides of the ViT-B/32 defaults.
+VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+               patch_size=14, projection_dim=768)
 
 
-def vit_b32_config():
-    """openai/clip-vit-base-patch32's vision tower: transformers' defaults, projection 512."""
+def vit_config(**overrides):
+    """openai/clip-vit-base-patch32's vision tower (transformers' defaults, projection 512),
+    with ``overrides`` (``VIT_L14``, or small sizes for tests)."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(projection_dim=VIT_B32_PROJECTION)
+    return CLIPVisionConfig(**{"projection_dim": VIT_B32_PROJECTION, **overrides})
 
 
-def build_realsize_clip(out_dir: Path, seed: int = SEED) -> None:
+def build_realsize_clip(out_dir: Path, seed: int = SEED, **overrides) -> None:
     """A seeded ViT-B/32 (CLIPVisionModelWithProjection) and the hub's image processor settings."""
     import torch
     from transformers import CLIPVisionModelWithProjection
 
     from pipeline.models.demo import CLIP_MEAN, CLIP_STD, image_processor_class
 
-    config = vit_b32_config()
+    config = vit_config(**overrides)
     torch.manual_seed(seed)
     model = CLIPVisionModelWithProjection(config).eval()
     out_dir = Path(out_dir)
@@ -81,8 +85,9 @@ def train_bpe(captions: Iterable[str], folder: Path, vocab_size: int = GPT2_VOCA
     return folder
 
 
-def build_realsize_gpt(out_dir: Path, captions: Iterable[str], seed: int = SEED) -> None:
-    """A seeded GPT-2 small (GPT2LMHeadModel, default config) and a BPE tokenizer, saved together."""
+def build_realsize_gpt(out_dir: Path, captions: Iterable[str], seed: int = SEED, **overrides) -> None:
+    """A seeded GPT-2 small (GPT2LMHeadModel, default config; ``overrides`` for tests) and a
+    BPE tokenizer trained on ``captions``, saved together."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
@@ -92,8 +97,8 @@ def build_realsize_gpt(out_dir: Path, captions: Iterable[str], seed: int = SEED)
     eos = tokenizer.convert_tokens_to_ids(EOS)
     assert len(tokenizer) <= GPT2_VOCAB, "the BPE vocabulary is capped at GPT-2's"
     # Default config = gpt2 (124M): 50,257-row embedding tied to the LM head, 1024 positions.
-    config = GPT2Config(bos_token_id=eos, eos_token_id=eos)
-    assert config.vocab_size == GPT2_VOCAB and config.n_positions == GPT2_POSITIONS
+    config = GPT2Config(bos_token_id=eos, eos_token_id=eos, **overrides)
+    assert config.vocab_size >= len(tokenizer), "every tokenizer id needs an embedding row"
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).eval()
     out_dir = Path(out_dir)
