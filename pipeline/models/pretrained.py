@@ -99,7 +99,7 @@ def check_hub_model(kind: Kind, model_id: str, revision: str) -> Optional[str]:
     revision and offline setting are involved.
     """
     from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     what = f"{kind}.model {model_id!r} (revision {revision!r})"
     offline = bool(constants.HF_HUB_OFFLINE)
