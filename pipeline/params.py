@@ -51,7 +51,9 @@ class DemoData(Section):
 class DataParams(Section):
     """Where the images and reference captions come from."""
 
-    source: Literal["demo", "coco", "karpathy", "csv", "tsv", "jsonl"] = "demo"
+    # demo, or a reader registered in pipeline/datasets/readers.py (coco, karpathy,
+    # csv, tsv, jsonl); the prepare stage checks the name against that registry.
+    source: str = Field("demo", min_length=1)
     # COCO captions json / Karpathy dataset_*.json / CSV / TSV / JSONL list: path or URL.
     annotations: Optional[str] = None
     # Karpathy split file (dataset_coco.json) to split a COCO annotation file by image.

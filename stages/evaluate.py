@@ -25,17 +25,18 @@ _dir = click.Path(file_okay=False, path_type=Path)
               help="image tar shards for the report's thumbnails; skipped if absent")
 @click.option("--out", type=_file, default=Path("data/metrics/eval.json"), show_default=True,
               help="metrics JSON to write (flat: bleu_1..bleu_4, meteor, rouge_l, cider, baseline_*, control_*)")
-@click.option("--report-dir", type=_dir, default=Path("data/eval"), show_default=True,
-              help="folder for per_image.jsonl, report.html and metrics.png")
+@click.option("--report-dir", type=_dir, default=None,
+              help="folder for per_image.jsonl, report.html and metrics.png  [default: the folder of --out]")
 def evaluate(params_path: str, results: Path, references: Path, control: Path, features: Path,
-             images: Path, out: Path, report_dir: Path) -> None:
+             images: Path, out: Path, report_dir: Path | None) -> None:
     """Score generated captions against references, exactly as pycocoevalcap's COCOEvalCap.
 
     Writes BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when evaluate.corenlp_dir
     holds Stanford CoreNLP) with the constant-caption baseline and the
     shuffled-image control, per-image scores, an HTML report and a chart. Needs Java.
 
-    Outside DVC, any COCO pair works:
+    Outside DVC, any COCO pair works; the report goes beside METRICS.json unless
+    --report-dir names a folder (the DVC stage passes --report-dir data/eval):
 
     \b
     capline evaluate --results RES.json --references REFS.json --out METRICS.json
@@ -51,6 +52,9 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
         from pipeline.params import EvaluateParams
 
         section = EvaluateParams()
+    # Beside the metrics unless told otherwise: a run outside DVC must not write into
+    # a data/eval/ of whatever folder it was started from.
+    report_dir = report_dir if report_dir is not None else out.parent
     metrics = run_evaluate(section, results=results, references=references, out=out,
                            report_dir=report_dir, control=control, features=features, images=images)
     shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider")

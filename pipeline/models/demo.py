@@ -23,23 +23,6 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def image_processor_class() -> type:
-    """CLIPImageProcessor, or its PIL twin where transformers would fall back anyway.
-
-    transformers 5 backs CLIPImageProcessor with torchvision; without it, it falls
-    back to CLIPImageProcessorPil with a warning. Asking for that class directly
-    gives the same processing without the noise.
-    """
-    import transformers
-
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        if hasattr(transformers, "CLIPImageProcessorPil"):
-            return transformers.CLIPImageProcessorPil
-    return transformers.CLIPImageProcessor
-
-
 def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     """Save a small, seeded CLIPVisionModelWithProjection and its processor in ``out_dir``."""
     import torch
@@ -66,6 +49,8 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    from pipeline.models.pretrained import image_processor_class
+
     processor = image_processor_class()(
         do_resize=True,
         size={"shortest_edge": image_size},

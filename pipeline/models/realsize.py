@@ -43,7 +43,8 @@ def build_realsize_clip(out_dir: Path, seed: int = SEED, **overrides) -> None:
     import torch
     from transformers import CLIPVisionModelWithProjection
 
-    from pipeline.models.demo import CLIP_MEAN, CLIP_STD, image_processor_class
+    from pipeline.models.demo import CLIP_MEAN, CLIP_STD
+    from pipeline.models.pretrained import image_processor_class
 
     config = vit_config(**overrides)
     torch.manual_seed(seed)
