@@ -9,8 +9,9 @@ generate at real size through the stage code, each beside its model-only bound.
   save), and the steady-state training step alone: samples/s, tokens/s, and MFU from
   the step's FLOPs counted by torch (FlopCounterMode) against the peak.
 * generate: beam 5 in large batches through ``pipeline.generate.generate``.
-* torchrun: with two or more GPUs, ``capline generate`` under a 2-process torchrun
-  on the single-process model: the captions must equal the single-process ones.
+* torchrun: with two or more GPUs, ``capline train`` (DDP, NCCL) and ``capline
+  generate`` under a 2-process torchrun; generate's captions must equal the
+  single-process ones.
 
 The stage code needs pydantic (the params schema); without it those parts are
 skipped, saying so, and the model-only bounds still run. ``--tiny --device cpu``
@@ -311,33 +312,47 @@ def part_generate(cfg, args, tmp: Path, model_dir: Path, features: Path, report:
     return m
 
 
-def part_torchrun(cfg, args, tmp: Path, model_dir: Path, features: Path, report: Report, precision: str) -> None:
-    """`capline generate` under a 2-process torchrun: the same captions as one process."""
+def torchrun(stage: str, args: list[str], timeout: float) -> float:
+    """`capline STAGE ARGS` under a 2-process torchrun, as a user runs it; returns the wall time."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "stages.cli", stage, *args, "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun {stage} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return time.perf_counter() - start
+
+
+def part_torchrun(cfg, args, tmp: Path, gpt_dir: Path, model_dir: Path, features: Path, report: Report,
+                  precision: str) -> None:
+    """train (DDP) and generate under a 2-process torchrun; generate must give one process's captions."""
     import yaml
 
     params = tmp / "params-torchrun.yaml"
     params.write_text(yaml.safe_dump({
         "device": "cuda" if args.device.startswith("cuda") else "cpu",
+        "mapper": cfg["mapper"],
+        "train": {"epochs": 1, "batch_size": cfg["train_batch"], "lr": 2e-5, "warmup_steps": cfg["warmup"],
+                  "precision": precision, "finetune_gpt": False, "log_every": 50},
         "generate": {"split": "test", "batch_size": cfg["gen_batch"], "num_beams": cfg["beams"],
                      "max_new_tokens": cfg["new_tokens"], "precision": precision},
     }))
+    wall = torchrun("train", ["--params", str(params), "--features", str(features), "--gpt", str(gpt_dir),
+                              "--out", str(tmp / "model-ddp"), "--curve", str(tmp / "loss-ddp.csv"),
+                              "--metrics", str(tmp / "train-ddp.json")], timeout=300)
+    m = json.loads((tmp / "train-ddp.json").read_text())
+    report.row("torchrun", "capline train, 2 processes (DDP)", samples_per_s=m["pairs_per_s"],
+               world_size=m["world_size"], steps=m["steps"], wall_s=round(wall, 1))
     out = tmp / "captions-torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "stages.cli", "generate", "--params", str(params), "--model", str(model_dir),
-           "--features", str(features), "--out", str(out), "--metrics", str(tmp / "generate-torchrun.json"),
-           "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun generate failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    wall = torchrun("generate", ["--params", str(params), "--model", str(model_dir), "--features", str(features),
+                                 "--out", str(out), "--metrics", str(tmp / "generate-torchrun.json")], timeout=300)
     one = json.loads((tmp / "captions" / "results.json").read_text())
     two = json.loads((out / "results.json").read_text())
     same = sum(a == b for a, b in zip(one, two))
     m = json.loads((tmp / "generate-torchrun.json").read_text())
     report.row("torchrun", "capline generate, 2 processes", captions_per_s=m["captions_per_s"],
-               world_size=m["world_size"], identical_to_one_process=f"{same}/{len(one)}",
-               wall_s=round(time.perf_counter() - start, 1))
+               world_size=m["world_size"], identical_to_one_process=f"{same}/{len(one)}", wall_s=round(wall, 1))
     # Rows are split by index and gathered back: a misplaced row would make most captions
     # differ. On a GPU a random model's near-tied beams may flip with the batch's make-up.
     if len(one) != len(two) or same < 0.9 * len(one):
@@ -398,12 +413,12 @@ def main() -> None:
                 else:
                     part_generate(cfg, args, tmp, model_dir, features, report, precision)
         if gpus > 1 or args.torchrun:
-            with report.part("torchrun", deadline, 60) as ok:
+            with report.part("torchrun", deadline, 90) as ok:
                 if ok:
                     if model_dir is None:
                         report.skip("torchrun", "needs the model trained by the stage code (pydantic)")
                     else:
-                        part_torchrun(cfg, args, tmp, model_dir, features, report, precision)
+                        part_torchrun(cfg, args, tmp, gpt_dir, model_dir, features, report, precision)
         else:
             report.skip("torchrun", f"{gpus} GPU(s) visible; the 2-process check needs 2")
 

@@ -9,7 +9,8 @@
 #             samples/s, tokens/s, MFU (FLOPs counted by torch; peak 790 TFLOP/s
 #             bf16 on an H200, --peak-tflops otherwise)
 #   generate  beam 5, batches of 256, through pipeline.generate.generate
-#   torchrun  with 2+ GPUs: `capline generate` in 2 processes equals 1 process
+#   torchrun  with 2+ GPUs: `capline train` (DDP) and `capline generate` in 2
+#             processes; generate must equal 1 process
 #
 #   bash bench/gpu_check.sh                 # from the repository root: at most 8 minutes
 #   bash bench/gpu_check.sh --budget 300    # a part that no longer fits is skipped, saying so

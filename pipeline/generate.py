@@ -121,6 +121,8 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
         "world_size": rank.world_size,
         "device": str(device),
         "precision": choose_precision(params.precision, device, key="generate.precision"),
+        "clip_revision": model.features.get("model_revision"),
+        "gpt_revision": model.gpt_source.get("revision"),
     }
     if metrics_path is not None:
         write_metrics(metrics_path, metrics)

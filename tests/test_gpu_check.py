@@ -38,11 +38,12 @@ def test_every_part_runs_through_the_stage_code_on_cpu():
     assert rows == {("embed", "ViT-B/32"), ("embed", "ViT-L/14"), ("train", "steady-state"),
                     ("train", "pipeline.train.train"), ("generate", "pipeline.generate.generate,"),
                     ("torchrun", "capline")}
+    assert [r["world_size"] for r in result["rows"] if r["part"] == "torchrun"] == [2, 2]
     for r in result["rows"]:
         if r["part"] == "embed":
             assert r["images"] == 48 and r["images_per_s"] > 0 and r["device"] == "cpu"
-        if r["part"] == "torchrun":
-            assert r["identical_to_one_process"] == "8/8" and r["world_size"] == 2
+        if r["part"] == "torchrun" and "generate" in r["what"]:
+            assert r["identical_to_one_process"] == "8/8"
     assert "| part | what | figures |" in proc.stdout
 
 
