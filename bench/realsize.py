@@ -13,7 +13,7 @@ Throughputs are the stages' own metrics: embed images/s, train (image, caption)
 pairs/s, generate captions/s. There is no reference to beat here: it proves that
 the real-size path runs, and what it costs. The last line printed is a JSON object.
 
-    python bench/realsize.py                      # the profile as shipped (about 10 min on 2 cores)
+    python bench/realsize.py                      # the profile as shipped (within 15 min on 2 cores)
     python bench/realsize.py --images 40 --epochs 1 --keep /tmp/rs   # smaller; keep the copy
 """
 from __future__ import annotations
@@ -74,8 +74,8 @@ def run(cmd: list[str], repo: Path, log: Path) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, help="generated images (the profile: 300)")
-    ap.add_argument("--epochs", type=int, help="training epochs (the profile: 2)")
-    ap.add_argument("--batch-size", type=int, help="training batch size (the profile: 8)")
+    ap.add_argument("--epochs", type=int, help="training epochs (the profile: 1)")
+    ap.add_argument("--batch-size", type=int, help="training batch size (the profile: 6)")
     ap.add_argument("--max-new-tokens", type=int, help="caption length cap (the profile: 20)")
     ap.add_argument("--keep", type=Path, help="build the copy here and keep it (default: a temporary folder)")
     args = ap.parse_args()
