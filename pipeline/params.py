@@ -223,7 +223,7 @@ class EvaluateParams(Section):
 class Params(Section):
     # One device for every stage that runs a model (embed, train, generate): they
     # run on the same machine, and a stage's outputs depend on it (auto precision).
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps, for embed, train and generate")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps: where embed, train and generate run")
     data: DataParams = DataParams()
     download: DownloadParams = DownloadParams()
     clip: ClipParams = ClipParams()
