@@ -66,12 +66,12 @@ def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateP
 
 
 def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, params: GenerateParams,
-             metrics_path: str | Path | None = None, progress: bool = True) -> dict:
-    """Caption the ``params.split`` images of ``features_dir``; return (and write) metrics."""
+             metrics_path: str | Path | None = None, progress: bool = True, device: str = "auto") -> dict:
+    """Caption the ``params.split`` images of ``features_dir`` on ``device``; return (and write) metrics."""
     from pipeline.features import load_features
 
     rank = current_rank()
-    device = choose_device("auto", rank)
+    device = choose_device(device, rank, key="device")
     precision = choose_precision(params.precision, device, key="generate.precision")
     model = ClipCaptioner.load(model_dir)
     table = load_features(Path(features_dir), split=params.split, expect=model.feature_expectation())
@@ -138,6 +138,8 @@ def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Pat
         "captions_per_s": round(len(all_captions) / max(seconds, 1e-9), 3),
         "images_per_s": round(len(captions) / max(seconds, 1e-9), 3),
         "world_size": rank.world_size,
+        "clip_revision": model.features.get("model_revision"),
+        "gpt_revision": model.gpt_source.get("revision"),
     }
     if metrics_path is not None:
         write_metrics(metrics_path, metrics)

@@ -10,17 +10,26 @@ Each DVC stage reads only its own sections; dvc.yaml lists exactly those, so
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ParamsError
 
 __all__ = ["ParamsError", "Params", "load_params", "parse_params"]
 
 DEMO = "demo"
+# Real-size architectures with random weights (ViT-B/32, GPT-2 small + a byte-level
+# BPE tokenizer trained on the captions): the compute of the hub models, no download.
+REALSIZE = "realsize"
+BUILT_MODELS = (DEMO, REALSIZE)
+GPT2_SMALL_WIDTH = 768
+# auto | cpu | mps | cuda | cuda:N (checked here without torch; runtime.choose_device
+# resolves it on the machine).
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda|cuda:\d+)$"
 
 
 class Section(BaseModel):
@@ -32,7 +41,9 @@ class DemoData(Section):
     """The embedded offline dataset: generated scenes with reference captions."""
 
     images: int = Field(1500, ge=10, description="number of scene images to generate")
-    image_size: int = Field(64, ge=16, le=1024, description="side of the square images, pixels")
+    image_size: int = Field(64, ge=16, le=1024, description="side of the square images, pixels (style scenes)")
+    style: Literal["scenes", "photo"] = Field(
+        "scenes", description="scenes: square PNGs of image_size; photo: 640x480 JPEGs on photo-like backgrounds")
     captions_per_image: int = Field(5, ge=1, le=20)
     seed: int = 0
 
@@ -115,8 +126,8 @@ class DemoClip(Section):
 class ClipParams(Section):
     """The CLIP image encoder and how its vectors are computed."""
 
-    model: str = Field(DEMO, description="hub id, local folder, or 'demo'")
-    revision: str = "main"
+    model: str = Field(DEMO, description="hub id, local folder, 'demo' or 'realsize'")
+    revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
     output: Literal["image_embeds", "pooler_output"] = "image_embeds"
     normalize: bool = True
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -146,8 +157,8 @@ class DemoGpt(Section):
 class GptParams(Section):
     """The GPT-2 language model that continues the prefix."""
 
-    model: str = Field(DEMO, description="hub id, local folder, or 'demo'")
-    revision: str = "main"
+    model: str = Field(DEMO, description="hub id, local folder, 'demo' or 'realsize'")
+    revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
     demo: DemoGpt = DemoGpt()
 
 
@@ -265,6 +276,9 @@ class EvaluateParams(Section):
 
 # ------------------------------------------------------------------------ all
 class Params(Section):
+    # One device for every stage that runs a model (embed, train, generate): they
+    # run on the same machine, and a stage's outputs depend on it (auto precision).
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps: where embed, train and generate run")
     data: DataParams = DataParams()
     download: DownloadParams = DownloadParams()
     clip: ClipParams = ClipParams()
@@ -274,12 +288,21 @@ class Params(Section):
     generate: GenerateParams = GenerateParams()
     evaluate: EvaluateParams = EvaluateParams()
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.match(DEVICE_PATTERN, value):
+            raise ValueError("is not one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
     @model_validator(mode="after")
     def _cross_check(self) -> "Params":
         # Only the demo GPT-2's width is known before loading a model; hub models are
         # checked by check_against_gpt() when the train stage has read their config.
         if self.gpt.model == DEMO:
             check_against_gpt(self.mapper, self.gpt.demo.n_embd)
+        elif self.gpt.model == REALSIZE:
+            check_against_gpt(self.mapper, GPT2_SMALL_WIDTH)
         return self
 
 

@@ -115,6 +115,10 @@ def choose_device(requested: str = "auto", rank: Optional[Rank] = None, key: str
         index = name.split(":", 1)[1]
         if not index.isdigit() or int(index) >= count:
             raise ParamsError(f"{key}: {requested!r}: this machine has CUDA devices 0..{count - 1}")
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            # Every process of this node would take the same GPU (NCCL refuses that).
+            raise ParamsError(f"{key}: {requested!r} puts all {os.environ['LOCAL_WORLD_SIZE']} processes of this "
+                              "node on one GPU; use 'cuda' or 'auto' under torchrun (each takes its local rank's)")
         return torch.device("cuda", int(index))
     raise ParamsError(f"{key}: {requested!r} is not one of auto, cpu, cuda, cuda:N, mps")
 

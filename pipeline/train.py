@@ -148,6 +148,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     stop_after: Optional[int] = None,
     clip_dir: str | Path | None = None,
+    device: str = "auto",
 ) -> dict:
     """Train a captioner on ``features_dir``'s train split; write model, curves, metrics.
 
@@ -160,7 +161,7 @@ def train(
     """
     started = time.perf_counter()
     rank = current_rank()
-    device = choose_device("auto", rank)
+    device = choose_device(device, rank, key="device")
     with process_group(rank, device):
         run = setup(Path(features_dir), Path(gpt_dir), mapper, train, rank, device,
                     Path(curve_path), Path(val_curve_path or Path(curve_path).with_name("val.csv")),
@@ -185,7 +186,7 @@ def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: Train
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from pipeline.models.pretrained import load_gpt
+    from pipeline.models.pretrained import load_gpt, read_pin
 
     amp = choose_precision(params.precision, device, key="train.precision")
     parts = rank.world_size * params.grad_accum
@@ -215,8 +216,10 @@ def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: Train
         raise ModelError(f"{gpt_dir}: the GPT-2 tokenizer has no EOS token; captions could never end")
     data = load_training_data(features_dir, tokenizer, int(eos), max_tokens, params.max_memory_gb)
     features = {**data.attrs, "dim": data.dim}
+    pin = read_pin(gpt_dir)
+    source = {k: pin[k] for k in ("model_id", "revision", "sha256")}
     model = ClipCaptioner.from_settings(mapper.model_dump(), data.dim, gpt, tokenizer, features=features,
-                                        finetune_gpt=params.finetune_gpt).to(device)
+                                        finetune_gpt=params.finetune_gpt, gpt_source=source).to(device)
     if clip_dir is not None:
         check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
 
@@ -521,6 +524,8 @@ def finish(run: Run, out_dir: Path, metrics_path: Path, mapper: MapperParams, st
         "world_size": run.rank.world_size,
         "precision": run.amp,
         "device": str(run.device),
+        "gpt_model_id": model.gpt_source.get("model_id"),
+        "gpt_revision": model.gpt_source.get("revision"),
         "streamed": bool(getattr(run.data.vectors, "streamed", False)),
         "load_seconds": round(run.data.load_seconds, 2),
         "tokenize_seconds": round(run.data.tokenize_seconds, 2),

@@ -29,6 +29,6 @@ def generate(params_path: str, model_dir: str, features_dir: str, out_dir: str, 
 
     p = load(params_path)
     metrics = run_generate(model_dir, features_dir, out_dir, p.generate, metrics_path=metrics_path,
-                           progress=progress)
+                           progress=progress, device=p.device)
     if metrics:  # empty on the other ranks under torchrun
         click.echo(f"{metrics['captions']} captions ({metrics['split']}) at {metrics['captions_per_s']} captions/s")

@@ -50,7 +50,7 @@ def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_
         clip_dir = None
     metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
                         progress=progress, val_curve_path=val_curve_path, checkpoint_dir=checkpoint_dir,
-                        clip_dir=clip_dir)
+                        clip_dir=clip_dir, device=p.device)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
                f"best step {metrics['best_step']} (val_loss {metrics['best_val_loss']}, kept: {metrics['kept']})  "
                f"{metrics['params_trainable']} trainable parameters  {metrics['samples_per_s']} samples/s  "

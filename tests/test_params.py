@@ -123,12 +123,18 @@ def test_cli_reports_bad_params_before_work(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_are_valid_and_complete(config):
-    params = load_params(config)
-    shipped = _flatten(yaml.safe_load(config.read_text()))
-    assert set(shipped) == set(_flatten(Params().model_dump()))
-    assert params.clip.model != "demo" and params.gpt.model != "demo"
+def test_device_param():
+    assert parse_params({}).device == "auto"
+    for name in ("cpu", "cuda", "cuda:3", "mps"):
+        assert parse_params({"device": name}).device == name
+    for bad in ("tpu", "cuda:x", "gpu0", "CUDA"):
+        msg = _error({"device": bad})
+        assert msg.startswith("invalid params: device: is not one of auto, cpu, cuda, cuda:N, mps") and repr(bad) in msg
+
+
+def test_realsize_gpt_width_is_checked():
+    assert "mapper.heads" in _error({"gpt": {"model": "realsize"}, "mapper": {"heads": 5}})
+    assert parse_params({"gpt": {"model": "realsize"}, "mapper": {"heads": 12}}).mapper.heads == 12
 
 
 def test_params_reference_lists_every_key():

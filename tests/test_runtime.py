@@ -70,3 +70,15 @@ def test_ranks_and_their_output_names():
     assert [i for i in range(10) if Rank(1, 3).owns(i)] == [1, 4, 7]
     with pytest.raises(ParamsError, match="--rank: 3 is outside 0..2"):
         Rank(3, 3)
+
+
+def test_one_gpu_index_is_refused_for_several_processes_per_node(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    rank = Rank(rank=1, world_size=2, local_rank=1)
+    with pytest.raises(ParamsError, match=r"device: 'cuda:0' puts all 2 processes of this node on one GPU"):
+        choose_device("cuda:0", rank)
+    assert choose_device("cuda", rank) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine (ranks started by hand)
+    assert choose_device("cuda:0", rank) == torch.device("cuda", 0)

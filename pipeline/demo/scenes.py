@@ -40,6 +40,8 @@ SLOTS = ("left", "middle", "right")
 VAL_FRACTION = 0.05
 TEST_FRACTION = 0.15
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges, exact fill
+PHOTO_SIZE = (640, 480)  # style photo: COCO's most common image size
+PHOTO_QUALITY = 90
 
 # Wording variants: each caption picks one at random, so references differ in wording
 # but never in content.
@@ -99,19 +101,15 @@ def scene_for(index: int, seed: int) -> Scene:
 
 
 # ------------------------------------------------------------------------ images
-def render(scene: Scene, size: int, seed: int) -> Image.Image:
-    """Draw a scene as an RGB image of ``size`` x ``size`` pixels."""
-    rng = _rng(seed, scene.index, 1)
-    big = size * SUPERSAMPLE
-    img = Image.new("RGB", (big, big), (scene.background,) * 3)
-    draw = ImageDraw.Draw(img)
-    slot_w = big / len(SLOTS)
+def _draw_shapes(draw: ImageDraw.ImageDraw, scene: Scene, rng: np.random.Generator, left: float, side: float) -> None:
+    """The scene's shapes in the square of ``side`` pixels whose left edge is at ``left``."""
+    slot_w = side / len(SLOTS)
     for shape in scene.shapes:
         # Radius as a fraction of a slot, so shapes never overlap and a scene reads
         # the same at any image size.
         r = slot_w * (0.28 if shape.size == "small" else 0.44)
-        cx = slot_w * (SLOTS.index(shape.slot) + 0.5) + rng.uniform(-0.06, 0.06) * slot_w
-        cy = big * rng.uniform(0.3, 0.7)
+        cx = left + slot_w * (SLOTS.index(shape.slot) + 0.5) + rng.uniform(-0.06, 0.06) * slot_w
+        cy = side * rng.uniform(0.3, 0.7)
         fill = COLOURS[shape.colour]
         if shape.kind == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -120,11 +118,39 @@ def render(scene: Scene, size: int, seed: int) -> Image.Image:
             draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
         else:
             draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+
+
+def render(scene: Scene, size: int, seed: int) -> Image.Image:
+    """Draw a scene as an RGB image of ``size`` x ``size`` pixels."""
+    rng = _rng(seed, scene.index, 1)
+    big = size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), (scene.background,) * 3)
+    _draw_shapes(ImageDraw.Draw(img), scene, rng, 0.0, big)
     img = img.resize((size, size), Image.Resampling.BOX)
     # Light texture: seeded per-pixel noise, so backgrounds are not one flat value.
     noise = rng.integers(-6, 7, size=(size, size, 1), dtype=np.int16)
     arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, "RGB")
+
+
+def render_photo(scene: Scene, seed: int, width: int = PHOTO_SIZE[0], height: int = PHOTO_SIZE[1]) -> Image.Image:
+    """The scene on a photo-like background: ``width`` x ``height`` RGB, for JPEG.
+
+    Smooth colour fields and sensor-like noise make it decode and compress like a
+    photo (what the real-size profile measures); the shapes sit in the centre
+    square, which CLIP's centre crop keeps whole.
+    """
+    rng = _rng(seed, scene.index, 3)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    field = (np.sin(rng.uniform(2, 12) * x + rng.uniform(0, 6)) * 0.5 + 0.5) * \
+            (np.cos(rng.uniform(2, 12) * y + rng.uniform(0, 6)) * 0.5 + 0.5)
+    base = rng.uniform(80, 255, 3).astype(np.float32)
+    img = scene.background * 0.5 + field * base * 0.5 + rng.normal(0, 8, (height, width, 3)).astype(np.float32)
+    photo = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    side = min(width, height)
+    _draw_shapes(ImageDraw.Draw(photo), scene, rng, (width - side) / 2, side)
+    return photo
 
 
 # ---------------------------------------------------------------------- captions
@@ -222,12 +248,14 @@ def generate_demo(out_dir: Path, params: DemoData) -> None:
     sent_id = 0
     for index in tqdm(range(params.images), desc="demo scenes", unit="img"):
         scene = scene_for(index, params.seed)
-        file_name = f"{scene.key}.png"
-        render(scene, params.image_size, params.seed).save(tmp_images / file_name, optimize=False)
+        if params.style == "photo":
+            file_name, (width, height) = f"{scene.key}.jpg", PHOTO_SIZE
+            render_photo(scene, params.seed).save(tmp_images / file_name, "JPEG", quality=PHOTO_QUALITY)
+        else:
+            file_name, width, height = f"{scene.key}.png", params.image_size, params.image_size
+            render(scene, params.image_size, params.seed).save(tmp_images / file_name, optimize=False)
         captions = captions_for(scene, params.captions_per_image, params.seed)
-        coco_images.append(
-            {"id": index, "file_name": file_name, "width": params.image_size, "height": params.image_size}
-        )
+        coco_images.append({"id": index, "file_name": file_name, "width": width, "height": height})
         sent_ids = list(range(sent_id, sent_id + len(captions)))
         for sid, caption in zip(sent_ids, captions):
             annotations.append({"id": sid, "image_id": index, "caption": caption})
@@ -254,6 +282,9 @@ def generate_demo(out_dir: Path, params: DemoData) -> None:
     if old.exists():
         shutil.rmtree(old)
     info = {"description": "capline demo scenes", "seed": params.seed, "image_size": params.image_size}
+    if params.style == "photo":
+        info = {"description": "capline demo scenes on photo-like backgrounds", "seed": params.seed,
+                "width": PHOTO_SIZE[0], "height": PHOTO_SIZE[1]}
     write_json(out_dir / "captions.json", {"info": info, "images": coco_images, "annotations": annotations},
                separators=(",", ":"))
     write_json(out_dir / "dataset_demo.json", {"dataset": "demo", "images": karpathy}, separators=(",", ":"))

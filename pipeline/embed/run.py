@@ -104,16 +104,17 @@ class _ShardBuffer:
 
 
 def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipParams, rank: Rank,
-                 data: DataParams, *, progress: bool = True) -> dict:
-    """Embed this rank's image shards; returns a summary (counts, speed, timings)."""
+                 data: DataParams, *, progress: bool = True, device: str = "auto") -> dict:
+    """Embed this rank's image shards on ``device`` (the ``device`` param); returns a summary
+    (counts, speed, timings)."""
     t_start = time.perf_counter()
+    device = choose_device(device, rank, key="device")  # a device this machine lacks stops here, before any work
     images_dir, model_dir, out_dir = Path(images_dir), Path(model_dir), Path(out_dir)
     shards = list_shards(images_dir)
     if not shards:
         raise ImageShardError(f"{images_dir}: no image shards (*.tar); run the download stage first")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    device = choose_device("auto", rank)
     precision = choose_precision(clip.precision, device, key="clip.precision")
     model, processor = load_clip(model_dir)
     model_id, revision = model_identity(model_dir)

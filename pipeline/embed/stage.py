@@ -42,8 +42,8 @@ def combine(summaries: list[dict]) -> dict:
 
 def run_embed(params: Params, images: Path, model: Path, out: Path, metrics: Path, rank: Rank) -> dict:
     """Embed, then write the metrics file (rank 0, or one per rank without torchrun)."""
-    summary = embed_shards(images, model, out, params.clip, rank, params.data)
-    with process_group(rank, choose_device("auto", rank), timeout=GATHER_TIMEOUT) as grouped:
+    summary = embed_shards(images, model, out, params.clip, rank, params.data, device=params.device)
+    with process_group(rank, choose_device(params.device, rank, key="device"), timeout=GATHER_TIMEOUT) as grouped:
         summaries = gather(summary)
     if grouped:
         if rank.is_main:

@@ -47,6 +47,7 @@ class ClipCaptioner(nn.Module):
         tokenizer: Any,
         features: Optional[dict] = None,
         finetune_gpt: bool = False,
+        gpt_source: Optional[dict] = None,
     ) -> None:
         super().__init__()
         if tokenizer.eos_token_id is None:
@@ -60,6 +61,8 @@ class ClipCaptioner(nn.Module):
         self.gpt = gpt
         self.tokenizer = tokenizer
         self.features = dict(features or {})
+        # Where GPT-2 came from: the pin of its folder (model id, resolved revision, sha256).
+        self.gpt_source = dict(gpt_source or {})
         self.finetune_gpt = finetune_gpt
         # A frozen GPT-2 gets no gradients and stays in eval mode (no dropout).
         self.gpt.requires_grad_(finetune_gpt)
@@ -67,11 +70,12 @@ class ClipCaptioner(nn.Module):
 
     @classmethod
     def from_settings(cls, mapper_settings: Mapping[str, Any], clip_dim: int, gpt: nn.Module, tokenizer: Any,
-                      features: Optional[dict] = None, finetune_gpt: bool = False) -> "ClipCaptioner":
+                      features: Optional[dict] = None, finetune_gpt: bool = False,
+                      gpt_source: Optional[dict] = None) -> "ClipCaptioner":
         """A new captioner (random mapper) from the params' ``mapper`` section as a mapping."""
         config = mappers.make_config(mapper_settings, clip_dim, int(gpt.config.hidden_size))
         mapper = mappers.build_mapper(str(mapper_settings["type"]), config)
-        return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt)
+        return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt, gpt_source=gpt_source)
 
     @property
     def mapper_type(self) -> str:
@@ -123,15 +127,17 @@ class ClipCaptioner(nn.Module):
         """
         prefix = self.prefix(clip_vectors)
         tokens = self.gpt.get_input_embeddings()(input_ids)
-        b, k, t = prefix.shape[0], prefix.shape[1], input_ids.shape[1]
+        b, k = prefix.shape[0], prefix.shape[1]
         embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
         mask = torch.cat([attention_mask.new_ones(b, k), attention_mask], dim=1)
-        # Only positions K-1 .. K+T-2 predict caption tokens; skip the LM head elsewhere.
-        logits = self.gpt(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=t + 1).logits[:, :-1]
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction
-        )
+        hidden = self.gpt.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # Position K-1+i predicts caption token i. Only the real tokens' states go through
+        # the LM head, packed into one contiguous [N, width] matrix: padding costs nothing,
+        # and a strided slice would send GPT-2's 50,257-row head down torch's slow
+        # batched-matmul path (6x slower at real size on a CPU).
+        real = attention_mask.bool()
+        logits = self.gpt.get_output_embeddings()(hidden[:, k - 1:-1][real])
+        return F.cross_entropy(logits.float(), input_ids[real], reduction=reduction)
 
     @torch.no_grad()
     def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:
@@ -187,6 +193,7 @@ class ClipCaptioner(nn.Module):
             "prefix_length": self.prefix_length,
             "finetune_gpt": self.finetune_gpt,
             "features": self.features,
+            "gpt_source": self.gpt_source,
             "params_trainable": count_parameters(self, trainable_only=True),
             "params_total": count_parameters(self),
         }
@@ -259,7 +266,7 @@ class ClipCaptioner(nn.Module):
             raise ModelError(f"{model_dir}: mapper config or {MAPPER_WEIGHTS} unusable "
                              f"({type(err).__name__}: {err})") from None
         model = cls(mapper, gpt, tokenizer, features=cfg.get("features"),
-                    finetune_gpt=bool(cfg.get("finetune_gpt", False)))
+                    finetune_gpt=bool(cfg.get("finetune_gpt", False)), gpt_source=cfg.get("gpt_source"))
         model.model_dir = model_dir
         # Decoding defaults come from the captioner's folder, never from GPT-2's own file.
         model.gpt.generation_config = default_generation_config(model, model_dir)

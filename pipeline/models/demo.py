@@ -9,9 +9,12 @@ file, byte for byte.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from pipeline.params import DemoClip, DemoGpt, ParamsError
+from pipeline.errors import ParamsError
+
+if TYPE_CHECKING:  # loading a model folder needs no params schema (nor pydantic)
+    from pipeline.params import DemoClip, DemoGpt
 
 EOS = "<|endoftext|>"  # GPT-2's only special token: end of text, also bos and pad
 UNK = "<unk>"
