@@ -115,8 +115,12 @@ def check_attrs(path: Path, attrs: dict, expect: Optional[dict]) -> None:
                 f"{path}: attribute {k!r} is {got!r}, expected {want!r} (made by another encoder or settings)")
 
 
-def read_feature_shard(path: Path, expect: Optional[dict] = None) -> FeatureTable:
-    """Read one shard whole; ``expect`` maps attribute names to required values."""
+def read_feature_shard(path: Path, expect: Optional[dict] = None, embeddings: bool = True) -> FeatureTable:
+    """Read one shard whole; ``expect`` maps attribute names to required values.
+
+    ``embeddings=False`` reads everything but the vectors (cheap): the table's
+    ``embeddings`` is then a zero-width [N, 0] array and ``attrs["dim"]`` the width.
+    """
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
@@ -125,7 +129,12 @@ def read_feature_shard(path: Path, expect: Optional[dict] = None) -> FeatureTabl
             for name in ("embeddings", "keys", "splits", "captions"):
                 if name not in f:
                     raise FeatureShardError(f"{path}: dataset {name!r} is missing")
-            emb = f["embeddings"][()]
+            if embeddings:
+                emb = f["embeddings"][()]
+            else:
+                shape = f["embeddings"].shape
+                emb = np.zeros((shape[0], 0), dtype=f["embeddings"].dtype)
+                attrs["dim"] = int(shape[1]) if len(shape) == 2 else 0
             keys = [k.decode("utf-8") if isinstance(k, bytes) else k for k in f["keys"][()]]
             splits = [s.decode("utf-8") if isinstance(s, bytes) else s for s in f["splits"][()]]
             caps_raw = [c.decode("utf-8") if isinstance(c, bytes) else c for c in f["captions"][()]]
@@ -140,6 +149,15 @@ def read_feature_shard(path: Path, expect: Optional[dict] = None) -> FeatureTabl
     except json.JSONDecodeError as err:
         raise FeatureShardError(f"{path}: captions are not JSON lists ({err})") from None
     return FeatureTable(keys=keys, embeddings=emb, splits=splits, captions=captions, attrs=attrs)
+
+
+def check_same_encoder(shard: Path, attrs: dict, first: Path, first_attrs: dict) -> None:
+    """Refuse a shard whose encoder attributes differ from the folder's first shard's."""
+    for k in IDENTITY_ATTRS:
+        if attrs.get(k) != first_attrs.get(k):
+            raise FeatureShardError(
+                f"{shard}: attribute {k!r} is {attrs.get(k)!r}, but {first.name} has "
+                f"{first_attrs.get(k)!r}; the feature folder mixes encoders or settings")
 
 
 def load_features(feature_dir: Path, split: Optional[str] = None, expect: Optional[dict] = None) -> FeatureTable:
@@ -161,11 +179,7 @@ def load_features(feature_dir: Path, split: Optional[str] = None, expect: Option
         if first is None:
             first = (shard, table.attrs)
         else:
-            for k in IDENTITY_ATTRS:
-                if table.attrs.get(k) != first[1].get(k):
-                    raise FeatureShardError(
-                        f"{shard}: attribute {k!r} is {table.attrs.get(k)!r}, but {first[0].name} has "
-                        f"{first[1].get(k)!r}; the feature folder mixes encoders or settings")
+            check_same_encoder(shard, table.attrs, first[0], first[1])
             if table.embeddings.shape[1] != parts[0].shape[1]:
                 raise FeatureShardError(
                     f"{shard}: embedding width {table.embeddings.shape[1]} differs from {first[0].name}'s "

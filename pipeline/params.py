@@ -171,7 +171,8 @@ class TrainParams(Section):
     """Training of the mapper (and GPT-2, when fine-tuned)."""
 
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(40, ge=1)
+    batch_size: int = Field(40, ge=1, description="global batch: all processes and micro-batches together")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per step (batch_size / (processes x grad_accum) each)")
     lr: float = Field(2e-5, gt=0)
     warmup_steps: int = Field(5000, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -181,6 +182,12 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(10, ge=1, description="steps between loss-curve points")
     seed: int = 0
+    checkpoint_every: Optional[int] = Field(1000, ge=1, description="steps between checkpoints (and at each epoch end)")
+    eval_every: Optional[int] = Field(None, ge=1, description="steps between validations (and at each epoch end)")
+    keep: Literal["best", "last"] = Field("best", description="model written: lowest validation loss, or the last step")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="validations without improvement before stopping")
+    bucket_by_length: bool = Field(False, description="batch captions of similar length together (less padding)")
+    max_memory_gb: float = Field(8.0, gt=0, description="larger feature sets are read shard by shard")
 
 
 # ---------------------------------------------------------------------- generate

@@ -1,79 +1,139 @@
 """Training the ClipCap mapper (and GPT-2 when fine-tuned) on feature shards.
 
-One sample per (image, caption) pair; each image's vector is kept once and looked up
-by index, so five captions do not mean five copies. Captions are tokenised once up
-front and padded per batch to the batch's longest caption (not a fixed length).
-AdamW with linear warm-up then linear decay; validation loss (token-weighted) on the
-val split after each epoch. Launched by torchrun with WORLD_SIZE > 1 it trains with
-DistributedDataParallel (gloo on CPU, nccl on CUDA) and only rank 0 writes files.
+``train()`` is three parts: ``setup`` (data, model, optimizer, checkpoint
+identity, resume), ``run_epoch`` (steps, validation, checkpoints) and ``finish``
+(the best or last weights into ``model.save``, curves, metrics).
+
+* One sample per (image, caption) pair; captions are tokenised once; image vectors
+  are held once (or streamed by shard, see ``pipeline/train_data.py``).
+* ``train.batch_size`` is the global batch. It is cut into ``world_size ×
+  grad_accum`` micro-batches; each micro-batch's summed token loss is divided by
+  the global batch's token count (times world_size, which DDP's averaging undoes),
+  so a step's gradient is that of the whole batch's mean token loss, whatever the
+  number of processes.
+* AdamW, linear warm-up then linear decay, gradient clipping, one mixed-precision
+  path (a disabled ``GradScaler`` is a no-op).
+* Validation loss (token-weighted) every ``train.eval_every`` steps and at each
+  epoch end; the best weights by validation loss are kept (``train.keep``) and
+  optionally training stops after ``train.early_stopping_patience`` validations
+  without improvement.
+* Checkpoints (``pipeline/checkpoint.py``) every ``train.checkpoint_every`` steps and
+  at each epoch end; a rerun with the same params, features and GPT-2 resumes from
+  the newest one and ends with the same weights as an uninterrupted run.
+* Under torchrun (WORLD_SIZE > 1): DistributedDataParallel (gloo on CPU, nccl on
+  CUDA); rank 0 writes every file.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
+import shutil
+import tempfile
 import time
-from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from pipeline.checkpoint import Checkpoints, capture_rng, digest_files, load_checkpoint, restore_rng
 from pipeline.errors import CaplineError
-from pipeline.features import FeatureShardError, attr_value
 from pipeline.files import write_atomic, write_metrics
 from pipeline.models.captioner import ClipCaptioner, check_clip_folder
 from pipeline.models.mapper import count_parameters
 from pipeline.params import MapperParams, ParamsError, TrainParams
-from pipeline.runtime import all_reduce_sum, autocast, barrier, choose_device, choose_precision, current_rank, \
-    process_group
+from pipeline.runtime import (Rank, all_reduce_sum, autocast, barrier, choose_device, choose_precision,
+                              current_rank, gather, process_group)
+from pipeline.train_data import (TrainingData, collate, epoch_batches, load_training_data, micro_batches,
+                                 validation_batches)
 
 log = logging.getLogger(__name__)
-CURVE_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr")
+CURVE_FIELDS = ("step", "epoch", "train_loss", "lr")
+VAL_FIELDS = ("step", "epoch", "val_loss")
+# Params that do not change the trajectory: a checkpoint made with other values resumes.
+NOT_IDENTITY = ("checkpoint_every",)
 
 
 class TrainingDiverged(CaplineError):
     """The loss became inf or NaN; the message says at which step and what to change."""
 
 
+class _StopForTest(Exception):
+    """Raised after ``stop_after`` steps: a kill at a known point, for tests."""
+
+
 @dataclass
-class Pairs:
-    """Image vectors stored once, and one (image index, token ids) per caption."""
+class Progress:
+    """Everything about the run so far that a checkpoint stores as JSON."""
 
-    vectors: torch.Tensor  # [images, D] float32
-    image_index: list[int]
-    tokens: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-def make_pairs(model: ClipCaptioner, embeddings: np.ndarray, captions: list[list[str]], max_tokens: int) -> Pairs:
-    image_index, tokens = [], []
-    for i, caps in enumerate(captions):
-        for cap in caps:
-            if cap and cap.strip():
-                image_index.append(i)
-                tokens.append(model.encode_caption(cap, max_tokens))
-    return Pairs(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), image_index, tokens)
+    step: int = 0
+    epoch: int = 1  # the epoch being trained
+    position: int = 0  # the next batch of that epoch
+    curve: list = field(default_factory=list)  # train rows
+    val_curve: list = field(default_factory=list)  # val rows
+    best_step: Optional[int] = None
+    best_loss: Optional[float] = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    last_val: Optional[float] = None
+    last_epoch_loss: Optional[float] = None
 
 
-def collate(pairs: Pairs, indices: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Vectors, right-padded token ids and attention mask for the samples ``indices``."""
-    rows = [pairs.tokens[i] for i in indices]
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[j, : len(r)] = 1
-    vectors = pairs.vectors[[pairs.image_index[i] for i in indices]]
-    return vectors, ids, mask
+@dataclass
+class Local:
+    """Per-process sums since the last curve row / epoch start (saved per rank)."""
+
+    window: list = field(default_factory=lambda: [0.0, 0])  # token loss sum, tokens
+    epoch: list = field(default_factory=lambda: [0.0, 0])
 
 
+@dataclass
+class Run:
+    """What ``setup`` builds for the loop."""
+
+    rank: Rank
+    device: torch.device
+    amp: str
+    params: TrainParams
+    model: ClipCaptioner
+    net: torch.nn.Module
+    trainable: list
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    scaler: torch.amp.GradScaler
+    data: TrainingData
+    batches_per_epoch: int
+    micro_size: int
+    ckpts: Checkpoints
+    curve_path: Path
+    val_curve_path: Path
+    progress: Progress
+    local: Local
+    resumed_from: int = 0
+    temp_checkpoints: Optional[Path] = None
+    stop_after: Optional[int] = None
+    # timings of this process's run
+    step_seconds: float = 0.0
+    val_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    lr_used: Optional[float] = None
+    bar: Any = None
+
+    @property
+    def checkpoint_modules(self) -> dict:
+        mods = {"mapper": self.model.mapper}
+        if self.model.finetune_gpt:
+            mods["gpt"] = self.model.gpt
+        return mods
+
+
+# ------------------------------------------------------------------- train()
 def train(
     features_dir: str | Path,
     gpt_dir: str | Path,
@@ -83,206 +143,433 @@ def train(
     mapper: MapperParams,
     train: TrainParams,
     progress: bool = True,
+    *,
+    val_curve_path: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    stop_after: Optional[int] = None,
     clip_dir: str | Path | None = None,
 ) -> dict:
-    """Train a captioner on ``features_dir``'s train split; write model, curve, metrics.
+    """Train a captioner on ``features_dir``'s train split; write model, curves, metrics.
 
+    ``checkpoint_dir``: where checkpoints go and are resumed from (None: a temporary
+    folder, so no resume). ``val_curve_path`` defaults to ``val.csv`` beside the
+    curve. ``stop_after``: stop (raise) after that many steps, as a kill would (tests).
     ``clip_dir``: the pinned CLIP folder that made the features, copied into the
-    model folder (checked against the features before training starts).
+    model folder (checked against the features before the first step).
     Returns the metrics dict (also written, as JSON, to ``metrics_path`` by rank 0).
     """
-    from tqdm import tqdm
-
-    from pipeline.features import load_features
-
     started = time.perf_counter()
     rank = current_rank()
     device = choose_device("auto", rank)
-    group = ExitStack()
-    group.enter_context(process_group(rank, device))
-    try:
-        amp = choose_precision(train.precision, device, key="train.precision")
-        torch.manual_seed(train.seed)
-        np.random.seed(train.seed)
-
-        table = load_features(Path(features_dir))
-        dim = int(table.embeddings.shape[1]) if table.embeddings.ndim == 2 else 0
-        splits = np.asarray(table.splits)
-        if not (splits == "train").any():
-            raise FeatureShardError(f"{features_dir}: no images in the train split")
-
-        model = _build_model(gpt_dir, mapper, train, table.attrs, dim).to(device)
-        if clip_dir is not None:
-            check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
-        room = model.max_positions - mapper.prefix_length
-        if room < 2:  # a word and EOS at the least; fewer would crash inside GPT-2
-            raise ParamsError(f"mapper.prefix_length: {mapper.prefix_length} leaves {max(room, 0)} of GPT-2's "
-                              f"{model.max_positions} positions for the caption; it needs at least 2")
-        max_tokens = train.max_caption_tokens
-        if max_tokens > room:
-            log.warning("train.max_caption_tokens %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
-                        max_tokens, room, model.max_positions, mapper.prefix_length)
-            max_tokens = room
-        train_pairs = _subset_pairs(model, table, splits == "train", max_tokens)
-        val_pairs = _subset_pairs(model, table, splits == "val", max_tokens)
-        if len(train_pairs) == 0:
-            raise FeatureShardError(f"{features_dir}: the train split has no non-empty captions")
-
-        sampler = torch.utils.data.DistributedSampler(
-            range(len(train_pairs)), num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=train.seed
-        )
-        steps_per_epoch = math.ceil(len(sampler) / train.batch_size)
-        total_steps = steps_per_epoch * train.epochs
-        if train.warmup_steps >= total_steps:
-            log.warning("train.warmup_steps %d >= %d training steps: the learning rate never reaches train.lr",
-                        train.warmup_steps, total_steps)
-
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-        from transformers import get_linear_schedule_with_warmup
-
-        schedule = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, total_steps)
-        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-        net: torch.nn.Module = model
-        if rank.world_size > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-            )
-
-        curve: list[dict] = []
-        step, window, window_n = 0, 0.0, 0
-        epoch_loss, val_loss = float("nan"), None
-        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and rank.is_main))
-        for epoch in range(1, train.epochs + 1):
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            net.train()
-            epoch_sum, epoch_n = 0.0, 0
-            for b in range(steps_per_epoch):
-                vectors, ids, mask = collate(train_pairs, order[b * train.batch_size:(b + 1) * train.batch_size],
-                                             model.pad_token_id)
-                with autocast(device, amp):
-                    loss = net(vectors.to(device), ids.to(device), mask.to(device))
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"train: loss is {loss.item()} at step {step + 1} (epoch {epoch}); "
-                                             "lower train.lr or use train.precision fp32")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if train.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr_used = schedule.get_last_lr()[0]  # the rate of this step, before the schedule moves on
-                schedule.step()
-                step += 1
-                value = loss.item()
-                window, window_n = window + value, window_n + 1
-                epoch_sum, epoch_n = epoch_sum + value, epoch_n + 1
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{value:.3f}")
-                last_of_epoch = b == steps_per_epoch - 1
-                if step % train.log_every == 0 or last_of_epoch:
-                    mean = _mean_across(window, window_n, device)
-                    row = {"step": step, "epoch": epoch, "train_loss": mean, "val_loss": None,
-                           "lr": lr_used}
-                    curve.append(row)
-                    window, window_n = 0.0, 0
-            epoch_loss = _mean_across(epoch_sum, epoch_n, device)
-            val_loss = validate(model, val_pairs, train.batch_size, device, amp, rank)
-            curve[-1]["val_loss"] = val_loss
-            if rank.is_main:
-                write_curve(curve_path, curve)
-                bar.write(f"epoch {epoch}: train_loss {epoch_loss:.4f}"
-                          + (f"  val_loss {val_loss:.4f}" if val_loss is not None else ""))
-        bar.close()
-
-        seconds = time.perf_counter() - started
-        metrics = {
-            "train_loss": _round(epoch_loss),
-            "val_loss": _round(val_loss),
-            "params_trainable": count_parameters(model, trainable_only=True),
-            "params_total": count_parameters(model),
-            "mapper_layers": mapper.layers if mapper.type == "transformer" else 0,
-            "epochs": train.epochs,
-            "steps": step,
-            "train_pairs": len(train_pairs),
-            "train_images": int((splits == "train").sum()),
-            "val_pairs": len(val_pairs),
-            "world_size": rank.world_size,
-            "precision": amp,
-            "device": str(device),
-            "seconds": round(seconds, 2),
-            "pairs_per_s": round(len(train_pairs) * train.epochs / max(seconds, 1e-9), 2),
-        }
-        if rank.is_main:
-            model.save(out_dir, clip_dir=clip_dir)
-            write_metrics(metrics_path, metrics)
-        barrier()
-        return metrics
-    finally:
-        group.close()
+    with process_group(rank, device):
+        run = setup(Path(features_dir), Path(gpt_dir), mapper, train, rank, device,
+                    Path(curve_path), Path(val_curve_path or Path(curve_path).with_name("val.csv")),
+                    checkpoint_dir, progress, stop_after)
+        try:
+            if clip_dir is not None:
+                check_clip_folder(Path(clip_dir), run.model.features)  # a wrong --clip fails now, not at the end
+            while run.progress.epoch <= train.epochs and not run.progress.stopped_early:
+                run_epoch(run)
+            if run.bar is not None:
+                run.bar.close()
+            return finish(run, Path(out_dir), Path(metrics_path), mapper, started, clip_dir)
+        finally:
+            if run.bar is not None:
+                run.bar.close()
+            if run.temp_checkpoints is not None:
+                shutil.rmtree(run.temp_checkpoints, ignore_errors=True)
 
 
-def _build_model(gpt_dir, mapper: MapperParams, train: TrainParams, attrs: dict, dim: int) -> ClipCaptioner:
+# -------------------------------------------------------------------- setup
+def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: TrainParams, rank: Rank,
+          device: torch.device, curve_path: Path, val_curve_path: Path, checkpoint_dir, progress: bool,
+          stop_after: Optional[int]) -> Run:
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
     from pipeline.models.pretrained import load_gpt
 
-    gpt, tokenizer = load_gpt(Path(gpt_dir))
-    features = {k: attr_value(v) for k, v in attrs.items()}
-    features["dim"] = dim
-    return ClipCaptioner.from_settings(mapper.model_dump(), dim, gpt, tokenizer, features=features,
-                                       finetune_gpt=train.finetune_gpt)
+    amp = choose_precision(params.precision, device, key="train.precision")
+    parts = rank.world_size * params.grad_accum
+    if params.batch_size % parts:
+        raise ParamsError(f"train.batch_size: {params.batch_size} is not divisible by {rank.world_size} "
+                          f"process(es) x train.grad_accum {params.grad_accum}; each micro-batch must have "
+                          "the same size")
+    torch.manual_seed(params.seed)
+    np.random.seed(params.seed)
+
+    gpt, tokenizer = load_gpt(gpt_dir)
+    # The caption room is known from GPT-2's config before anything is built.
+    positions = int(getattr(gpt.config, "n_positions", None) or getattr(gpt.config, "max_position_embeddings", 1024))
+    room = positions - mapper.prefix_length
+    if room < 2:  # a word and EOS at the least; fewer would crash inside GPT-2
+        raise ParamsError(f"mapper.prefix_length: {mapper.prefix_length} leaves {max(room, 0)} of GPT-2's "
+                          f"{positions} positions for the caption; it needs at least 2")
+    max_tokens = params.max_caption_tokens
+    if max_tokens > room:
+        log.warning("train.max_caption_tokens %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
+                    max_tokens, room, positions, mapper.prefix_length)
+        max_tokens = room
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        from pipeline.models.pretrained import ModelError
+
+        raise ModelError(f"{gpt_dir}: the GPT-2 tokenizer has no EOS token; captions could never end")
+    data = load_training_data(features_dir, tokenizer, int(eos), max_tokens, params.max_memory_gb)
+    features = {**data.attrs, "dim": data.dim}
+    model = ClipCaptioner.from_settings(mapper.model_dump(), data.dim, gpt, tokenizer, features=features,
+                                        finetune_gpt=params.finetune_gpt).to(device)
+
+    batches_per_epoch = len(data.train) // params.batch_size
+    if batches_per_epoch == 0:
+        raise ParamsError(f"train.batch_size: {params.batch_size} is more than the {len(data.train)} caption "
+                          "pairs of the train split; not one full batch")
+    total_steps = batches_per_epoch * params.epochs
+    if params.warmup_steps >= total_steps:
+        log.warning("train.warmup_steps %d >= %d training steps: the learning rate never reaches train.lr",
+                    params.warmup_steps, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, params, device)
+    schedule = get_linear_schedule_with_warmup(optimizer, params.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    net: torch.nn.Module = model
+    if rank.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    temp = None
+    if checkpoint_dir is None:
+        temp = Path(tempfile.mkdtemp(prefix="capline-train-"))
+        checkpoint_dir = temp
+    identity = {
+        "params": {"mapper": mapper.model_dump(), "train": params.model_dump(exclude=set(NOT_IDENTITY))},
+        "features": digest_files(features_dir),
+        "gpt": digest_files(gpt_dir),
+        "world_size": rank.world_size,
+        "precision": amp,
+        "device": device.type,
+    }
+    run = Run(rank=rank, device=device, amp=amp, params=params, model=model, net=net, trainable=trainable,
+              optimizer=optimizer, schedule=schedule, scaler=scaler, data=data,
+              batches_per_epoch=batches_per_epoch, micro_size=params.batch_size // parts,
+              ckpts=Checkpoints(checkpoint_dir, identity, keep=2), curve_path=curve_path,
+              val_curve_path=val_curve_path, progress=Progress(), local=Local(), temp_checkpoints=temp,
+              stop_after=stop_after)
+    resume(run)
+    run.bar = tqdm(total=total_steps, initial=run.progress.step, desc="train", unit="step",
+                   disable=not (progress and rank.is_main))
+    return run
 
 
-def _subset_pairs(model: ClipCaptioner, table, select: np.ndarray, max_tokens: int) -> Pairs:
-    idx = np.flatnonzero(select)
-    emb = table.embeddings[idx] if len(idx) else np.zeros((0, table.embeddings.shape[1]), np.float32)
-    return make_pairs(model, emb, [table.captions[i] for i in idx], max_tokens)
+def make_optimizer(trainable: list, params: TrainParams, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel (one pass over each tensor) where torch has it for the device."""
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # older torch: no fused CPU AdamW
+            pass
+    return torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest checkpoint of this run's identity, if there is one."""
+    found = run.ckpts.latest(quiet=not run.rank.is_main)
+    steps = gather(found.step if found is not None else None)
+    if len(set(steps)) > 1:
+        raise CaplineError(f"train: the processes see different checkpoints in {run.ckpts.root} "
+                           f"(steps {steps}); is the folder shared by every node?")
+    if found is None:
+        if run.rank.is_main and (run.ckpts.steps() or run.ckpts.steps("best")):
+            # One run's checkpoints per folder: those of another run (logged above) go.
+            log.warning("train: %s holds no checkpoint of this run; its contents are replaced", run.ckpts.root)
+            run.ckpts.remove("step")
+            run.ckpts.remove("best")
+        barrier()
+        return
+    state = found.restore(modules=run.checkpoint_modules,
+                          stateful={"optimizer": run.optimizer, "schedule": run.schedule, "scaler": run.scaler})
+    run.progress = Progress(**state["progress"])
+    run.local = Local(**state["local"][run.rank.rank])
+    restore_rng(found.rng[run.rank.rank])
+    run.resumed_from = found.step
+    if run.rank.is_main:
+        # Best weights found after this checkpoint were never part of it; they come again.
+        run.ckpts.remove("best", except_steps=[s for s in run.ckpts.steps("best") if s <= found.step])
+        if run.params.keep == "best" and run.progress.best_step is not None \
+                and run.progress.best_step not in run.ckpts.steps("best"):
+            raise CaplineError(f"{found.path}: its best weights (step {run.progress.best_step}) are missing from "
+                               f"{run.ckpts.root}; delete the folder to start over")
+    log.info("train: resuming from %s (step %d, epoch %d, batch %d of %d)", found.path, found.step,
+             run.progress.epoch, run.progress.position, run.batches_per_epoch)
+
+
+# ------------------------------------------------------------------- epochs
+def run_epoch(run: Run) -> None:
+    """Train the rest of ``run.progress.epoch``; validate and checkpoint at its end."""
+    p, params = run.progress, run.params
+    batches = epoch_batches(run.data, params.batch_size, params.seed, p.epoch, params.bucket_by_length)
+    run.net.train()
+    for b in range(p.position, run.batches_per_epoch):
+        train_step(run, batches[b])
+        p.position = b + 1
+        last = p.position == run.batches_per_epoch
+        if p.step % params.log_every == 0 or last:
+            log_row(run)
+        if last:
+            break
+        if params.eval_every and p.step % params.eval_every == 0:
+            evaluate(run)
+            if p.stopped_early:
+                return
+        if params.checkpoint_every and p.step % params.checkpoint_every == 0:
+            checkpoint(run)
+        _maybe_stop(run)
+    t = torch.tensor(run.local.epoch, dtype=torch.float64, device=run.device)
+    all_reduce_sum(t)
+    p.last_epoch_loss = float(t[0] / t[1]) if t[1] > 0 else None
+    run.local.epoch = [0.0, 0]
+    evaluate(run)
+    if run.bar is not None and run.rank.is_main:
+        run.bar.write(f"epoch {p.epoch}: train_loss {_fmt(p.last_epoch_loss)}  val_loss {_fmt(p.last_val)}")
+    p.epoch, p.position = p.epoch + 1, 0
+    if not p.stopped_early:
+        checkpoint(run)
+    _maybe_stop(run)
+
+
+def train_step(run: Run, batch: np.ndarray) -> None:
+    """One optimizer step on one global batch (this process's micro-batches)."""
+    p, params, model = run.progress, run.params, run.model
+    t0 = time.perf_counter()
+    lengths = run.data.train.lengths
+    world, rank = run.rank.world_size, run.rank.rank
+    micro = micro_batches(batch, lengths, world * params.grad_accum)[rank * params.grad_accum:
+                                                                     (rank + 1) * params.grad_accum]
+    tensors = [collate(run.data.train, run.data.vectors, idx, model.pad_token_id) for idx in micro]
+    step_loss, step_tokens = optimizer_step(run.net, run.optimizer, run.scaler, run.trainable, tensors,
+                                            global_tokens=int(lengths[batch].sum()), world_size=world,
+                                            device=run.device, amp=run.amp, grad_clip=params.grad_clip)
+    if not math.isfinite(step_loss):
+        raise TrainingDiverged(f"train: loss is {step_loss} at step {p.step + 1} (epoch {p.epoch}); "
+                               "lower train.lr or use train.precision fp32")
+    run.lr_used = run.schedule.get_last_lr()[0]  # this step's rate, before the schedule moves on
+    run.schedule.step()
+    p.step += 1
+    for acc in (run.local.window, run.local.epoch):
+        acc[0] += step_loss
+        acc[1] += step_tokens
+    run.samples += sum(len(m) for m in micro)
+    run.tokens += step_tokens
+    run.step_seconds += time.perf_counter() - t0
+    if run.bar is not None:
+        run.bar.update(1)
+        run.bar.set_postfix(epoch=p.epoch, loss=f"{step_loss / max(step_tokens, 1):.3f}")
+
+
+def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   trainable: list, micro: list, global_tokens: int, world_size: int, device: torch.device,
+                   amp: str, grad_clip: Optional[float]) -> tuple[float, int]:
+    """Forward and backward of this process's micro-batches ``(vectors, ids, mask)``, then
+    clip and step. Returns this process's summed token loss and token count.
+
+    Each micro-batch's token-loss sum is divided by the global batch's token count and
+    multiplied by ``world_size`` (DDP averages over processes): the gradient is that
+    of the global batch's mean token loss. With a frozen GPT-2 no weight gradient of
+    GPT-2 is built (its parameters do not require grad); a GradScaler that is not
+    enabled passes everything through unchanged.
+    """
+    scale = world_size / float(global_tokens)
+    ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+    optimizer.zero_grad(set_to_none=True)
+    losses, tokens = [], 0
+    for a, (vectors, ids, mask) in enumerate(micro):
+        sync = not ddp or a == len(micro) - 1
+        with (contextlib.nullcontext() if sync else net.no_sync()):
+            with autocast(device, amp):
+                loss_sum = net(vectors.to(device, non_blocking=True), ids.to(device, non_blocking=True),
+                               mask.to(device, non_blocking=True), reduction="sum")
+            scaler.scale(loss_sum * scale).backward()
+        losses.append(loss_sum.detach())
+        tokens += int(mask.sum())
+    step_loss = float(torch.stack(losses).sum())  # one device sync per step
+    scaler.unscale_(optimizer)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return step_loss, tokens
+
+
+def log_row(run: Run) -> None:
+    """A train-curve row: the mean token loss over all processes since the last row."""
+    t = torch.tensor(run.local.window, dtype=torch.float64, device=run.device)
+    all_reduce_sum(t)
+    run.local.window = [0.0, 0]
+    run.progress.curve.append({"step": run.progress.step, "epoch": run.progress.epoch,
+                               "train_loss": float(t[0] / t[1]) if t[1] > 0 else None,
+                               "lr": run.lr_used})
+
+
+def evaluate(run: Run) -> None:
+    """Validation loss now; keep the best weights; decide on early stopping."""
+    p, params = run.progress, run.params
+    t0 = time.perf_counter()
+    loss = validate(run)
+    run.val_seconds += time.perf_counter() - t0
+    p.last_val = loss
+    if loss is None:
+        return
+    p.val_curve.append({"step": p.step, "epoch": p.epoch, "val_loss": loss})
+    if p.best_loss is None or loss < p.best_loss:
+        p.best_loss, p.best_step, p.evals_since_best = loss, p.step, 0
+        if params.keep == "best" and run.rank.is_main:
+            t0 = time.perf_counter()
+            run.ckpts.save(p.step, prefix="best", keep=10**9, modules=run.checkpoint_modules,
+                           state={"val_loss": loss})
+            _prune_best(run)
+            run.checkpoint_seconds += time.perf_counter() - t0
+    else:
+        p.evals_since_best += 1
+        if params.early_stopping_patience and p.evals_since_best >= params.early_stopping_patience:
+            p.stopped_early = True
+            log.info("train: stopping early at step %d: %d validations without improvement on step %d's %.4f",
+                     p.step, p.evals_since_best, p.best_step, p.best_loss)
+    if run.rank.is_main:
+        write_curves(run)
 
 
 @torch.no_grad()
-def validate(model: ClipCaptioner, pairs: Pairs, batch_size: int, device: torch.device, amp, rank) -> Optional[float]:
-    """Token-weighted mean caption loss over ``pairs`` (each rank takes every world_size-th)."""
-    if len(pairs) == 0:
+def validate(run: Run) -> Optional[float]:
+    """Token-weighted mean caption loss over the val pairs (each rank takes every world_size-th)."""
+    data, model = run.data, run.model
+    if len(data.val) == 0:
         return None
     was_training = model.training
     model.eval()
-    mine = list(range(rank.rank, len(pairs), rank.world_size))
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in range(0, len(mine), batch_size):
-        vectors, ids, mask = collate(pairs, mine[b:b + batch_size], model.pad_token_id)
-        with autocast(device, amp):
-            loss = model(vectors.to(device), ids.to(device), mask.to(device), reduction="sum")
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)
+    per_rank = max(1, run.params.batch_size // run.rank.world_size)
+    for idx in validation_batches(data.val, data.vectors, run.rank.rank, run.rank.world_size, per_rank):
+        vectors, ids, mask = collate(data.val, data.vectors, idx, model.pad_token_id)
+        with autocast(run.device, run.amp):
+            loss = model(vectors.to(run.device), ids.to(run.device), mask.to(run.device), reduction="sum")
         total[0] += loss.double()
-        total[1] += mask.sum()
+        total[1] += int(mask.sum())
     all_reduce_sum(total)
     model.train(was_training)
     return float(total[0] / total[1])
 
 
-def _mean_across(total: float, count: int, device: torch.device) -> float:
-    """Mean over all processes (every rank reaches the same steps)."""
-    t = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
-    return float(t[0]) / max(int(t[1]), 1)
+def checkpoint(run: Run) -> None:
+    """Save the whole state (rank 0 writes; every rank's RNG and sums go in)."""
+    t0 = time.perf_counter()
+    per_rank = gather({"rng": capture_rng(), "local": asdict(run.local)})
+    if run.rank.is_main:
+        run.ckpts.save(run.progress.step, modules=run.checkpoint_modules,
+                       stateful={"optimizer": run.optimizer, "schedule": run.schedule, "scaler": run.scaler},
+                       state={"progress": asdict(run.progress), "local": [r["local"] for r in per_rank]},
+                       rng=[r["rng"] for r in per_rank])
+        _prune_best(run)
+        write_curves(run)
+    run.checkpoint_seconds += time.perf_counter() - t0
 
 
-def write_curve(path: str | Path, rows: list[dict]) -> None:
-    """The loss curve as CSV (x = step) for `dvc plots show`; val_loss only at epoch ends."""
+def _prune_best(run: Run) -> None:
+    """Keep the best weights the current run and each kept checkpoint refer to."""
+    wanted = {run.progress.best_step}
+    for step in run.ckpts.steps():
+        try:
+            wanted.add(load_checkpoint(run.ckpts.path(step)).meta["state"]["progress"]["best_step"])
+        except (CaplineError, KeyError, TypeError):
+            pass
+    run.ckpts.remove("best", except_steps=[s for s in wanted if s is not None])
+
+
+def _maybe_stop(run: Run) -> None:
+    if run.stop_after is not None and run.progress.step >= run.stop_after:
+        raise _StopForTest(f"stopped after step {run.progress.step}")
+
+
+# -------------------------------------------------------------------- finish
+def finish(run: Run, out_dir: Path, metrics_path: Path, mapper: MapperParams, started: float,
+           clip_dir: str | Path | None = None) -> dict:
+    """The kept weights into the model folder; curves and metrics; checkpoints removed."""
+    p, params, model = run.progress, run.params, run.model
+    kept = "last"
+    if params.keep == "best":
+        if p.best_step is None:
+            log.warning("train.keep best: no validation loss (the val split is empty); the last weights are kept")
+        else:
+            kept = "best"
+    metrics = {
+        "train_loss": _round(p.last_epoch_loss),
+        "val_loss": _round(p.last_val),
+        "best_step": p.best_step,
+        "best_val_loss": _round(p.best_loss),
+        "kept": kept,
+        "stopped_early": p.stopped_early,
+        "steps": p.step,
+        "epochs": params.epochs,
+        "resumed_from_step": run.resumed_from,
+        "params_trainable": count_parameters(model, trainable_only=True),
+        "params_total": count_parameters(model),
+        "mapper_layers": mapper.layers if mapper.type == "transformer" else 0,
+        "train_pairs": len(run.data.train),
+        "train_images": run.data.train_images,
+        "val_pairs": len(run.data.val),
+        "batch_size": params.batch_size,
+        "grad_accum": params.grad_accum,
+        "world_size": run.rank.world_size,
+        "precision": run.amp,
+        "device": str(run.device),
+        "streamed": bool(getattr(run.data.vectors, "streamed", False)),
+        "load_seconds": round(run.data.load_seconds, 2),
+        "tokenize_seconds": round(run.data.tokenize_seconds, 2),
+        "train_seconds": round(run.step_seconds, 2),
+        "val_seconds": round(run.val_seconds, 2),
+        "checkpoint_seconds": round(run.checkpoint_seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+        # The training steps alone, all processes: samples (pairs) and caption tokens per second.
+        "samples_per_s": round(run.samples * run.rank.world_size / max(run.step_seconds, 1e-9), 2),
+        "tokens_per_s": round(_sum_across(run.tokens, run.device) / max(run.step_seconds, 1e-9), 1),
+    }
+    if run.rank.is_main:
+        if kept == "best":
+            load_checkpoint(run.ckpts.path(p.best_step, "best")).restore(modules=run.checkpoint_modules)
+        write_curves(run)
+        model.save(out_dir, clip_dir=clip_dir)
+        write_metrics(metrics_path, metrics)
+        # The run is complete: nothing is left to resume.
+        run.ckpts.remove("step")
+        run.ckpts.remove("best")
+    barrier()
+    return metrics
+
+
+def _sum_across(value: int, device: torch.device) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    return float(all_reduce_sum(t)[0])
+
+
+# -------------------------------------------------------------------- curves
+def write_curves(run: Run) -> None:
+    write_csv(run.curve_path, CURVE_FIELDS, run.progress.curve)
+    write_csv(run.val_curve_path, VAL_FIELDS, run.progress.val_curve)
+
+
+def write_csv(path: Path, fields: tuple, rows: list[dict]) -> None:
+    """A curve as CSV (x = step) for `dvc plots show`, written whole."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r[k] is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
-                    for k in CURVE_FIELDS})
+        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                    for k in fields})
     write_atomic(path, buf.getvalue())
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _round(x: Optional[float]) -> Optional[float]:
     return None if x is None or math.isnan(x) else round(float(x), 6)
-

@@ -51,6 +51,20 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="capline")
 def capline() -> None:
     """Train and evaluate CLIP-prefix image captioners (ClipCap) as a DVC pipeline."""
+    _log_to_stderr()
+
+
+def _log_to_stderr() -> None:
+    """The pipeline's own log lines (info and up: resuming, skipped checkpoints) on stderr."""
+    import logging
+
+    logger = logging.getLogger("pipeline")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 if __name__ == "__main__":

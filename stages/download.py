@@ -24,9 +24,11 @@ def download(params_path: str, source_dir: str, out_dir: str, metrics_path: str,
     """Fetch every record's image into shards, with params `download`.
 
     Shard i holds records i*records_per_shard onwards and belongs to the rank
-    with i % world_size == rank. Finished shards (their .tar exists) are kept,
-    so a rerun after a kill resumes; the result is byte-identical to an
-    uninterrupted run. Every record gets a status line: ok or a named failure.
+    with i % world_size == rank. Finished shards made from the same records,
+    byte-changing params and code (NNNNN.fingerprint.json) are kept, so a rerun
+    after a kill resumes; others are remade, with a log line saying why. The
+    result is byte-identical to an uninterrupted run. Every record gets a status
+    line: ok or a named failure.
     """
     from pipeline.download.run import download as run
 

@@ -26,8 +26,9 @@ def embed(params_path: str, images: Path, model: Path, out: Path, metrics: Path,
 
     Reads the `clip` section (output, normalize, precision, batch_size, workers,
     preprocess) and `data.val_fraction`/`data.test_fraction` (splits for shards
-    without one). Finished feature shards are kept, so a rerun after a kill only
-    computes the rest. Under `torchrun --nproc-per-node N capline embed`, or with
+    without one). Finished feature shards made from the same image shard,
+    settings and code are kept, so a rerun after a kill only computes the rest;
+    others are computed again, with a log line saying why. Under `torchrun --nproc-per-node N capline embed`, or with
     --rank/--world-size on each machine, rank r embeds shards r, r+N, r+2N, ...
     """
     from pipeline.embed.stage import run_embed

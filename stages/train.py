@@ -21,15 +21,22 @@ from stages.common import load, params_option
 @click.option("--out", "out_dir", default="data/model", show_default=True,
               type=click.Path(file_okay=False), help="trained captioner folder to write (replaced when whole)")
 @click.option("--curve", "curve_path", default="data/train/loss.csv", show_default=True,
-              type=click.Path(dir_okay=False), help="loss curve CSV (step, epoch, train_loss, val_loss, lr)")
+              type=click.Path(dir_okay=False), help="training curve CSV (step, epoch, train_loss, lr)")
+@click.option("--val-curve", "val_curve_path", default="data/train/val.csv", show_default=True,
+              type=click.Path(dir_okay=False), help="validation curve CSV (step, epoch, val_loss)")
+@click.option("--checkpoints", "checkpoint_dir", default="data/checkpoints/train", show_default=True,
+              type=click.Path(file_okay=False),
+              help="checkpoint folder: a rerun with the same inputs and params resumes from it")
 @click.option("--metrics", "metrics_path", default="data/metrics/train.json", show_default=True,
               type=click.Path(dir_okay=False), help="final metrics JSON (train_loss, val_loss, params, seconds)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
 def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_dir: str, curve_path: str,
-          metrics_path: str, progress: bool) -> None:
+          val_curve_path: str, checkpoint_dir: str, metrics_path: str, progress: bool) -> None:
     """Train a captioner from the `mapper` and `train` params.
 
-    GPT-2 stays frozen unless train.finetune_gpt is set. Under torchrun
+    GPT-2 stays frozen unless train.finetune_gpt is set. Checkpoints are written
+    every train.checkpoint_every steps and at each epoch end; run the same command
+    again after a kill and it resumes. Under torchrun
     (e.g. `torchrun --nproc-per-node 2 -m stages.cli train`) it trains with
     DistributedDataParallel and only rank 0 writes.
     """
@@ -42,6 +49,9 @@ def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_
                    "(`capline caption` will need --clip)", err=True)
         clip_dir = None
     metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
-                        progress=progress, clip_dir=clip_dir)
+                        progress=progress, val_curve_path=val_curve_path, checkpoint_dir=checkpoint_dir,
+                        clip_dir=clip_dir)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
-               f"{metrics['params_trainable']} trainable parameters  {metrics['seconds']} s")
+               f"best step {metrics['best_step']} (val_loss {metrics['best_val_loss']}, kept: {metrics['kept']})  "
+               f"{metrics['params_trainable']} trainable parameters  {metrics['samples_per_s']} samples/s  "
+               f"{metrics['seconds']} s")

@@ -2,7 +2,8 @@
 
 Routes map a path to a list of replies served in order (the last one repeats), so
 "500 then 200" or "429 with Retry-After, then the image" are one line each.
-Replies can wait before answering (latency) or stall halfway through the body.
+Replies can wait before answering (latency), stall halfway through the body, or
+hold until the test opens their gate (a kill test stops a client at a known point).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Reply:
     content_type: str = "image/jpeg"
     delay: float = 0.0  # seconds before the response starts
     stall: float = 0.0  # seconds to pause after half of the body
+    gate: Optional[threading.Event] = None  # answer only once this is set
 
 
 class LoopbackServer:
@@ -61,6 +63,10 @@ class LoopbackServer:
 
             def _answer(self, replies: Optional[list[Reply]], n: int) -> None:
                 reply = replies[min(n, len(replies) - 1)] if replies else Reply(404, b"not found", content_type="text/plain")
+                if reply.gate is not None:
+                    while not reply.gate.wait(0.05):
+                        if server._stop.is_set():
+                            return
                 wait = reply.delay + server.latency
                 if wait and server._stop.wait(wait):
                     return

@@ -22,4 +22,4 @@ def test_pipeline_imports_resolve(script):
 
 def test_the_scripts_are_found():
     names = {p.name for p in SCRIPTS}
-    assert {"embed.py", "download.py", "generate.py", "gpu_check.sh"} <= names
+    assert {"embed.py", "download.py", "generate.py", "train.py", "gpu_check.sh"} <= names

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,3 +207,191 @@ def test_records_the_dying_processes_never_took_are_fetched_by_the_next_run(tmp_
     assert summary.shards_resumed == 0 and summary.by_status == {"ok": 6}
     for shard in ("00000", "00001"):
         assert {s["status"] for s in read_status(out / f"{shard}.status.jsonl")} == {"ok"}
+
+
+# ------------------------------------------ fingerprints: what a rerun may reuse
+def _file_records(tmp: Path, n: int = 25, caption: str = "cap") -> list[Record]:
+    folder = tmp / "pics"
+    folder.mkdir(exist_ok=True)
+    recs = []
+    for i in range(n):
+        path = folder / f"{i}.jpg"
+        if not path.exists():
+            path.write_bytes(jpeg(40, 30, seed=i))
+        url = path.as_uri() if i % 9 != 4 else (folder / f"gone{i}.jpg").as_uri()  # some failures too
+        recs.append(Record(f"k{i:03d}", url, "train", (f"{caption} {i}",)))
+    return recs
+
+
+def _stamps(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+FP = dict(workers=2, records_per_shard=5, decode_processes=0, retries=0)
+
+
+def test_changing_a_param_that_does_not_change_bytes_keeps_every_shard(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    first = download_records(recs, out, DownloadParams(**FP), progress=False)
+    stamps = _stamps(out)
+    assert first.shards == 5 and first.shards_resumed == 0
+    assert sorted(p.name for p in out.glob("*.fingerprint.json")) == [f"{i:05d}.fingerprint.json" for i in range(5)]
+    again = download_records(recs, out, DownloadParams(**{**FP, "workers": 3, "per_host": 1, "read_timeout": 2.0,
+                                                          "retries": 2, "user_agent": "other"}), progress=False)
+    assert again.shards_resumed == 5 and again.fetched_ok == 0
+    assert _stamps(out) == stamps  # not one file rewritten
+    assert "remaking" not in caplog.text
+
+
+def test_a_param_that_changes_the_bytes_remakes_the_shards_and_says_why(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    caplog.set_level("WARNING")
+    again = download_records(recs, out, DownloadParams(**{**FP, "jpeg_quality": 60}), progress=False)
+    assert again.shards_resumed == 0
+    assert "download: remaking shard 00000, made with other inputs: params.jpeg_quality: 95 there, 60 here" \
+        in caplog.text
+    # A few lines per reason, then one count: not one line per shard.
+    assert caplog.text.count("remaking shard") == 3
+    assert "remaking 2 more shards for the same reason: params.jpeg_quality" in caplog.text
+    download_records(recs, tmp_path / "fresh", DownloadParams(**{**FP, "jpeg_quality": 60}), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh")
+
+
+def test_only_the_shards_whose_records_changed_are_remade(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    stamps = _stamps(out)
+    caplog.set_level("WARNING")
+    changed = list(recs)
+    changed[7] = Record(recs[7].key, recs[7].url, recs[7].split, ("another caption",))  # shard 1
+    again = download_records(changed, out, DownloadParams(**FP), progress=False)
+    assert again.shards_resumed == 4
+    assert "remaking shard 00001, made with other inputs: records_sha256:" in caplog.text
+    assert "remaking shard 00000" not in caplog.text
+    now = _stamps(out)
+    assert {n for n in now if now[n] != stamps[n]} == {"00001.tar", "00001.status.jsonl", "00001.fingerprint.json"}
+    download_records(changed, tmp_path / "fresh", DownloadParams(**FP), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh")
+
+
+def test_a_code_change_or_a_missing_fingerprint_remakes_the_shard(tmp_path, caplog):
+    recs, out = _file_records(tmp_path, n=10), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    reference = _files(out)
+    fp = json.loads((out / "00000.fingerprint.json").read_text())
+    fp["code_sha256"] = "0" * 64  # as if made by other code
+    (out / "00000.fingerprint.json").write_text(json.dumps(fp))
+    (out / "00001.fingerprint.json").unlink()  # as if made before fingerprints existed
+    caplog.set_level("WARNING")
+    again = download_records(recs, out, DownloadParams(**FP), progress=False)
+    assert again.shards_resumed == 0
+    assert "remaking shard 00000, made with other inputs: code_sha256: '00000000000…0000000' there" in caplog.text
+    assert "remaking shard 00001, made with other inputs: it has no readable fingerprint file" in caplog.text
+    assert _files(out) == reference
+
+
+def test_shards_the_records_no_longer_reach_are_removed(tmp_path, caplog):
+    recs, out = _file_records(tmp_path), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    (out / "00007.tar.tmp-123").write_bytes(b"left by a killed run")
+    caplog.set_level("WARNING")
+    # The list shrank: 12 records are shards 0-2 (the last one of two records).
+    shrunk = download_records(recs[:12], out, DownloadParams(**FP), progress=False)
+    assert shrunk.shards == 3 and shrunk.shards_resumed == 2
+    assert "download: removed 7 files of shards the records no longer reach (this run has 3 shards)" in caplog.text
+    download_records(recs[:12], tmp_path / "fresh12", DownloadParams(**FP), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh12")
+    # records_per_shard grew: other records per shard, fewer shards.
+    download_records(recs, out, DownloadParams(**{**FP, "records_per_shard": 10}), progress=False)
+    download_records(recs, tmp_path / "fresh10", DownloadParams(**{**FP, "records_per_shard": 10}), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh10")
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+
+
+def test_every_download_param_is_placed_in_or_out_of_the_fingerprint():
+    from pipeline.download.resume import BYTE_PARAMS, OTHER_PARAMS
+
+    fields = set(DownloadParams.model_fields)
+    assert set(BYTE_PARAMS) | set(OTHER_PARAMS) == fields, "place the new param in resume.py"
+    assert not set(BYTE_PARAMS) & set(OTHER_PARAMS)
+
+
+def test_the_code_digest_covers_the_modules_that_make_the_bytes():
+    from pipeline.fingerprint import ROOT, modules_run_by
+
+    run = {p.relative_to(ROOT).as_posix() for p in modules_run_by(["pipeline.download.run"])}
+    assert {"pipeline/download/image.py", "pipeline/download/fetch.py", "pipeline/download/shards.py",
+            "pipeline/download/resume.py", "pipeline/imaging.py", "pipeline/fingerprint.py"} <= run
+
+
+def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(tmp_path, caplog):
+    """What `dvc exp run` does before it reruns a killed experiment: it checks out the
+    last recorded output over the killed run's finished shards. They come back from
+    the .partial folder, untouched, instead of being fetched again."""
+    gate = threading.Event()
+    gate.set()
+    with LoopbackServer() as srv:
+        lines = []
+        for i in range(30):
+            url = srv.route(f"/{i}.jpg", Reply(200, jpeg(48, 32, seed=i), gate=gate if i >= 10 else None))
+            lines.append(json.dumps({"url": url, "captions": [f"image {i}"]}))
+        (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+        source = tmp_path / "source"
+        prepare(source, DataParams(source="jsonl", annotations=str(tmp_path / "list.jsonl")))
+        base = dict(workers=2, per_host=2, records_per_shard=5, decode_processes=0, retries=0, read_timeout=300)
+        recorded = tmp_path / "recorded"  # the output dvc.lock records: jpeg_quality 95
+        download(source, recorded, DownloadParams(**base), progress=False)
+        assert not (tmp_path / "recorded.partial").exists()  # a finished run keeps nothing aside
+
+        # The experiment (jpeg_quality 60) is killed once shards 0 and 1 are finished;
+        # the images of shard 2 onwards are held back, so no later shard can be.
+        params = tmp_path / "p60.yaml"
+        params.write_text(yaml.safe_dump({"download": {**base, "jpeg_quality": 60}}))
+        out = tmp_path / "out"
+        shutil.copytree(recorded, out)
+        gate.clear()
+        proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "download", "--params", str(params),
+                                 "--source", str(source), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
+                                 "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial = tmp_path / "out.partial"
+        deadline = time.monotonic() + 120
+        while not (list(partial.glob("00001@*.tar")) and srv.hits["/10.jpg"]):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert sorted(p.name.split("@")[0] for p in partial.glob("*.tar")) == ["00000", "00001"]
+
+        # dvc exp run checks out the recorded output over the killed run's shards.
+        shutil.rmtree(out)
+        shutil.copytree(recorded, out)
+        gate.set()
+        hits = dict(srv.hits)
+        caplog.set_level("WARNING")
+        summary = download(source, out, DownloadParams(**base, jpeg_quality=60), progress=False)
+        assert summary.shards_resumed == 2
+        assert all(srv.hits[f"/{i}.jpg"] == hits[f"/{i}.jpg"] for i in range(10))  # not fetched again
+        assert f"download: put back 2 shards finished by a run that did not complete (from {partial})" in caplog.text
+        assert "remaking shard 00002, made with other inputs: params.jpeg_quality: 95 there, 60 here" in caplog.text
+        assert "remaking shard 00000" not in caplog.text
+        download(source, tmp_path / "fresh", DownloadParams(**base, jpeg_quality=60), progress=False)
+    assert _files(out) == _files(tmp_path / "fresh")
+    assert not partial.exists()
+
+
+def test_links_a_killed_run_left_half_made_are_removed(tmp_path):
+    from pipeline.partial import PartialShards
+
+    recs, out = _file_records(tmp_path, n=10), tmp_path / "out"
+    download_records(recs, out, DownloadParams(**FP), progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a process id that no longer runs
+    (out / f".00001.tar.{dead}.link").write_bytes(b"half")
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / f".00001@0123456789abcdef.tar.{dead}.link").write_bytes(b"half")
+    alive = out / f".00000.tar.{os.getpid()}.link"  # another process's link in progress is left alone
+    alive.write_bytes(b"busy")
+    PartialShards(out).sweep()
+    assert not (out / f".00001.tar.{dead}.link").exists() and alive.exists()
+    assert not list((tmp_path / "out.partial").iterdir())

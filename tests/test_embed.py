@@ -1,5 +1,6 @@
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -131,6 +132,96 @@ def test_resume_keeps_finished_shards_and_equals_uninterrupted(tmp_path, clip_di
     # Other settings make other vectors: nothing is kept.
     other = embed_shards(root, clip_dir, out, clip_params(normalize=False), Rank(), DataParams(), progress=False)
     assert other["shards_kept"] == 0 and other["shards_written"] == 3
+
+
+def _bytes_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_image_shard_changed_at_the_same_size_is_embedded_again(tmp_path, clip_dir, caplog):
+    root = tmp_path / "img"
+    make_image_dir(root, shards=3, per_shard=3)
+    out = tmp_path / "f"
+    embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
+    # Another caption, same length: the tar keeps its size (all the old check looked at).
+    tar = root / "00001.tar"
+    data = tar.read_bytes()
+    assert data.count(b"picture 4") == 1
+    tar.write_bytes(data.replace(b"picture 4", b"picture X"))
+    caplog.set_level("WARNING")
+    again = embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
+    assert (again["shards_kept"], again["shards_written"]) == (2, 1)
+    assert "embed: remaking 00001.h5, made with other inputs: source_sha256:" in caplog.text
+    assert ["a <b>photo</b> number 4", "picture X"] in read_feature_shard(out / "00001.h5").captions
+    embed_shards(root, clip_dir, tmp_path / "fresh", clip_params(), Rank(), DataParams(), progress=False)
+    assert _bytes_of(out) == _bytes_of(tmp_path / "fresh")  # byte for byte
+
+
+def test_settings_that_change_vectors_remake_shards_and_workers_do_not(tmp_path, clip_dir, images, caplog):
+    root, _ = images
+    out = tmp_path / "f"
+    embed_shards(root, clip_dir, out, clip_params(workers=2), Rank(), DataParams(), progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    caplog.set_level("WARNING")
+    same = embed_shards(root, clip_dir, out, clip_params(workers=0), Rank(), DataParams(), progress=False)
+    assert same["shards_kept"] == 3 and same["shards_written"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert "remaking" not in caplog.text
+    # The batch size fixes which images share a model call, hence the last bits.
+    other = embed_shards(root, clip_dir, out, clip_params(batch_size=2), Rank(), DataParams(), progress=False)
+    assert other["shards_kept"] == 0 and other["shards_written"] == 3
+    assert "embed: remaking 00000.h5, made with other inputs: made_with.batch_size: 4 there, 2 here" in caplog.text
+    embed_shards(root, clip_dir, out, clip_params(batch_size=2, normalize=False), Rank(), DataParams(), progress=False)
+    assert "embed: remaking 00000.h5, made with other inputs: normalized: True there, False here" in caplog.text
+    embed_shards(root, clip_dir, tmp_path / "fresh", clip_params(batch_size=2, normalize=False), Rank(), DataParams(),
+                 progress=False)
+    assert _bytes_of(out) == _bytes_of(tmp_path / "fresh")
+
+
+def test_files_of_feature_shards_without_an_image_shard_are_removed(tmp_path, clip_dir, images):
+    root, _ = images
+    out = tmp_path / "f"
+    out.mkdir()
+    for name in ("00009.h5", "00009.status.jsonl", "00008.status.jsonl", "00008.h5.tmp",
+                 ".00007.status.jsonl.x1y2.tmp"):
+        (out / name).write_bytes(b"left over")
+    embed_shards(root, clip_dir, out, clip_params(), Rank(), DataParams(), progress=False)
+    embed_shards(root, clip_dir, tmp_path / "fresh", clip_params(), Rank(), DataParams(), progress=False)
+    assert _bytes_of(out) == _bytes_of(tmp_path / "fresh")
+
+
+def test_feature_shards_of_an_unfinished_run_come_back_after_the_output_folder_was_reverted(tmp_path, clip_dir,
+                                                                                          caplog):
+    """`dvc exp run` checks out the last recorded output before it reruns a stage;
+    shards an unfinished run had finished come back from data/features.partial."""
+    root = tmp_path / "img"
+    make_image_dir(root, shards=3, per_shard=3)
+    recorded = tmp_path / "recorded"  # what dvc.lock records: normalized vectors
+    embed_shards(root, clip_dir, recorded, clip_params(workers=0), Rank(), DataParams(), progress=False)
+    assert not (tmp_path / "recorded.partial").exists()  # a finished run keeps nothing aside
+    # The experiment (normalize: false) stops at a damaged shard 2, after shards 0 and 1.
+    good = (root / "00002.tar").read_bytes()
+    (root / "00002.tar").write_bytes(good[:1500])
+    out = tmp_path / "f"
+    with pytest.raises(ImageShardError, match="00002.tar"):
+        embed_shards(root, clip_dir, out, clip_params(workers=0, normalize=False), Rank(), DataParams(),
+                     progress=False)
+    partial = tmp_path / "f.partial"
+    assert sorted(p.name.split("@")[0] for p in partial.glob("*.h5")) == ["00000", "00001"]
+    # The recorded output is checked out over them; the shard is mended; the experiment reruns.
+    shutil.rmtree(out)
+    shutil.copytree(recorded, out)
+    (root / "00002.tar").write_bytes(good)
+    caplog.set_level("WARNING")
+    again = embed_shards(root, clip_dir, out, clip_params(workers=0, normalize=False), Rank(), DataParams(),
+                         progress=False)
+    assert (again["shards_kept"], again["shards_written"]) == (2, 1)
+    assert f"embed: put back 2 feature shards finished by a run that did not complete (from {partial})" in caplog.text
+    assert "embed: remaking 00002.h5, made with other inputs: normalized: True there, False here" in caplog.text
+    assert not partial.exists()
+    embed_shards(root, clip_dir, tmp_path / "fresh", clip_params(workers=0, normalize=False), Rank(), DataParams(),
+                 progress=False)
+    assert _bytes_of(out) == _bytes_of(tmp_path / "fresh")
 
 
 def test_corrupt_shard_stops_with_its_name_and_keeps_earlier_work(tmp_path, clip_dir):

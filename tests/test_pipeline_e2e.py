@@ -7,14 +7,17 @@ DVC runs the `capline` stage commands exactly as a user's `dvc repro` would.
 import json
 import os
 import shutil
+import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
+
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers_repo import copy_project, env, run as _run, stages_run as _stages_run
+
 pytestmark = pytest.mark.slow
 
 SMALL = {
@@ -22,56 +25,15 @@ SMALL = {
     "download": {"records_per_shard": 50, "workers": 4},
     "clip": {"batch_size": 32, "workers": 1},
     "mapper": {"layers": 1, "prefix_length": 4, "clip_length": 4},
-    "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 5, "log_every": 2},
+    "train": {"epochs": 3, "batch_size": 32, "warmup_steps": 5, "log_every": 2, "checkpoint_every": 5},
     "generate": {"num_beams": 2, "max_new_tokens": 12},
     "evaluate": {"baseline_candidates": 5, "report_images": 10},
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    # `capline` lives beside this interpreter; DVC runs it through the shell.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL), sort_keys=False))
-    _run(["git", "init", "-q"], dest)
-    _run(["git", "add", "-A"], dest)
-    _run(["git", "commit", "-qm", "initial"], dest)
-    return dest
-
-
-def _stages_run(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+    return copy_project(tmp_path_factory.mktemp("repo"), SMALL)
 
 
 def test_repro_then_experiment(repo: Path):
@@ -89,6 +51,14 @@ def test_repro_then_experiment(repo: Path):
         assert name in flat  # dvc metrics show lists it
     assert (repo / "data/eval/report.html").stat().st_size > 0
     assert (repo / "data/train/loss.csv").read_text().startswith("step")
+    assert (repo / "data/train/val.csv").read_text().startswith("step,epoch,val_loss")
+    # One plot draws the train and the validation loss.
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo))
+    plots = plots.get("data", plots)  # dvc 3: {"data": {plot name: [...]}}
+    loss = [p for name, plot in plots.items() if "loss" in name.lower() for p in plot]
+    drawn = json.dumps(loss)
+    assert "train_loss" in drawn and "val_loss" in drawn, list(plots)
+    assert not list((repo / "data/checkpoints/train").iterdir())  # a finished run leaves none
 
     # Nothing changed: everything is cached.
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo)
@@ -121,3 +91,47 @@ def test_repro_then_experiment(repo: Path):
                 "--no-progress", str(shard)], repo)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert rows and all(r.get("captions") for r in rows)
+
+def _lock_outs(repo: Path, stage: str) -> dict:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    # The metrics file holds timings, different in any two runs; everything else must match.
+    return {o["path"]: o["md5"] for o in lock["outs"] if not o["path"].startswith("data/metrics/")}
+
+
+def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
+    """Kill `dvc repro` (its whole process group) after train's first checkpoint; `dvc
+    repro` again resumes, and ends with the weights, curves and dvc.lock entries of an
+    uninterrupted run. (Params no run has used yet: with params DVC has seen finish,
+    `dvc repro` restores the outputs from its run cache and trains nothing.)"""
+    _run(["dvc", "repro"], repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["seed"] = 7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    checkpoints = repo / "data/checkpoints/train"
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(checkpoints.glob("step-*")), "no checkpoint appeared before the run ended"
+    assert not (repo / "data/model").exists()  # DVC removed the output before running
+
+    out = _run(["dvc", "repro"], repo)
+    assert "resuming from" in out and "train" in _stages_run(out)
+    assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] > 0
+    assert not list(checkpoints.iterdir())
+    resumed = {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")}
+    resumed_lock = _lock_outs(repo, "train")
+    curves = {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")}
+
+    # The same params uninterrupted (--force: neither the run cache nor the outputs reused).
+    out = _run(["dvc", "repro", "--force", "--single-item", "train"], repo)
+    assert "resuming from" not in out
+    assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] == 0
+    assert {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")} == resumed
+    assert {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")} == curves
+    assert _lock_outs(repo, "train") == resumed_lock and "data/model" in resumed_lock

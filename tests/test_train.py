@@ -1,21 +1,28 @@
-"""Training: the loss falls on a learnable task, curve/metrics/model are written, DDP works."""
+"""Training: the loss falls, curves/metrics/model are written, the best weights are kept,
+a killed run resumes to the same weights, DDP equals one process, batches are global."""
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import load_checkpoint
 from pipeline.features import FeatureShardError
-from pipeline.models.pretrained import ModelError
 from pipeline.models.captioner import ClipCaptioner
+from pipeline.models.pretrained import ModelError
 from pipeline.params import MapperParams, ParamsError, TrainParams
-from pipeline.train import train
+from pipeline.train import _StopForTest, train
+from pipeline.train_data import build_captions, epoch_batches, load_training_data, tokenize
 from tests.helpers_model import FEATURE_ATTRS, save_tiny_gpt, scene_table, write_features, torch_threads
 
 
@@ -24,10 +31,13 @@ def _one_thread():
     with torch_threads(1):
         yield
 
+
 REPO = Path(__file__).resolve().parents[1]
 MAPPER = MapperParams(type="transformer", prefix_length=3, clip_length=2, layers=1, heads=2)
 TRAIN = TrainParams(epochs=6, batch_size=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=2,
                     finetune_gpt=True)
+TIMING = ("load_seconds", "tokenize_seconds", "train_seconds", "val_seconds", "checkpoint_seconds", "seconds",
+          "samples_per_s", "tokens_per_s", "resumed_from_step")
 
 
 @pytest.fixture(scope="module")
@@ -43,82 +53,329 @@ def read_curve(path):
         return list(csv.DictReader(f))
 
 
-def test_training_lowers_the_loss_and_writes_everything(data, tmp_path):
+def _run(data, out: Path, mapper=MAPPER, params=TRAIN, **kw) -> dict:
     root, gpt, feats = data
-    out, curve, metrics_path = tmp_path / "model", tmp_path / "train/loss.csv", tmp_path / "metrics/train.json"
-    metrics = train(feats, gpt, out, curve, metrics_path, MAPPER, TRAIN, progress=False)
+    return train(feats, gpt, out / "model", out / "train/loss.csv", out / "metrics.json", mapper, params,
+                 progress=False, val_curve_path=out / "train/val.csv", **kw)
 
-    rows = read_curve(curve)
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {f"mapper.{k}": v for k, v in load_file(str(model_dir / "mapper.safetensors")).items()}
+    weights.update({f"gpt.{k}": v for k, v in load_file(str(model_dir / "gpt/model.safetensors")).items()})
+    return weights
+
+
+def test_training_lowers_the_loss_and_writes_everything(data, tmp_path):
+    metrics = _run(data, tmp_path)
+    rows = read_curve(tmp_path / "train/loss.csv")
+    assert list(rows[0]) == ["step", "epoch", "train_loss", "lr"]
     assert [int(r["step"]) for r in rows] == sorted(int(r["step"]) for r in rows)
-    first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
-    assert last < 0.5 * first
-    vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
-    assert len(vals) == TRAIN.epochs and vals[-1] < vals[0]
+    assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
+    vals = read_curve(tmp_path / "train/val.csv")
+    assert [int(r["epoch"]) for r in vals] == list(range(1, TRAIN.epochs + 1))
+    assert float(vals[-1]["val_loss"]) < float(vals[0]["val_loss"])
     assert {int(r["epoch"]) for r in rows} == set(range(1, TRAIN.epochs + 1))
 
-    saved = json.loads(metrics_path.read_text())
+    saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == metrics
     # 12 classes x 4 images, a third of each class in train (j % 3 == 0: 2 of 4), 2 captions each.
     assert metrics["train_images"] == 24 and metrics["train_pairs"] == 48
     assert metrics["steps"] == TRAIN.epochs * 6
-    assert metrics["val_loss"] == pytest.approx(vals[-1], rel=1e-5)
-    model = ClipCaptioner.load(out)
+    assert metrics["val_loss"] == pytest.approx(float(vals[-1]["val_loss"]), rel=1e-5)
+    best = min(vals, key=lambda r: float(r["val_loss"]))
+    assert metrics["best_step"] == int(best["step"]) and metrics["kept"] == "best"
+    assert metrics["best_val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-5)
+    for key in ("samples_per_s", "tokens_per_s", "train_seconds", "load_seconds", "tokenize_seconds"):
+        assert metrics[key] >= 0, key
+    assert metrics["samples_per_s"] > 0 and metrics["tokens_per_s"] > metrics["samples_per_s"]
+    model = ClipCaptioner.load(tmp_path / "model")
     assert metrics["params_trainable"] == sum(p.numel() for p in model.parameters())
     assert model.features["model_id"] == FEATURE_ATTRS["model_id"] and model.features["dim"] == 16
-    assert not list(tmp_path.glob(".*tmp*")) and not list((tmp_path / "metrics").glob(".*"))
+    assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob("train/.*"))
 
 
-def test_frozen_gpt_is_not_changed_by_training(data, tmp_path):
+def test_frozen_gpt_gets_no_gradients_and_is_not_changed(data, tmp_path):
     root, gpt, feats = data
     params = TRAIN.model_copy(update={"finetune_gpt": False, "epochs": 1})
-    metrics = train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, params,
-                    progress=False)
-    model = ClipCaptioner.load(tmp_path / "m")
+    metrics = _run(data, tmp_path, params=params)
+    model = ClipCaptioner.load(tmp_path / "model")
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(gpt)
     for (name, p), q in zip(model.gpt.state_dict().items(), base.state_dict().values()):
         assert torch.equal(p, q), name
     assert metrics["params_trainable"] == sum(p.numel() for p in model.mapper.parameters())
+    # No weight gradient of GPT-2 is even built: only the mapper's.
+    model.train()
+    vectors, ids = torch.randn(3, 16), torch.tensor([[1, 2, 3], [1, 2, 3], [4, 5, 6]])
+    model(vectors, ids, torch.ones_like(ids)).backward()
+    assert all(p.grad is None for p in model.gpt.parameters())
+    assert all(p.grad is not None for p in model.mapper.parameters())
 
 
 def test_bad_inputs_name_the_key_or_file(data, tmp_path):
     root, gpt, feats = data
     with pytest.raises(ParamsError, match="mapper.width"):
-        train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
-              MAPPER.model_copy(update={"width": 64}), TRAIN, progress=False)
+        _run(data, tmp_path, mapper=MAPPER.model_copy(update={"width": 64}))
     with pytest.raises(ModelError, match="config.json"):
         train(feats, tmp_path / "nogpt", tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
               MAPPER, TRAIN, progress=False)
     with pytest.raises(ParamsError, match="mapper.prefix_length"):  # GPT-2 has 64 positions
-        train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json",
-              MAPPER.model_copy(update={"prefix_length": 63}), TRAIN, progress=False)
+        _run(data, tmp_path, mapper=MAPPER.model_copy(update={"prefix_length": 63}))
+    with pytest.raises(ParamsError, match=r"train.batch_size: 8 is not divisible by 1 process\(es\) x "
+                                          r"train.grad_accum 3"):
+        _run(data, tmp_path, params=TRAIN.model_copy(update={"grad_accum": 3}))
+    with pytest.raises(ParamsError, match="more than the 48 caption pairs"):
+        _run(data, tmp_path, params=TRAIN.model_copy(update={"batch_size": 64}))
     only_test = write_features(tmp_path / "f", scene_table(n_per_class=2, splits=("test",)), shards=1)
     with pytest.raises(FeatureShardError, match="no images in the train split"):
         train(only_test, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, TRAIN,
               progress=False)
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "model").exists() and not (tmp_path / "m").exists()
 
 
-def test_ddp_two_processes_with_torchrun(data, tmp_path):
+# ------------------------------------------------------------------ resume
+RESUME = TRAIN.model_copy(update={"epochs": 3, "checkpoint_every": 4, "eval_every": 5, "grad_accum": 2})
+DROPOUT = MAPPER.model_copy(update={"dropout": 0.2})  # the RNG states matter
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    return out, _run(data, out, mapper=DROPOUT, params=RESUME, checkpoint_dir=out / "ck")
+
+
+@pytest.mark.parametrize("stops", [(5,), (6,), (12,), (3, 9, 16)],
+                         ids=["mid-epoch", "epoch-end", "after-2nd-epoch", "three-kills"])
+def test_killed_run_resumes_to_identical_weights(data, uninterrupted, tmp_path, stops, caplog):
+    whole, expected = uninterrupted
+    for stop in stops:
+        with pytest.raises(_StopForTest):
+            _run(data, tmp_path, mapper=DROPOUT, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=stop)
+        assert not (tmp_path / "model").exists()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        metrics = _run(data, tmp_path, mapper=DROPOUT, params=RESUME, checkpoint_dir=tmp_path / "ck")
+    resumed_from = max(s for s in range(1, stops[-1] + 1) if s % 4 == 0 or s % 6 == 0)
+    assert f"resuming from {tmp_path / 'ck' / f'step-{resumed_from:09d}'}" in caplog.text
+    assert metrics["resumed_from_step"] == resumed_from
+    a, b = _weights(whole / "model"), _weights(tmp_path / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit
+    for name in ("train/loss.csv", "train/val.csv"):
+        assert (tmp_path / name).read_text() == (whole / name).read_text(), name
+    assert {k: v for k, v in metrics.items() if k not in TIMING} == \
+           {k: v for k, v in expected.items() if k not in TIMING}
+    assert not list((tmp_path / "ck").iterdir())  # a finished run leaves nothing to resume
+
+
+def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, caplog):
+    with pytest.raises(_StopForTest):
+        _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
+    other = RESUME.model_copy(update={"lr": 0.02})
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        metrics = _run(data, tmp_path, params=other, checkpoint_dir=tmp_path / "ck")
+    assert "step-000000004 ignored: made by another run (params.train.lr: 0.01 there, 0.02 here)" in caplog.text
+    assert metrics["resumed_from_step"] == 0
+    # Other features: ignored too, named.
+    with pytest.raises(_StopForTest):
+        _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
     root, gpt, feats = data
-    (tmp_path / "params.yaml").write_text(
-        "mapper: {type: mlp, prefix_length: 2}\n"
-        "train: {epochs: 2, batch_size: 4, lr: 0.003, warmup_steps: 1, precision: fp32, log_every: 1}\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "stages.cli", "train", "--params", str(tmp_path / "params.yaml"), "--features", str(feats),
-           "--gpt", str(gpt), "--out", str(tmp_path / "model"), "--curve", str(tmp_path / "loss.csv"),
-           "--metrics", str(tmp_path / "train.json"), "--no-progress"]
+    feats2 = write_features(tmp_path / "f2", scene_table(n_per_class=4, seed=1))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        train(feats2, gpt, tmp_path / "m2", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, RESUME,
+              progress=False, checkpoint_dir=tmp_path / "ck")
+    assert "ignored: made by another run (features:" in caplog.text
+
+
+def test_resume_with_keep_last(data, tmp_path):
+    params = RESUME.model_copy(update={"keep": "last"})
+    with pytest.raises(_StopForTest):
+        _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck", stop_after=7)
+    metrics = _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck")
+    assert metrics["resumed_from_step"] == 6 and metrics["kept"] == "last" and metrics["steps"] == 18
+
+
+def test_checkpoint_holds_the_whole_state(data, tmp_path):
+    with pytest.raises(_StopForTest):
+        _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
+    ck = load_checkpoint(tmp_path / "ck" / "step-000000004")
+    assert sorted(ck.meta["modules"]) == ["gpt", "mapper"] and sorted(ck.meta["stateful"]) == \
+           ["optimizer", "scaler", "schedule"]
+    state = ck.state
+    assert state["progress"]["step"] == 4 and state["progress"]["epoch"] == 1 and state["progress"]["position"] == 4
+    assert set(ck.rng[0]) >= {"python", "numpy", "torch"}
+    assert {p.name for p in (tmp_path / "ck" / "step-000000004").iterdir()} == {"checkpoint.json",
+                                                                              "tensors.safetensors"}
+
+
+def test_model_folder_holds_the_best_weights_and_early_stopping(data, tmp_path, monkeypatch):
+    import pipeline.train as tr
+
+    # Validation losses scripted: the best is the 5th validation (step 5), then worse.
+    script = [3.0, 2.5, 2.0, 1.8, 1.5, 1.6, 1.7, 1.55, 1.9] + [2.0] * 100
+
+    def scripted(run):
+        return script[len(run.progress.val_curve)]
+
+    monkeypatch.setattr(tr, "validate", scripted)
+    params = TRAIN.model_copy(update={"epochs": 2, "eval_every": 1, "checkpoint_every": 1})
+    metrics = _run(data, tmp_path / "a", params=params)
+    assert metrics["best_step"] == 5 and metrics["best_val_loss"] == 1.5 and metrics["steps"] == 12
+    assert [float(r["val_loss"]) for r in read_curve(tmp_path / "a/train/val.csv")][:6] == script[:6]
+    # The same run stopped right after step 5: its checkpoint has the weights that were kept.
+    with pytest.raises(_StopForTest):
+        _run(data, tmp_path / "b", params=params.model_copy(update={"keep": "last"}),
+             checkpoint_dir=tmp_path / "b/ck", stop_after=5)
+    kept = ClipCaptioner.load(tmp_path / "a/model")
+    ref = ClipCaptioner.load(tmp_path / "a/model")
+    load_checkpoint(tmp_path / "b/ck/step-000000005").restore(modules={"mapper": ref.mapper, "gpt": ref.gpt})
+    for (k, v), w in zip(kept.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(v, w), k
+    last = _run(data, tmp_path / "c", params=params.model_copy(update={"keep": "last"}))
+    assert last["kept"] == "last" and last["best_step"] == 5
+    assert not all(torch.equal(v, w) for v, w in zip(_weights(tmp_path / "a/model").values(),
+                                                     _weights(tmp_path / "c/model").values()))
+
+    early = _run(data, tmp_path / "d", params=params.model_copy(update={"early_stopping_patience": 3}))
+    assert early["stopped_early"] and early["steps"] == 8 and early["best_step"] == 5
+    assert torch.equal(_weights(tmp_path / "d/model")["mapper.project.weight"],
+                       _weights(tmp_path / "a/model")["mapper.project.weight"])
+
+
+# ------------------------------------------------------------- batches
+def test_batches_are_global_and_independent_of_processes(data):
+    root, gpt, feats = data
+    from pipeline.models.pretrained import load_gpt
+
+    _, tok = load_gpt(gpt)
+    d = load_training_data(feats, tok, tok.eos_token_id, 40, max_memory_gb=1.0)
+    a = epoch_batches(d, 8, seed=0, epoch=1, bucket=False)
+    assert a.shape == (6, 8) and sorted(a.reshape(-1)) == list(range(48))
+    assert not np.array_equal(a, epoch_batches(d, 8, seed=0, epoch=2, bucket=False))
+    assert np.array_equal(a, epoch_batches(d, 8, seed=0, epoch=1, bucket=False))
+    # Length bucketing: same pairs, less padding.
+    lengths = d.train.lengths
+    b = epoch_batches(d, 8, seed=0, epoch=1, bucket=True)
+    assert sorted(b.reshape(-1)) == list(range(48))
+    pad = lambda batches: sum(len(x) * lengths[x].max() - lengths[x].sum() for x in batches)  # noqa: E731
+    assert pad(b) < pad(a)
+
+
+def test_batched_tokenizing_equals_encode_caption(data):
+    root, gpt, feats = data
+    model = ClipCaptioner.from_settings(MAPPER.model_dump(), 16, *__import__(
+        "pipeline.models.pretrained", fromlist=["load_gpt"]).load_gpt(gpt))
+    caps = ["a red circle", "  one blue square here ", "a green triangle " * 10]
+    assert tokenize(model.tokenizer, model.eos_token_id, caps, 7) == [model.encode_caption(c, 7) for c in caps]
+    built = build_captions(model.tokenizer, model.eos_token_id, [3, 9], [["a red circle", " "], ["one"]], 7)
+    assert list(built.rows) == [3, 9] and list(built.tokens(0)) == model.encode_caption("a red circle", 7)
+
+
+def test_streamed_features_train_like_loaded_ones(data, tmp_path):
+    """A feature set over train.max_memory_gb is read shard by shard: every pair once per epoch."""
+    root, gpt, _ = data
+    feats = write_features(tmp_path / "f", scene_table(n_per_class=8), shards=6)
+    params = TRAIN.model_copy(update={"epochs": 4, "max_memory_gb": 3 * 16 * 4 * 17 / 2**30})
+    from pipeline.models.pretrained import load_gpt
+
+    _, tok = load_gpt(gpt)
+    d = load_training_data(feats, tok, tok.eos_token_id, 40, params.max_memory_gb)
+    assert d.vectors.streamed and d.window == 1 and d.n_shards == 6
+    order = epoch_batches(d, 8, seed=0, epoch=1, bucket=False).reshape(-1)
+    assert len(set(order)) == len(order) == len(d.train) // 8 * 8
+    shards = d.pair_shard[order]
+    assert (np.diff(shards) != 0).sum() <= d.n_shards - 1  # one shard after another
+    metrics = train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, params,
+                    progress=False)
+    assert metrics["streamed"] and metrics["val_loss"] < 2.0
+    assert d.vectors.capacity == 2
+
+
+def test_peak_rss_does_not_grow_with_the_number_of_shards(tmp_path):
+    """Streamed training of 4 and of 12 shards (16 MiB of vectors each): the same peak memory."""
+    script = REPO / "tests" / "_train_rss.py"
+    peaks = {}
+    for shards in (4, 12):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"s{shards}"), str(shards)],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[shards] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert peaks[12]["streamed"] and peaks[12]["feature_mib"] == 192
+    # 8 more shards would be +128 MiB if they were held; allow 40 MiB of noise.
+    assert peaks[12]["peak_mib"] < peaks[4]["peak_mib"] + 40, peaks
+
+
+# --------------------------------------------------------------------- DDP
+def _torchrun(tmp_path: Path, feats, gpt, name: str, params_yaml: str, nproc: int) -> Path:
+    (tmp_path / f"{name}.yaml").write_text(params_yaml)
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "stages.cli", "train", "--params", str(tmp_path / f"{name}.yaml"), "--features", str(feats),
+           "--gpt", str(gpt), "--out", str(out / "model"), "--curve", str(out / "loss.csv"),
+           "--val-curve", str(out / "val.csv"), "--metrics", str(out / "train.json"),
+           "--checkpoints", str(out / "ck"), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "train.json").read_text())
-    assert metrics["world_size"] == 2
-    # 48 pairs split over 2 ranks: 24 each, 6 batches of 4 per epoch.
-    assert metrics["steps"] == 2 * 6
-    assert len(read_curve(tmp_path / "loss.csv")) == 12
-    model = ClipCaptioner.load(tmp_path / "model")
-    assert model.mapper_type == "mlp"
+    return out
+
+
+def test_ddp_two_processes_equal_one_process(data, tmp_path):
+    """Same global batch with 2 gloo processes and with 1 (2 micro-batches): the same
+    weights. Without gradient averaging across ranks (each rank stepping on its own
+    half of the batch) this fails. Nothing random: no dropout (GPT-2 frozen, in eval mode)."""
+    root, gpt, feats = data
+    common = ("mapper: {type: transformer, prefix_length: 3, clip_length: 2, layers: 1, heads: 2}\n"
+              "train: {epochs: 2, batch_size: 8, lr: 0.01, warmup_steps: 1, precision: fp32, log_every: 1, "
+              "keep: last%s}\n")
+    two = _torchrun(tmp_path, feats, gpt, "two", common % "", 2)
+    one = _torchrun(tmp_path, feats, gpt, "one", common % ", grad_accum: 2", 1)
+    m2, m1 = json.loads((two / "train.json").read_text()), json.loads((one / "train.json").read_text())
+    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 12
+    a, b = _weights(two / "model"), _weights(one / "model")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
+    assert len(read_curve(two / "loss.csv")) == 12
+
+
+# ------------------------------------------------------------ a real kill
+def test_sigkill_then_rerun_gives_the_same_weights(data, tmp_path):
+    root, gpt, feats = data
+    (tmp_path / "p.yaml").write_text(
+        "mapper: {type: transformer, prefix_length: 3, clip_length: 2, layers: 1, heads: 2, dropout: 0.1}\n"
+        "train: {epochs: 12, batch_size: 8, lr: 0.01, warmup_steps: 2, precision: fp32, log_every: 2, "
+        "finetune_gpt: true, checkpoint_every: 5}\n")
+
+    def cmd(out):
+        return [sys.executable, "-m", "stages.cli", "train", "--params", str(tmp_path / "p.yaml"),
+                "--features", str(feats), "--gpt", str(gpt), "--out", str(out / "model"),
+                "--curve", str(out / "loss.csv"), "--val-curve", str(out / "val.csv"),
+                "--metrics", str(out / "train.json"), "--checkpoints", str(out / "ck"), "--no-progress"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run(cmd(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list((killed / "ck").glob("step-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists(), "the run ended before it could be killed"
+    again = subprocess.run(cmd(killed), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    a, b = _weights(tmp_path / "whole" / "model"), _weights(killed / "model")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (killed / "loss.csv").read_text() == (tmp_path / "whole" / "loss.csv").read_text()
 
 
 def test_a_clip_folder_that_did_not_make_the_features_is_refused_before_training(data, tmp_path):
@@ -126,8 +383,8 @@ def test_a_clip_folder_that_did_not_make_the_features_is_refused_before_training
     from pipeline.params import DemoClip
 
     root, gpt, feats = data
-    clip = build_demo_clip(tmp_path / "clip", DemoClip(hidden_size=32, layers=1, heads=2, projection_dim=16,
-                                                        pretrain_steps=0), 32) or tmp_path / "clip"
+    clip = tmp_path / "clip"
+    build_demo_clip(clip, DemoClip(hidden_size=32, layers=1, heads=2, projection_dim=16, pretrain_steps=0), 32)
     with pytest.raises(ModelError, match="model_id"):
         train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, TRAIN,
               progress=False, clip_dir=clip)

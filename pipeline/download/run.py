@@ -2,8 +2,13 @@
 
 Records are streamed from the prepared source and cut into shards of
 ``records_per_shard`` by position, so shard ``i`` always holds the same records.
-A rank takes the shards with ``i % world_size == rank``, skips those already
-finished (resume) and fetches the rest on a thread pool. At most
+A rank takes the shards with ``i % world_size == rank``, keeps those already
+finished from the same inputs (resume: ``resume.py``; a finished shard made from
+other records, params or code is remade, with a log line saying why), puts back
+those an unfinished run had finished and kept in ``<out>.partial`` (see
+``pipeline/partial.py``), and fetches the rest on a thread pool. Files of shards
+beyond the last one (the list shrank) are removed, so the folder equals what a
+fresh run writes. At most
 ``2 × workers`` records are in flight and only a few shards are open at once, so
 memory does not grow with the length of the list. Each shard is written whole
 (see ``shards.py``) as soon as its last record is done; a shard holding a record
@@ -13,6 +18,7 @@ next run fetches it again.
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import queue
 import threading
@@ -29,12 +35,17 @@ from tqdm import tqdm
 from pipeline.download.errors import DecodePoolDied, DownloadIncomplete, RecordFailure
 from pipeline.download.fetch import Fetcher
 from pipeline.download.image import process_image
-from pipeline.download.shards import Outcome, is_finished, read_statuses, remove_stale, write_shard
+from pipeline.download.resume import remove_orphans, run_fingerprint, shard_fingerprint, unfinish, why_not_reusable
+from pipeline.download.shards import (Outcome, is_finished, read_statuses, remove_stale, shard_files, shard_stem,
+                                      write_shard)
+from pipeline.fingerprint import RedoLog, digest
 from pipeline.files import write_metrics
+from pipeline.partial import PartialShards
 from pipeline.params import DownloadParams
 from pipeline.records import Record
 from pipeline.runtime import Rank, rank_path
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Summary:
@@ -173,6 +184,8 @@ def iter_shards(records: Iterable[Record], per_shard: int) -> Iterator[tuple[int
 class _Open:
     outcomes: list
     remaining: int
+    fingerprint: dict
+    digest: str
     interrupted: int = 0
 
 
@@ -241,7 +254,9 @@ def download_records(
                 # status of their own yet. The next run fetches the whole shard again.
                 summary.unfinished_shards.append(index)
             else:
-                write_shard(out_dir, index, shard.outcomes)
+                write_shard(out_dir, index, shard.outcomes, shard.fingerprint)
+                # Out of DVC's reach until the run completes (see pipeline/partial.py).
+                partial.save(shard_stem(index), shard.digest, shard_files(out_dir, index))
             del open_shards[index]
 
     def drain(block: bool) -> None:
@@ -252,23 +267,48 @@ def download_records(
                 return
             block = False
 
+    def keep(index: int, n: int) -> None:
+        summary.shards_resumed += 1
+        for line in read_statuses(out_dir, index):
+            summary.by_status[line["status"]] += 1
+        bar.update(n)
+
+    run_fp = run_fingerprint(params)
+    partial = PartialShards(out_dir)
+    partial.sweep()
+    redo = RedoLog(log, "download")
+    n_shards = 0
+    owned: list[str] = []
+    restored = 0
     pool = ThreadPoolExecutor(max_workers=params.workers, thread_name_prefix="fetch")
     try:
         for index, recs in iter_shards(records, params.records_per_shard):
+            n_shards = index + 1
             if not rank.owns(index):
                 continue
+            stem = shard_stem(index)
+            owned.append(stem)
             summary.shards += 1
             summary.records += len(recs)
-            if is_finished(out_dir, index):
-                summary.shards_resumed += 1
-                for line in read_statuses(out_dir, index):
-                    summary.by_status[line["status"]] += 1
-                bar.update(len(recs))
-                continue
             remove_stale(out_dir, index)
+            fingerprint = shard_fingerprint(run_fp, recs)
+            key = digest(fingerprint)
+            partial.keep_only(stem, key)
+            finished = is_finished(out_dir, index)
+            why = why_not_reusable(out_dir, index, fingerprint) if finished else None
+            if finished and why is None:
+                keep(index, len(recs))
+                continue
+            unfinish(out_dir, index)
+            if partial.restore(stem, key, shard_files(out_dir, index)):
+                restored += 1
+                keep(index, len(recs))
+                continue
+            if finished:
+                redo.note(f"shard {stem}", why)
             while len(open_shards) >= max_open:
                 drain(block=True)
-            open_shards[index] = _Open([None] * len(recs), len(recs))
+            open_shards[index] = _Open([None] * len(recs), len(recs), fingerprint, key)
             for pos, rec in enumerate(recs):
                 while inflight >= window:
                     drain(block=True)
@@ -277,7 +317,17 @@ def download_records(
             drain(block=False)
         while open_shards:
             drain(block=True)
+        remove_orphans(out_dir, n_shards)
+        if not summary.unfinished_shards:
+            # Every shard is in the output folder, where DVC records it: nothing to keep.
+            partial.forget(owned)
+            partial.forget_others(shard_stem(i) for i in range(n_shards))
+            partial.remove_if_empty()
     finally:
+        redo.close()
+        if restored:
+            log.warning("download: put back %d shards finished by a run that did not complete (from %s)",
+                        restored, partial.root)
         # After an interrupt, queued records are dropped; running ones end within their timeouts.
         pool.shutdown(wait=True, cancel_futures=True)
         if images:

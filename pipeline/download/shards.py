@@ -2,9 +2,11 @@
 
 ``NNNNN.tar`` holds ``KEY.jpg`` and ``KEY.json`` per ok record, sorted by key, with
 fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644), so the same inputs
-give the same bytes. ``NNNNN.status.jsonl`` holds one line per input record.
-Both are written under temporary names; the status file is renamed first, the
-tar last, so a shard is finished exactly when its tar exists.
+give the same bytes. ``NNNNN.status.jsonl`` holds one line per input record, and
+``NNNNN.fingerprint.json`` what the shard was made from (see ``resume.py``).
+All three are written under temporary names; the fingerprint and status files are
+renamed first, the tar last, so a shard is finished exactly when its tar exists,
+and then its status and fingerprint are those written with it.
 """
 from __future__ import annotations
 
@@ -31,6 +33,15 @@ def tar_path(out_dir: Path, index: int) -> Path:
 
 def status_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"{shard_stem(index)}.status.jsonl"
+
+
+def fingerprint_path(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / f"{shard_stem(index)}.fingerprint.json"
+
+
+def shard_files(out_dir: Path, index: int) -> list[Path]:
+    """A shard's files in the order they are put in place: the tar (the finished mark) last."""
+    return [fingerprint_path(out_dir, index), status_path(out_dir, index), tar_path(out_dir, index)]
 
 
 def is_finished(out_dir: Path, index: int) -> bool:
@@ -72,13 +83,19 @@ def status_line(o: Outcome) -> str:
                       ensure_ascii=False) + "\n"
 
 
-def write_shard(out_dir: Path, index: int, outcomes: Iterable[Outcome]) -> None:
-    """Write shard ``index`` (status lines in input order, samples sorted by key)."""
+def fingerprint_json(fingerprint: dict) -> str:
+    return json.dumps(fingerprint, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+def write_shard(out_dir: Path, index: int, outcomes: Iterable[Outcome], fingerprint: dict) -> None:
+    """Write shard ``index`` (status lines in input order, samples sorted by key) and its fingerprint."""
     outcomes = list(outcomes)
     suffix = f"{TMP_MARK}{os.getpid()}"
-    spath, tpath = status_path(out_dir, index), tar_path(out_dir, index)
+    fpath, spath, tpath = fingerprint_path(out_dir, index), status_path(out_dir, index), tar_path(out_dir, index)
+    ftmp = fpath.with_name(fpath.name + suffix)
     stmp = spath.with_name(spath.name + suffix)
     ttmp = tpath.with_name(tpath.name + suffix)
+    ftmp.write_text(fingerprint_json(fingerprint), encoding="utf-8")
     with open(stmp, "w", encoding="utf-8") as f:
         f.writelines(status_line(o) for o in outcomes)
     ok = sorted((o for o in outcomes if o.status == "ok"), key=lambda o: o.record.key)
@@ -88,6 +105,7 @@ def write_shard(out_dir: Path, index: int, outcomes: Iterable[Outcome]) -> None:
             assert o.jpeg is not None
             tar.addfile(*_member(f"{o.record.key}.jpg", o.jpeg))
             tar.addfile(*_member(f"{o.record.key}.json", sample_json(o)))
+    os.replace(ftmp, fpath)
     os.replace(stmp, spath)
     os.replace(ttmp, tpath)
 
@@ -99,7 +117,7 @@ def read_statuses(out_dir: Path, index: int) -> list[dict]:
 
 
 def remove_stale(out_dir: Path, index: int) -> None:
-    """Remove temporary files a killed run left for shard ``index``."""
+    """Remove temporary files a killed run left for shard ``index`` (a fresh run leaves none)."""
     stem = shard_stem(index)
     for p in Path(out_dir).glob(f"{stem}.*{TMP_MARK}*"):
         p.unlink(missing_ok=True)
