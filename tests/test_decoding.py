@@ -50,3 +50,27 @@ def test_impossible_settings_are_param_errors_naming_the_keys(values, keys):
 def test_row_seeds_are_a_pure_function_of_seed_image_and_index():
     assert row_seed(0, "a", 0) == row_seed(0, "a", 0)
     assert len({row_seed(s, k, j) for s in (0, 1) for k in ("a", "b") for j in (0, 1)}) == 8
+
+
+def test_bf16_weights_keep_an_fp32_lm_head(tmp_path):
+    """Below fp32 the body's weights are bf16, but the logits are not rounded to bf16
+    (GPT-2's logits sit far from zero, where bf16 steps would tie and reorder beams)."""
+    import torch
+
+    from pipeline.models.captioner import ClipCaptioner
+    from pipeline.models.decoding import prepare_for_inference
+    from pipeline.params import MapperParams
+    from tests.helpers_model import load_tiny_gpt, save_tiny_gpt, torch_threads
+
+    with torch_threads(1):
+        gpt, tok = load_tiny_gpt(save_tiny_gpt(tmp_path / "gpt"))
+        model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok)
+        model = prepare_for_inference(model.eval(), torch.device("cpu"), "bf16")
+        assert next(model.gpt.transformer.parameters()).dtype == torch.bfloat16
+        assert next(model.mapper.parameters()).dtype == torch.bfloat16
+        with torch.inference_mode():
+            prefix = model.prefix(torch.randn(3, 16))
+            logits = model.gpt(inputs_embeds=prefix).logits
+        assert logits.dtype == torch.float32
+        # Rounded to bf16 and back, almost every logit would change: they were not bf16.
+        assert (logits != logits.bfloat16().float()).float().mean() > 0.9

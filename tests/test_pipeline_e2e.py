@@ -125,7 +125,7 @@ def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
     assert "resuming from" in out and "train" in _stages_run(out)
     assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] > 0
     assert not list(checkpoints.iterdir())
-    resumed = {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")}
+    resumed = {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")}
     resumed_lock = _lock_outs(repo, "train")
     curves = {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")}
 
@@ -133,6 +133,6 @@ def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
     out = _run(["dvc", "repro", "--force", "--single-item", "train"], repo)
     assert "resuming from" not in out
     assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] == 0
-    assert {p.name: p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")} == resumed
+    assert {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")} == resumed
     assert {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")} == curves
     assert _lock_outs(repo, "train") == resumed_lock and "data/model" in resumed_lock

@@ -383,8 +383,8 @@ def test_a_clip_folder_that_did_not_make_the_features_is_refused_before_training
     from pipeline.params import DemoClip
 
     root, gpt, feats = data
-    clip = build_demo_clip(tmp_path / "clip", DemoClip(hidden_size=32, layers=1, heads=2, projection_dim=16,
-                                                        pretrain_steps=0), 32) or tmp_path / "clip"
+    clip = tmp_path / "clip"
+    build_demo_clip(clip, DemoClip(hidden_size=32, layers=1, heads=2, projection_dim=16, pretrain_steps=0), 32)
     with pytest.raises(ModelError, match="model_id"):
         train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, TRAIN,
               progress=False, clip_dir=clip)
