@@ -181,6 +181,31 @@ class TrainParams(Section):
     seed: int = 0
 
 
+# -------------------------------------------------------------------------- scst
+class ScstParams(Section):
+    """Self-critical sequence training (Rennie et al. 2017) of the cross-entropy model."""
+
+    epochs: int = Field(3, ge=0, description="passes over the training images; 0: off, the cross-entropy model passes through")
+    batch_size: int = Field(32, ge=1, description="images per step; each gives `samples` sampled captions")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant")
+    samples: int = Field(5, ge=1, description="captions sampled per image per step")
+    baseline: Literal["mean", "greedy"] = Field(
+        "mean", description="reward baseline: mean of the image's other samples (Luo 2020) or its greedy caption")
+    max_tokens: int = Field(30, ge=2, description="longest sampled caption, tokens (EOS included)")
+    finetune_gpt: bool = Field(True, description="update GPT-2 too; applies only when training fine-tuned it")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = Field(5, ge=1, description="steps between reward-curve points")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScstParams":
+        if self.baseline == "mean" and self.samples < 2:
+            raise ValueError(f"samples: the mean-of-others baseline needs at least 2 samples per image "
+                             f"(got {self.samples}); use baseline: greedy for 1")
+        return self
+
+
 # ---------------------------------------------------------------------- generate
 class GenerateParams(Section):
     """Caption generation with GPT-2 beam search (transformers' generate, KV cache)."""
@@ -204,6 +229,8 @@ class EvaluateParams(Section):
     baseline_candidates: int = Field(50, ge=1, description="most frequent training captions tried as the constant baseline")
     report_images: int = Field(200, ge=1, description="images shown in the HTML report")
     thumbnail_size: int = Field(128, ge=16)
+    clipscore_model: Optional[str] = Field(
+        None, description="CLIP (hub id or folder) for CLIPScore; null: the pinned CLIP, when it has a text tower")
 
 
 # ------------------------------------------------------------------------ all
@@ -214,6 +241,7 @@ class Params(Section):
     gpt: GptParams = GptParams()
     mapper: MapperParams = MapperParams()
     train: TrainParams = TrainParams()
+    scst: ScstParams = ScstParams()
     generate: GenerateParams = GenerateParams()
     evaluate: EvaluateParams = EvaluateParams()
 

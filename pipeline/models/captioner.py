@@ -112,17 +112,30 @@ class ClipCaptioner(nn.Module):
         are ignored whatever their ids. ``reduction="sum"`` gives the summed token loss
         (for token-weighted means across batches and processes).
         """
+        logits = self._caption_logits(clip_vectors, input_ids, attention_mask)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction
+        )
+
+    def token_logprobs(self, clip_vectors: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probability of each caption token given the prefix and the tokens before
+        it (0 where ``attention_mask`` is 0): what self-critical training weighs by the reward."""
+        logits = self._caption_logits(clip_vectors, input_ids, attention_mask).float()
+        picked = logits.gather(-1, input_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return picked * attention_mask.to(picked.dtype)
+
+    def _caption_logits(self, clip_vectors: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, vocab] logits predicting each caption token, GPT-2 reading ``cat(prefix, tokens)``."""
         prefix = self.prefix(clip_vectors)
         tokens = self.gpt.get_input_embeddings()(input_ids)
         b, k, t = prefix.shape[0], prefix.shape[1], input_ids.shape[1]
         embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
         mask = torch.cat([attention_mask.new_ones(b, k), attention_mask], dim=1)
         # Only positions K-1 .. K+T-2 predict caption tokens; skip the LM head elsewhere.
-        logits = self.gpt(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=t + 1).logits[:, :-1]
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction
-        )
+        return self.gpt(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=t + 1).logits[:, :-1]
 
     @torch.no_grad()
     def generate_ids(self, clip_vectors: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -37,32 +37,78 @@ def image_processor_class() -> type:
     return transformers.CLIPImageProcessor
 
 
+# The demo CLIP's text side: word-level like the demo GPT-2, with CLIP's markers.
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"  # also the pad token, as in OpenAI CLIP's tokenizer
+CLIP_TEXT_POSITIONS = 48  # the longest demo caption with its prompt is about 30 tokens
+PROMPT = "A photo depicts "  # CLIPScore's prompt (Hessel et al. 2021)
+PRETRAIN_SEED_OFFSET = 1_000_003  # a scene stream apart from any dataset seed
+PRETRAIN_CAPTIONS = 6  # captions per pre-training scene: every template once
+
+
+def build_demo_clip_tokenizer(texts: Iterable[str], max_length: int):
+    """A word-level tokenizer in CLIP's layout: BOS + words + EOS, EOS padding, lower case."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.Whitespace()
+    words = {piece for t in texts for piece, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))}
+    words -= {CLIP_BOS, CLIP_EOS, UNK}
+    # EOS must not get id 2: CLIP's text model reads id 2 as the legacy "pool at the highest id" rule.
+    vocab = {tok: i for i, tok in enumerate([CLIP_BOS, CLIP_EOS, UNK, *sorted(words)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_BOS} $A {CLIP_EOS}", special_tokens=[(CLIP_BOS, vocab[CLIP_BOS]), (CLIP_EOS, vocab[CLIP_EOS])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS,
+                                   unk_token=UNK, model_max_length=max_length, clean_up_tokenization_spaces=False)
+
+
+def _pretrain_scenes(cfg: DemoClip):
+    from pipeline.demo.scenes import captions_for, scene_for
+
+    seed = PRETRAIN_SEED_OFFSET + cfg.seed
+    scenes = [scene_for(i, seed) for i in range(cfg.pretrain_images)]
+    return seed, scenes, [captions_for(s, PRETRAIN_CAPTIONS, seed) for s in scenes]
+
+
 def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
-    """Save a small, seeded CLIPVisionModelWithProjection and its processor in ``out_dir``."""
+    """Save a small, seeded CLIPModel (vision and text towers), its processor and tokenizer.
+
+    Both towers have the sizes of ``cfg``; the text tower reads the demo's words.
+    ``pretrain_steps`` of contrastive image-text training (``pretrain_clip``) teach
+    it to see the scenes and to match them with their captions.
+    """
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPConfig, CLIPModel
 
     if image_size % cfg.patch_size:
         raise ParamsError(
             f"clip.demo.patch_size: {cfg.patch_size} does not divide data.demo.image_size {image_size}"
         )
-    config = CLIPVisionConfig(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=4 * cfg.hidden_size,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        image_size=image_size,
-        patch_size=cfg.patch_size,
+    seed, scenes, captions = _pretrain_scenes(cfg)
+    tokenizer = build_demo_clip_tokenizer([PROMPT, *(c for caps in captions for c in caps)], CLIP_TEXT_POSITIONS)
+    tower = dict(hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size, num_hidden_layers=cfg.layers,
+                 num_attention_heads=cfg.heads, projection_dim=cfg.projection_dim)
+    config = CLIPConfig(
+        vision_config=dict(**tower, image_size=image_size, patch_size=cfg.patch_size),
+        text_config=dict(**tower, vocab_size=len(tokenizer), max_position_embeddings=CLIP_TEXT_POSITIONS,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
         projection_dim=cfg.projection_dim,
     )
     torch.manual_seed(cfg.seed)
-    model = CLIPVisionModelWithProjection(config)
+    model = CLIPModel(config)
     if cfg.pretrain_steps:
-        pretrain_clip(model, cfg, image_size)
+        pretrain_clip(model, tokenizer, cfg, image_size, seed, scenes, captions)
     model.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
     processor = image_processor_class()(
         do_resize=True,
         size={"shortest_edge": image_size},
@@ -78,62 +124,49 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     processor.save_pretrained(out_dir)
 
 
-def _scene_targets(scene) -> list[int]:
-    """Per slot (left, middle, right): colour, shape and size class (0: empty); then count."""
-    from pipeline.demo.scenes import COLOURS, SHAPES, SIZES, SLOTS
+def pretrain_clip(model, tokenizer, cfg: DemoClip, image_size: int, seed: int, scenes, captions) -> None:
+    """A short, seeded stand-in for CLIP's own pre-training: contrastive, image-text.
 
-    out: list[int] = []
-    for slot in SLOTS:
-        shape = next((s for s in scene.shapes if s.slot == slot), None)
-        if shape is None:
-            out += [0, 0, 0]
-        else:
-            out += [list(COLOURS).index(shape.colour) + 1, SHAPES.index(shape.kind) + 1, SIZES.index(shape.size) + 1]
-    return out + [len(scene.shapes) - 1]
-
-
-def pretrain_clip(model, cfg: DemoClip, image_size: int) -> None:
-    """Teach the demo tower to see the scenes: a short, seeded supervised pre-training.
-
-    A pretrained CLIP has learned to see before it meets a captioning dataset; a
-    random one has not (linear probes on its embeddings read shape and position
-    barely above chance). So linear heads on the L2-normalised ``image_embeds``
-    learn each slot's colour, shape and size and the count from scenes generated
-    with a seed of their own (never the dataset's images), and are then dropped.
+    A pretrained CLIP has learned to see, and to match pictures with words, before it
+    meets a captioning dataset; a random one has not (linear probes on its embeddings
+    read shape and position barely above chance). So the demo CLIP is trained as
+    CLIP was, with the symmetric InfoNCE loss over a batch of image-caption pairs
+    (``CLIPModel(return_loss=True)``, learned temperature), on scenes drawn with a
+    seed of their own (never the dataset's images) and their generated captions,
+    half of them behind CLIPScore's prompt "A photo depicts".
     """
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
-    from pipeline.demo.scenes import render, scene_for
+    from pipeline.demo.scenes import render
 
-    seed = 1_000_003 + cfg.seed  # a generator stream apart from any dataset seed
-    scenes = [scene_for(i, seed) for i in range(cfg.pretrain_images)]
     pixels = np.stack([np.asarray(render(s, image_size, seed)) for s in scenes]).astype(np.float32) / 255
     pixels = (pixels - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
-    y = torch.tensor([_scene_targets(s) for s in scenes])
-    classes = [7, 4, 3] * 3 + [3]  # colour+empty, shape+empty, size+empty per slot; count
 
     gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(model.config.projection_dim, sum(classes))
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=cfg.pretrain_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     steps = cfg.pretrain_steps
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (1 - s / steps))
+    batch = min(64, len(scenes))
     model.train()
-    bar = tqdm(range(steps), desc="demo clip pre-training", unit="step")
+    bar = tqdm(range(steps), desc="demo clip pre-training (contrastive)", unit="step")
     for _ in bar:
-        idx = torch.randint(0, len(scenes), (64,), generator=gen)
-        emb = F.normalize(model(pixel_values=x[idx]).image_embeds, dim=-1)
-        logits = head(10.0 * emb).split(classes, dim=1)  # fixed temperature, like CLIP's logit scale
-        loss = sum(F.cross_entropy(lg, y[idx, k]) for k, lg in enumerate(logits))
+        # Distinct scenes per batch: a repeated scene would be its own negative.
+        idx = torch.randperm(len(scenes), generator=gen)[:batch]
+        which = torch.randint(0, PRETRAIN_CAPTIONS, (batch,), generator=gen).tolist()
+        prompt = (torch.rand(batch, generator=gen) < 0.5).tolist()
+        texts = [(PROMPT if p else "") + captions[i][w] for i, w, p in zip(idx.tolist(), which, prompt)]
+        enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=x[idx],
+                    return_loss=True)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
 
 
 def build_demo_tokenizer(captions: Iterable[str], max_length: int):
