@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from pipeline.errors import CaplineError
+from pipeline.imaging import IMAGE_EXTENSIONS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 # A member larger than this is not an image a captioner needs; refusing it keeps a
 # hostile shard from making a worker allocate gigabytes.
 MAX_MEMBER_BYTES = 64 * 2**20
@@ -72,6 +72,8 @@ def _build(tar_path: Path, key: str, members: dict[str, bytes]) -> Sample:
             meta = json.loads(members["json"].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ImageShardError(f"{tar_path}: sample {key!r}: {key}.json is not valid JSON ({err})") from None
+        except RecursionError:  # json recurses once per level of nesting
+            raise ImageShardError(f"{tar_path}: sample {key!r}: {key}.json is nested too deeply") from None
         if not isinstance(meta, dict):
             raise ImageShardError(f"{tar_path}: sample {key!r}: {key}.json is not a JSON object")
         inner = meta.get("key")
@@ -86,7 +88,9 @@ def _build(tar_path: Path, key: str, members: dict[str, bytes]) -> Sample:
         meta["captions"] = _captions(meta, txt)
     except TypeError:
         raise ImageShardError(f"{tar_path}: sample {key!r}: 'captions' is not a list of strings") from None
-    for ext in IMAGE_EXTS:
+    except RecursionError:  # str() of a caption nested just under json's own limit
+        raise ImageShardError(f"{tar_path}: sample {key!r}: 'captions' is nested too deeply") from None
+    for ext in IMAGE_EXTENSIONS:  # the formats open_image decodes, nothing else
         if ext in members:
             return Sample(key=key, image=members[ext], ext=ext, meta=meta)
     return Sample(key=key, image=b"", ext="", meta=meta)

@@ -40,7 +40,9 @@ class DemoData(Section):
 class DataParams(Section):
     """Where the images and reference captions come from."""
 
-    source: Literal["demo", "coco", "karpathy", "csv", "tsv", "jsonl"] = "demo"
+    # demo, or a reader registered in pipeline/datasets/readers.py (coco, karpathy,
+    # csv, tsv, jsonl); the prepare stage checks the name against that registry.
+    source: str = Field("demo", min_length=1)
     # COCO captions json / Karpathy dataset_*.json / CSV / TSV / JSONL list: path or URL.
     annotations: Optional[str] = None
     # Karpathy split file (dataset_coco.json) to split a COCO annotation file by image.
@@ -230,7 +232,7 @@ class EvaluateParams(Section):
     report_images: int = Field(200, ge=1, description="images shown in the HTML report")
     thumbnail_size: int = Field(128, ge=16)
     clipscore_model: Optional[str] = Field(
-        None, description="CLIP (hub id or folder) for CLIPScore; null: the pinned CLIP, when it has a text tower")
+        None, description="folder of a whole CLIP (save_pretrained) for CLIPScore; null: the pinned CLIP")
 
 
 # ------------------------------------------------------------------------ all

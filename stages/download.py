@@ -5,7 +5,8 @@ from typing import Optional
 
 import click
 
-from stages.common import load, params_option, rank_options, resolve_rank
+from stages.common import load, params_option
+from stages.ranks import rank_options, resolve_rank
 
 
 @click.command("download")

@@ -30,10 +30,10 @@ _dir = click.Path(file_okay=False, path_type=Path)
                    "another; skipped if absent or vision-only")
 @click.option("--out", type=_file, default=Path("data/metrics/eval.json"), show_default=True,
               help="metrics JSON to write (flat: bleu_1..bleu_4, meteor, rouge_l, cider, baseline_*, control_*)")
-@click.option("--report-dir", type=_dir, default=Path("data/eval"), show_default=True,
-              help="folder for per_image.jsonl, report.html and metrics.png")
+@click.option("--report-dir", type=_dir, default=None,
+              help="folder for per_image.jsonl, report.html and metrics.png  [default: the folder of --out]")
 def evaluate(params_path: str, results: Path, references: Path, control: Path, features: Path,
-             images: Path, xe: Path, clip: Path, out: Path, report_dir: Path) -> None:
+             images: Path, xe: Path, clip: Path, out: Path, report_dir: Path | None) -> None:
     """Score generated captions against references, exactly as pycocoevalcap's COCOEvalCap.
 
     Writes BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when evaluate.corenlp_dir
@@ -41,7 +41,8 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     are there) with the cross-entropy model, the constant-caption baseline and the
     shuffled-image control, per-image scores, an HTML report and a chart. Needs Java.
 
-    Outside DVC, any COCO pair works:
+    Outside DVC, any COCO pair works; the report goes beside METRICS.json unless
+    --report-dir names a folder (the DVC stage passes --report-dir data/eval):
 
     \b
     capline evaluate --results RES.json --references REFS.json --out METRICS.json
@@ -57,6 +58,9 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
         from pipeline.params import EvaluateParams
 
         section = EvaluateParams()
+    # Beside the metrics unless told otherwise: a run outside DVC must not write into
+    # a data/eval/ of whatever folder it was started from.
+    report_dir = report_dir if report_dir is not None else out.parent
     metrics = run_evaluate(section, results=results, references=references, out=out,
                            report_dir=report_dir, control=control, features=features, images=images,
                            xe=xe, clip=clip)

@@ -12,6 +12,11 @@ import numpy as np
 from PIL import Image
 
 
+# A minimal EPS file: Pillow's EPS plugin would hand it to Ghostscript to render.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n"
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>'
+
+
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)
@@ -53,6 +58,20 @@ def exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
     return encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def tiff_raising_type_error() -> bytes:
+    """A TIFF whose StripOffsets tag is typed ASCII: Pillow's TIFF plugin raises TypeError
+    on it, an exception outside the usual OSError/ValueError of a corrupt file."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 0x0111:  # StripOffsets: LONG -> ASCII
+            struct.pack_into("<H", data, entry + 2, 2)
+    return bytes(data)
 
 
 def read_tar(path: Path) -> dict[str, bytes]:

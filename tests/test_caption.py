@@ -26,7 +26,7 @@ def _one_thread():
 
 def reference_vectors(clip_dir, paths):
     """CLIP's own processor and model, the plain way: what the features must equal."""
-    from pipeline.models.demo import image_processor_class
+    from pipeline.models.pretrained import image_processor_class
     from transformers import CLIPVisionModelWithProjection
 
     processor = image_processor_class().from_pretrained(clip_dir)
@@ -40,7 +40,8 @@ def reference_vectors(clip_dir, paths):
 def setup(tmp_path_factory):
     from pipeline.models.pretrained import model_identity
     from pipeline.embed.preprocess import Preprocessor
-    from pipeline.models.demo import build_demo_clip, image_processor_class
+    from pipeline.models.demo import build_demo_clip
+    from pipeline.models.pretrained import image_processor_class
 
     root = tmp_path_factory.mktemp("caption")
     clip_dir = root / "clip"

@@ -138,9 +138,12 @@ def test_vision_only_clip_is_skipped_with_a_reason(tmp_path):
     assert "evaluate.clipscore_model" in metrics["clipscore_skipped"]
     # evaluate.clipscore_model naming a whole CLIP folder takes its place.
     from pipeline.evaluate.stage import _clipscore_folder, compute_clipscores
+    from pipeline.models.pretrained import ModelError
 
-    folder, reason, tmp = _clipscore_folder(EvaluateParams(clipscore_model=str(whole)), vision)
-    assert (folder, reason, tmp) == (whole, None, None)
+    folder = _clipscore_folder(EvaluateParams(clipscore_model=str(whole)), vision)
+    assert folder == whole
+    with pytest.raises(ModelError, match="evaluate.clipscore_model"):
+        _clipscore_folder(EvaluateParams(clipscore_model=str(tmp_path / "nowhere")), vision)
     scores = compute_clipscores(folder, tmp_path / "images", REFERENCES, {"model": RESULTS})
     assert set(scores["model"].per_image) == set(RESULTS) and scores["model"].clip_s >= 0.0
 

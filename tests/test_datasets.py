@@ -199,3 +199,64 @@ def test_annotation_file_named_like_the_manifest_is_kept(tmp_path):
     assert m.files["annotations"] != "manifest.json"
     assert (tmp_path / "src" / m.files["annotations"]).read_text() == lines
     assert read_manifest(tmp_path / "src") == m and len(list(iter_records(tmp_path / "src"))) == 3
+
+
+def test_an_unknown_source_names_the_key_and_the_registered_ones(tmp_path):
+    from pipeline.errors import ParamsError
+
+    (tmp_path / "l.txt").write_text("x\n")
+    data = DataParams(source="parquet", annotations=str(tmp_path / "l.txt"))
+    with pytest.raises(ParamsError, match=r"data.source: 'parquet' is not one of demo, coco, csv, jsonl, karpathy, tsv"):
+        prepare(tmp_path / "out", data)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_registered_reader_is_a_source_end_to_end(tmp_path, monkeypatch):
+    # Adding a source is one registered function: prepare validates with it, the
+    # manifest records its name and the download stage reads the records through it.
+    from pipeline.datasets import readers
+    from pipeline.records import Record
+
+    monkeypatch.setattr(readers, "READERS", dict(readers.READERS))
+
+    @readers.register("lines")
+    def _lines(s):
+        for i, line in enumerate(s.annotations.read_text().splitlines()):
+            url, caption = line.split(" ", 1)
+            yield Record(f"l{i:03d}", url, split_for(url, s.val_fraction, s.test_fraction), (caption,))
+
+    (tmp_path / "list.txt").write_text("http://h/a.jpg a cat\nhttp://h/b.jpg a dog\n")
+    manifest = prepare(tmp_path / "src", DataParams(source="lines", annotations=str(tmp_path / "list.txt")))
+    assert manifest.kind == "lines" and manifest.records == 2
+    assert [(r.key, r.captions) for r in iter_records(tmp_path / "src")] == [("l000", ("a cat",)), ("l001", ("a dog",))]
+
+
+def test_prepare_errors_name_the_users_file_and_line_not_the_copy(tmp_path):
+    # prepare reads a copy in a temporary folder; the message must name the user's file.
+    good = "".join(f"caption {i}\thttp://x/{i}.jpg\n" for i in range(6))
+    user = tmp_path / "lists" / "captions.tsv"
+    user.parent.mkdir()
+    user.write_text(good + "broken line\n")
+    with pytest.raises(DatasetError) as err:
+        prepare(tmp_path / "data" / "source", DataParams(source="tsv", annotations=str(user)))
+    assert str(err.value).startswith(f"{user}:7: expected 2 fields") and ".tmp" not in str(err.value)
+    coco, _ = coco_fixture("http://h")
+    coco["annotations"][1] = {"image_id": 1}  # no caption
+    with LoopbackServer() as srv:
+        url = srv.route("/captions.tsv", Reply(200, (good + "broken line\n").encode(), content_type="text/plain"))
+        zipped = tmp_path / "ann.zip"
+        with zipfile.ZipFile(zipped, "w") as zf:
+            zf.writestr("annotations/captions_val2014.json", json.dumps(coco))
+        zip_url = srv.route("/ann.zip", Reply(200, zipped.read_bytes(), content_type="application/zip"))
+        params = {"url": DataParams(source="tsv", annotations=url),
+                  "zip": DataParams(source="coco", annotations=zip_url + "#captions_val2014.json"),
+                  "member": DataParams(source="coco", annotations=zip_url + "#nope.json")}
+        messages = {}
+        for name, p in params.items():
+            with pytest.raises(DatasetError) as err:
+                prepare(tmp_path / "data" / "source", p, cache_dir=tmp_path / "data" / "cache")
+            messages[name] = str(err.value)
+    assert messages["url"].startswith(f"{url}:7: expected 2 fields")
+    assert messages["zip"].startswith(f"{zip_url}#captions_val2014.json: annotations[1]: needs")
+    assert messages["member"].startswith(f"{zip_url}: zip member 'nope.json' not found")
+    assert not any(".tmp" in m or "cache" in m for m in messages.values())

@@ -5,14 +5,15 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from pipeline.download.run import download_records
 from pipeline.download.image import process_image
 from pipeline.download.errors import RecordFailure
+from pipeline.imaging import IMAGE_FORMATS
 from pipeline.params import DownloadParams
 from pipeline.records import Record
-from tests.helpers_download import decoded, encode, exif_rotated_jpeg, jpeg, photo, read_status, read_tar, solid
+from tests.helpers_download import EPS, SVG, decoded, encode, exif_rotated_jpeg, jpeg, photo, read_status, read_tar, solid
 from tests.helpers_http import LoopbackServer, Reply
 
 
@@ -112,3 +113,25 @@ def test_pixel_cap_checked_before_decoding():
     with pytest.raises(RecordFailure) as err:
         process_image(encode(photo(50, 40), "PNG"), 50 * 40 - 1)
     assert err.value.status == "too_many_pixels"
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow decodes no AVIF")
+def test_avif_is_fetched_and_eps_svg_pdf_are_refused(tmp_path):
+    pdf = encode(solid((0, 0, 0)), "PDF")
+    avif = encode(solid((30, 60, 220)), "AVIF", quality=95)
+    with LoopbackServer() as srv:
+        recs = [Record("avif", srv.route("/a.avif", Reply(200, avif, content_type="image/avif")), "val", ("a",)),
+                Record("eps", srv.route("/e.eps", Reply(200, EPS, content_type="application/postscript")), "val", ()),
+                Record("svg", srv.route("/s.svg", Reply(200, SVG, content_type="image/svg+xml")), "val", ()),
+                Record("pdf", srv.route("/p.pdf", Reply(200, pdf, content_type="application/pdf")), "val", ())]
+        download_records(recs, tmp_path, DownloadParams(workers=2, records_per_shard=10, decode_processes=0),
+                         progress=False)
+        accepts = {h.get("Accept") for seen in srv.headers_seen.values() for h in seen}
+    status = {s["key"]: s["status"] for s in read_status(tmp_path / "00000.status.jsonl")}
+    assert status == {"avif": "ok", "eps": "not_an_image", "svg": "not_an_image", "pdf": "not_an_image"}
+    arr = decoded(read_tar(tmp_path / "00000.tar")["avif.jpg"])
+    assert arr.shape == (24, 32, 3) and np.abs(_mean(arr) - (30, 60, 220)).max() <= 8
+    # The server is asked for exactly the formats that are decoded, AVIF and WebP first.
+    [accept] = accepts
+    assert accept.split(",")[:3] == ["image/avif", "image/webp", "image/jpeg"]
+    assert set(accept.split(",")) == {Image.MIME[f] for f in IMAGE_FORMATS}

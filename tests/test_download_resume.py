@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +15,10 @@ import yaml
 
 from pipeline.datasets.prepare import prepare
 from pipeline.runtime import Rank
-from pipeline.download.run import download
+from pipeline.download.run import download, download_records
+from pipeline.download.errors import DownloadIncomplete
 from pipeline.params import DataParams, DownloadParams
+from pipeline.records import Record
 from tests.helpers_download import jpeg, read_status
 from tests.helpers_http import LoopbackServer, Reply
 
@@ -128,3 +132,77 @@ def test_peak_memory_does_not_grow_with_records(tmp_path):
 
     small, large = peak(600), peak(6000)  # 6000 x 6 kB = 36 MB if the input were held
     assert large <= 1.3 * small, (small, large)
+
+
+# ------------------------------------------------------- dying image processes
+def _kill_image_processes() -> int:
+    """SIGKILL the decode processes (the pool's workers are this process's children)."""
+    killed = 0
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+def _run_in_thread(recs, out, params) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def target():
+        try:
+            result["summary"] = download_records(recs, out, params, progress=False)
+        except Exception as err:  # handed to the test thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result
+
+
+def _slow_records(srv: LoopbackServer, n: int = 6) -> list[Record]:
+    # Each reply waits 0.3 s, so every image is still on the wire when the processes are killed.
+    return [Record(f"r{i}", srv.route(f"/{i}.jpg", Reply(200, jpeg(48, 32, seed=i), delay=0.3)), "train", (f"c{i}",))
+            for i in range(n)]
+
+
+DYING = dict(workers=2, per_host=2, records_per_shard=3, retries=0, decode_processes=1)
+
+
+def test_a_killed_image_process_is_replaced_and_its_records_retried(tmp_path):
+    with LoopbackServer() as srv:
+        recs = _slow_records(srv)
+        thread, result = _run_in_thread(recs, tmp_path / "out", DownloadParams(**DYING))
+        deadline = time.monotonic() + 60
+        while not sum(srv.hits.values()) and time.monotonic() < deadline:  # the pool is up and warm
+            time.sleep(0.005)
+        assert _kill_image_processes() == 1
+        thread.join(120)
+    assert "error" not in result, result
+    assert result["summary"].by_status == {"ok": 6}
+    for shard in ("00000", "00001"):
+        assert {s["status"] for s in read_status(tmp_path / "out" / f"{shard}.status.jsonl")} == {"ok"}
+    assert all(srv.hits[f"/{i}.jpg"] == 1 for i in range(6))  # the image is decoded again, not fetched
+
+
+def test_records_the_dying_processes_never_took_are_fetched_by_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    with LoopbackServer() as srv:
+        recs = _slow_records(srv)
+        thread, result = _run_in_thread(recs, out, DownloadParams(**DYING))
+        deadline = time.monotonic() + 60
+        while not sum(srv.hits.values()) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        while thread.is_alive() and time.monotonic() < deadline:  # every fresh process dies at once
+            _kill_image_processes()
+            time.sleep(0.005)
+        thread.join(120)
+        # No shard was written with a status that only says the processes died.
+        assert isinstance(result.get("error"), DownloadIncomplete), result
+        assert "run the download again" in str(result["error"]) and result["error"].shards == [0, 1]
+        assert not list(out.iterdir())
+        summary = download_records(recs, out, DownloadParams(**DYING), progress=False)
+    assert summary.shards_resumed == 0 and summary.by_status == {"ok": 6}
+    for shard in ("00000", "00001"):
+        assert {s["status"] for s in read_status(out / f"{shard}.status.jsonl")} == {"ok"}

@@ -1,10 +1,11 @@
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from pipeline.runtime import Rank
 from pipeline.embed.run import embed_shards
@@ -14,7 +15,8 @@ from pipeline.features import load_features, read_feature_shard
 from pipeline.image_shards import ImageShardError, iter_shard
 from pipeline.params import ClipParams, DataParams, ParamsError
 from pipeline.records import split_for
-from tests.helpers_embed import (make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
+from tests.helpers_download import tiff_raising_type_error
+from tests.helpers_embed import (_add, make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
                                  write_img2dataset_shard)
 
 PIN = {"model_id": "test/tiny-clip", "revision": "abc123", "sha256": "f" * 64, "kind": "clip"}
@@ -199,6 +201,23 @@ def test_preprocess_matches_processor_on_odd_images(tmp_path, mode, size):
     assert (ours - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("size", [(50, 71), (71, 50), (47, 47)])
+def test_center_crop_matches_processor_when_the_excess_is_odd(tmp_path, size):
+    # Resized to a shorter side of 33 and cropped to 24: 9 (odd) pixels to drop on an
+    # axis, where an off-by-one crop would shift the image by a pixel.
+    folder = make_tiny_clip(tmp_path / "c", image_size=33, crop=24)
+    from transformers import CLIPImageProcessor
+
+    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(folder))
+    arr = np.random.default_rng(2).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    ours = pre.normalize(pre.to_uint8(buf.getvalue())[None])[0]
+    ref = _processor_pixels(folder, Image.open(io.BytesIO(buf.getvalue())))
+    assert ours.shape == ref.shape == (3, 24, 24)
+    assert (ours - ref).abs().max() < 1e-5
+
+
 def test_fast_mode_close_to_processor_and_limits(tmp_path):
     folder = make_tiny_clip(tmp_path / "c", image_size=32)
     from transformers import CLIPImageProcessor
@@ -236,3 +255,41 @@ def test_bf16_agrees_with_fp32_on_real_size_vit_b32():
     cos = torch.nn.functional.cosine_similarity(fp32, bf16, dim=-1)
     assert fp32.shape == (4, 512)
     assert cos.min().item() >= 0.999
+
+
+def test_any_decode_exception_is_the_images_status_line(tmp_path, clip_dir):
+    from transformers import CLIPImageProcessor
+
+    odd = tiff_raising_type_error()
+    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(clip_dir))
+    with pytest.raises(ImageDecodeError, match="TypeError"):
+        pre.to_uint8(odd)
+    root = tmp_path / "images"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for key, member, data in (("a", "a.jpg", photo_jpeg(1)), ("b", "b.tif", odd), ("c", "c.jpg", photo_jpeg(2))):
+            _add(tar, member, data)
+            _add(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
+    summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(),
+                           progress=False)
+    assert summary["images"] == 2 and summary["failed"] == 1
+    assert read_feature_shard(tmp_path / "f" / "00000.h5").keys == ["a", "c"]
+    [rec] = [json.loads(line) for line in (tmp_path / "f" / "00000.status.jsonl").read_text().splitlines()]
+    assert rec["key"] == "b" and rec["status"] == "decode_error" and "TypeError" in rec["reason"]
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow decodes no AVIF")
+def test_avif_member_is_embedded(tmp_path, clip_dir):
+    # img2dataset-style shards may hold other formats than JPEG; AVIF is read like the rest.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo_jpeg(4))).save(buf, "AVIF", quality=90)
+    root = tmp_path / "images"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for key, member, data in (("a", "a.jpg", photo_jpeg(1)), ("b", "b.avif", buf.getvalue())):
+            _add(tar, member, data)
+            _add(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
+    summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(),
+                           progress=False)
+    assert summary["images"] == 2 and summary["failed"] == 0
+    assert read_feature_shard(tmp_path / "f" / "00000.h5").keys == ["a", "b"]

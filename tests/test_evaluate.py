@@ -170,7 +170,7 @@ def _children() -> list[int]:
     return kids
 
 
-def test_int_ids_with_nothing_else_present(evaluated, tmp_path, monkeypatch):
+def test_outside_dvc_int_ids_and_the_report_beside_out(evaluated, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from stages.cli import capline
@@ -181,14 +181,18 @@ def test_int_ids_with_nothing_else_present(evaluated, tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     before = _children()
     result = CliRunner().invoke(capline, ["evaluate", "--results", str(res), "--references", str(refs),
-                                          "--out", "m.json"])
+                                          "--out", "scores/m.json"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads((work / "m.json").read_text())
+    # Without --report-dir the report goes beside --out; nothing lands in a data/ of the cwd.
+    assert sorted(p.name for p in (work / "scores").iterdir()) == ["m.json", "metrics.png", "per_image.jsonl",
+                                                                   "report.html"]
+    assert sorted(p.name for p in work.iterdir()) == ["scores"]
+    metrics = json.loads((work / "scores" / "m.json").read_text())
     for name in COCO_NAMES.values():
         assert abs(metrics[name] - evaluated["metrics"][name]) < 1e-12
     assert "not found" in metrics["control_skipped"] and "not found" in metrics["baseline_skipped"]
     assert metrics["cider_vs_baseline"] is None
-    rows = [json.loads(x) for x in (work / "data" / "eval" / "per_image.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (work / "scores" / "per_image.jsonl").read_text().splitlines()]
     assert [r["image_id"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # The tokenizer and METEOR Java processes are gone once the command returns.
     if Path("/proc/self/stat").exists():
@@ -319,6 +323,22 @@ def test_report_rows_are_best_and_worst_halves():
     parser.feed(html)
     assert [c for c in parser.cells if c.startswith("cap ")] == ["cap <k9>", "cap <k8>", "cap <k1>", "cap <k0>"]
     assert "best 2 and worst 2 of 10 images" in html
+
+
+def test_summary_table_escapes_every_value():
+    from pipeline.evaluate.report import render_report
+
+    per_image = {"k0": {"cider": 1.0, "bleu_4": 0.0, "meteor": 0.0, "rouge_l": 0.0}}
+    hostile = '<script>alert("x")</script> & <b>bold</b>'
+    metrics = {"cider": 1.0, "baseline_cider": 0.5, "images": 1, "baseline_caption": hostile,
+               "spice_skipped": "<img src=x onerror=alert(1)>"}
+    html = render_report(metrics, per_image, {"k0": "a cap"}, {"k0": ["ref"]}, limit=4)
+    summary = html[html.index("<table id=summary>"):]
+    summary = summary[:summary.index("</table>")]
+    assert "<script>" not in summary and "<img" not in summary and "<b>" not in summary
+    parser = ReportParser()
+    parser.feed(summary)
+    assert hostile in parser.cells and "<img src=x onerror=alert(1)>" in parser.cells
 
 
 def test_find_corenlp(tmp_path):

@@ -83,6 +83,15 @@ def test_load_features_refuses_mixed_encoders(tmp_path):
     assert "00001.h5" in msg and "00000.h5" in msg and "'normalized'" in msg and "False" in msg and "True" in msg
 
 
+@pytest.mark.parametrize("key,other", [("model_id", "another/clip"), ("model_revision", "f" * 40),
+                                       ("output", "pooler_output")])
+def test_shards_differing_only_in_encoder_identity_are_not_loaded_together(tmp_path, key, other):
+    write_feature_shard(tmp_path / "00000.h5", table(2, dim=8, seed=1))
+    write_feature_shard(tmp_path / "00001.h5", table(2, dim=8, seed=2, attrs={**ATTRS, key: other}))
+    with pytest.raises(FeatureShardError, match=rf"00001.h5: attribute '{key}' is '{other}', but 00000.h5 has"):
+        load_features(tmp_path)
+
+
 def test_per_shard_attributes_may_differ(tmp_path):
     write_feature_shard(tmp_path / "00000.h5", table(2, dim=8, seed=1, attrs={**ATTRS, "source": "00000.tar"}))
     write_feature_shard(tmp_path / "00001.h5", table(2, dim=8, seed=2, attrs={**ATTRS, "source": "00001.tar"}))

@@ -116,3 +116,17 @@ def test_links_are_not_followed(tmp_path):
         tar.addfile(info)
         _add(tar, "ok.jpg", b"fine")
     assert [(s.key, s.image) for s in iter_shard(path)] == [("ok", b"fine")]
+
+
+@pytest.mark.parametrize("meta", [
+    b'{"key": "deep", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"captions": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+])
+def test_deeply_nested_metadata_names_shard_and_sample(tmp_path, meta):
+    # json.loads recurses once per level: without a check this is a RecursionError.
+    path = tmp_path / "00005.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "deep.jpg", photo_jpeg(0))
+        _add(tar, "deep.json", meta)
+    with pytest.raises(ImageShardError, match=r"00005.tar: sample 'deep': deep.json is nested too deeply"):
+        list(iter_shard(path))

@@ -14,7 +14,8 @@ from PIL import Image
 from helpers_models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, save_hub_like_gpt, tiny_params
 from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt
 from pipeline.params import ParamsError
-from pipeline.models.pretrained import ModelError, load_clip, load_gpt, pin_model, read_pin, weights_sha256
+from pipeline.models.pin import pin_model
+from pipeline.models.pretrained import ModelError, load_clip, load_gpt, read_pin, weights_sha256
 
 
 def _sha(path: Path) -> str:

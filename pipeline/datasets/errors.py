@@ -12,4 +12,10 @@ class DatasetError(CaplineError):
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
         self.path = str(path)
+        self.message = message
         self.line = line
+
+    def naming(self, origin: str) -> "DatasetError":
+        """The same error about ``origin`` (the path or URL the user gave) instead of the
+        copy that was read: the user can open and fix only their own file."""
+        return DatasetError(origin, self.message, self.line)

@@ -94,7 +94,8 @@ def _fetch_whole(base: str, cache_dir: Path, user_agent: str) -> Path:
     return path
 
 
-def _pick_member(zf: zipfile.ZipFile, archive: Path, member: Optional[str]) -> zipfile.ZipInfo:
+def _pick_member(zf: zipfile.ZipFile, archive: str, member: Optional[str]) -> zipfile.ZipInfo:
+    """The member to read; errors name ``archive`` as the user gave it (never the cached copy)."""
     infos = [i for i in zf.infolist() if not i.is_dir()]
     if member:
         hits = [i for i in infos if i.filename == member] or [i for i in infos if Path(i.filename).name == member]
@@ -125,7 +126,7 @@ def materialize(src: str, dest_dir: Path, name: Optional[str], cache_dir: Path, 
     if member or zipfile.is_zipfile(whole):
         try:
             with zipfile.ZipFile(whole) as zf:
-                info = _pick_member(zf, whole, member)
+                info = _pick_member(zf, base, member)
                 target = name or Path(info.filename).name
                 with zf.open(info) as f:
                     return target, _copy_hashing(f, dest_dir / target)

@@ -16,7 +16,6 @@ from pipeline.files import write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-KINDS = ("coco", "karpathy", "csv", "tsv", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise DatasetError(MANIFEST, f"kind {self.kind!r} is not one of {KINDS}")
+        # The kind is checked against the reader registry when the folder is read.
         if "annotations" not in self.files:
             raise DatasetError(MANIFEST, "files: 'annotations' is required")
 

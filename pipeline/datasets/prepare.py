@@ -18,7 +18,8 @@ from tqdm import tqdm
 from pipeline.datasets.errors import DatasetError
 from pipeline.datasets.fetch import materialize
 from pipeline.datasets.manifest import MANIFEST, Manifest, write_manifest
-from pipeline.datasets.source import records_from_manifest
+from pipeline.datasets.readers import reader_for
+from pipeline.datasets.source import records_from_manifest, shown_name
 from pipeline.params import DEMO, DataParams
 
 DEFAULT_USER_AGENT = "capline/0.1 (+https://github.com/capline/capline)"
@@ -43,7 +44,7 @@ def _count(folder: Path, manifest: Manifest) -> int:
         # Duplicate keys would collide in the shards; keys are short, so this set is small
         # next to the spec itself (COCO json is loaded whole anyway).
         if rec.key in keys:
-            raise DatasetError(folder / manifest.files["annotations"], f"record key {rec.key!r} appears twice")
+            raise DatasetError(shown_name(folder, manifest, "annotations"), f"record key {rec.key!r} appears twice")
         keys.add(rec.key)
     return n
 
@@ -55,6 +56,8 @@ def prepare(
     user_agent: str = DEFAULT_USER_AGENT,
 ) -> Manifest:
     """Build ``out_dir`` (data/source) from the ``data`` params; return its manifest."""
+    if data.source != DEMO:
+        reader_for(data.source)  # an unknown source stops here, before anything is fetched
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

@@ -12,10 +12,12 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import quote
 
 from pipeline.datasets.errors import DatasetError
+from pipeline.errors import ParamsError
 from pipeline.records import Record, split_for
 
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -292,3 +294,60 @@ def read_jsonl(path: str | Path, val_fraction: float, test_fraction: float) -> I
                 caps.extend(v if isinstance(v, list) else [v])
             yield _list_record(path, line_no, index, url, caps, obj.get("sha256"), obj.get("key"), val_fraction, test_fraction)
             index += 1
+
+
+# ------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class SourceFiles:
+    """What a reader gets: the prepared annotation file(s) and the split settings."""
+
+    annotations: Path
+    karpathy_split: Optional[Path] = None
+    image_root: Optional[str] = None
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+
+
+Reader = Callable[[SourceFiles], Iterator[Record]]
+# data.source name -> reader. params' allowed sources, the manifest's kinds and the
+# dispatch all come from here: a new source is one registered function + its test.
+READERS: dict[str, Reader] = {}
+
+
+def register(name: str) -> Callable[[Reader], Reader]:
+    def add(fn: Reader) -> Reader:
+        READERS[name] = fn
+        return fn
+    return add
+
+
+@register("coco")
+def _coco(s: SourceFiles) -> Iterator[Record]:
+    return read_coco(s.annotations, s.karpathy_split, s.image_root, s.val_fraction, s.test_fraction)
+
+
+@register("karpathy")
+def _karpathy(s: SourceFiles) -> Iterator[Record]:
+    return read_karpathy(s.annotations, s.image_root)
+
+
+@register("csv")
+def _csv(s: SourceFiles) -> Iterator[Record]:
+    return read_table(s.annotations, ",", s.val_fraction, s.test_fraction)
+
+
+@register("tsv")
+def _tsv(s: SourceFiles) -> Iterator[Record]:
+    return read_table(s.annotations, "\t", s.val_fraction, s.test_fraction)
+
+
+@register("jsonl")
+def _jsonl(s: SourceFiles) -> Iterator[Record]:
+    return read_jsonl(s.annotations, s.val_fraction, s.test_fraction)
+
+
+def reader_for(source: str, key: str = "data.source") -> Reader:
+    """The registered reader of ``source``; an unknown name is a ParamsError naming ``key``."""
+    if source not in READERS:
+        raise ParamsError(f"{key}: {source!r} is not one of demo, {', '.join(sorted(READERS))}")
+    return READERS[source]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from pipeline.errors import CaplineError
+
 # Every failure name a status line can carry, and what it means.
 FAILURES = {
     "http_error": "the server answered with an HTTP error status (reason holds it)",
@@ -13,7 +15,7 @@ FAILURES = {
     "unsupported_url": "a URL scheme other than http, https or file",
     "file_not_found": "a file: URL naming no readable file",
     "too_large": "the body is larger than download.max_bytes",
-    "not_an_image": "the bytes are no image format that Pillow reads",
+    "not_an_image": "the bytes are no image format on the allow-list (pipeline/imaging.py: EPS, SVG, PDF, HTML are not)",
     "decode_error": "the image is truncated or corrupt (full decode failed)",
     "too_many_pixels": "width × height above download.max_pixels (decompression bomb)",
     "sha256_mismatch": "the bytes do not match the sha256 the list gives",
@@ -34,3 +36,20 @@ class RecordFailure(Exception):
 
     def __reduce__(self):  # crosses the process pool intact
         return (RecordFailure, (self.status, self.reason, self.transient, self.retry_after))
+
+
+class DecodePoolDied(Exception):
+    """The image processes died while one record was in them, on every try. Not a
+    property of the record (the OOM killer, a kill from outside): never a final status."""
+
+
+class DownloadIncomplete(CaplineError):
+    """Some shards were not written because their records met dying image processes."""
+
+    def __init__(self, records: int, shards: list[int], first: str) -> None:
+        super().__init__(
+            f"{records} records in {len(shards)} shards (first: {first}) were not processed: the image "
+            f"processes (download.decode_processes) kept dying. Those shards were not written, all others "
+            f"are kept; run the download again to fetch the rest (or set download.decode_processes: 0).")
+        self.records = records
+        self.shards = shards

@@ -29,6 +29,7 @@ from urllib3.exceptions import (
 )
 
 from pipeline.download.errors import RecordFailure
+from pipeline.imaging import ACCEPT
 from pipeline.params import DownloadParams
 
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -64,7 +65,9 @@ class Fetcher:
             block=False,
             retries=False,
             timeout=urllib3.Timeout(connect=params.connect_timeout, read=params.read_timeout),
-            headers={"User-Agent": params.user_agent, "Accept": "image/*,*/*;q=0.8"},
+            # Exactly the formats open_image decodes: a CDN that negotiates
+            # (AVIF, WebP, JPEG) never picks one we would refuse.
+            headers={"User-Agent": params.user_agent, "Accept": ACCEPT},
         )
         self._hosts: dict[str, threading.BoundedSemaphore] = defaultdict(lambda: threading.BoundedSemaphore(params.per_host))
         self._hosts_lock = threading.Lock()

@@ -6,23 +6,27 @@ A rank takes the shards with ``i % world_size == rank``, skips those already
 finished (resume) and fetches the rest on a thread pool. At most
 ``2 × workers`` records are in flight and only a few shards are open at once, so
 memory does not grow with the length of the list. Each shard is written whole
-(see ``shards.py``) as soon as its last record is done.
+(see ``shards.py``) as soon as its last record is done; a shard holding a record
+that the image processes could not take (they kept dying) is not written, so the
+next run fetches it again.
 """
 from __future__ import annotations
 
 import hashlib
 import multiprocessing
 import queue
+import threading
 import time
 from collections import Counter
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from pipeline.download.errors import RecordFailure
+from pipeline.download.errors import DecodePoolDied, DownloadIncomplete, RecordFailure
 from pipeline.download.fetch import Fetcher
 from pipeline.download.image import process_image
 from pipeline.download.shards import Outcome, is_finished, read_statuses, remove_stale, write_shard
@@ -40,6 +44,10 @@ class Summary:
     seconds: float = 0.0
     fetched_ok: int = 0  # ok images fetched by this run (resumed shards excluded)
     by_status: Counter = field(default_factory=Counter)
+    # Records the image processes could not take, and their shards (left unwritten).
+    interrupted: int = 0
+    unfinished_shards: list = field(default_factory=list)
+    first_interrupted: str = ""
 
     def as_metrics(self) -> dict:
         ok = self.by_status.get("ok", 0)
@@ -56,18 +64,95 @@ class Summary:
         return out
 
 
+# The outcome of a record the image processes could not take. Never written as a
+# status: its shard is left for the next run (see ImagePool).
+INTERRUPTED = "interrupted"
+
+
+class ImagePool:
+    """Processes for decode/resize/encode, replaced when one of them dies.
+
+    A dead worker (the OOM killer, a crash inside a C decoder, a kill) breaks a
+    ProcessPoolExecutor for good: the records in it and every later one would fail
+    with BrokenProcessPool. Here the broken pool is replaced by a fresh one and the
+    record tried again. A record that meets a dying pool ``TRIES`` times, or any record
+    once ``MAX_DEATHS`` pools in a row died before finishing an image, raises
+    ``DecodePoolDied``: that says nothing about the record, so it is never its status.
+    """
+
+    TRIES = 3
+    # More than TRIES: one record that kills every process it enters must not stop the others.
+    MAX_DEATHS = 5
+
+    def __init__(self, processes: int) -> None:
+        methods = multiprocessing.get_all_start_methods()
+        # forkserver or spawn, never fork: a fresh pool may start while fetch threads run.
+        self._ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self._processes = processes
+        self._lock = threading.Lock()
+        self._deaths = 0  # pools that died since an image last came back
+        self._pool: Optional[ProcessPoolExecutor] = self._new()
+        try:
+            self.run(int)  # start them now, not in the middle of the run
+        except DecodePoolDied:
+            pass  # every record will say so
+
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self._processes, mp_context=self._ctx)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in an image process; raises DecodePoolDied when the processes keep dying."""
+        tries = 0
+        while tries < self.TRIES:
+            with self._lock:
+                pool = self._pool
+            if pool is None:
+                raise DecodePoolDied(f"gave up after {self.MAX_DEATHS} image process pools in a row died")
+            try:
+                future = pool.submit(fn, *args)
+            except BrokenProcessPool:  # it broke before this record got in: no try spent
+                self._replace(pool)
+                continue
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                tries += 1
+                self._replace(pool)
+                continue
+            with self._lock:
+                self._deaths = 0
+            return result
+        raise DecodePoolDied(f"an image process died while this record was in it, {self.TRIES} times")
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is not broken:
+                return  # another thread has replaced it already
+            self._deaths += 1
+            self._pool = self._new() if self._deaths < self.MAX_DEATHS else None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def fetch_record(fetcher: Fetcher, params: DownloadParams, record: Record,
-                 images: Optional[Executor] = None) -> Outcome:
+                 images: Optional[ImagePool] = None) -> Outcome:
     """Fetch, check and re-encode one record (on ``images`` if given); never raises."""
     try:
         data = fetcher.fetch(record.url)
         if record.sha256 and hashlib.sha256(data).hexdigest() != record.sha256:
             raise RecordFailure("sha256_mismatch", f"sha256 {hashlib.sha256(data).hexdigest()} != {record.sha256}")
         args = (data, params.max_pixels, params.resize, params.jpeg_quality)
-        jpeg, w, h = images.submit(process_image, *args).result() if images else process_image(*args)
+        jpeg, w, h = images.run(process_image, *args) if images else process_image(*args)
         return Outcome(record, "ok", None, jpeg, w, h)
     except RecordFailure as fail:
         return Outcome(record, fail.status, fail.reason)
+    except DecodePoolDied as err:
+        return Outcome(record, INTERRUPTED, str(err))
     except Exception as err:  # a bug or an odd input must not lose the record
         return Outcome(record, "error", f"{type(err).__name__}: {err}")
 
@@ -88,17 +173,7 @@ def iter_shards(records: Iterable[Record], per_shard: int) -> Iterator[tuple[int
 class _Open:
     outcomes: list
     remaining: int
-
-
-def _image_pool(processes: int) -> Optional[ProcessPoolExecutor]:
-    """Processes for decode/resize/encode, started before any thread exists (fork-safe)."""
-    if processes <= 0:
-        return None
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
-    pool.submit(int).result()  # start them now, not in the middle of the run
-    return pool
+    interrupted: int = 0
 
 
 def _owned_records(total: Optional[int], per_shard: int, rank: Rank) -> Optional[int]:
@@ -117,10 +192,14 @@ def download_records(
     total: Optional[int] = None,
     progress: bool = True,
 ) -> Summary:
-    """Download ``records`` into shards under ``out_dir``; return the run's summary."""
+    """Download ``records`` into shards under ``out_dir``; return the run's summary.
+
+    Raises ``DownloadIncomplete`` at the end when some shards could not be finished
+    because the image processes kept dying; every other shard is written.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = _image_pool(params.decode_processes)
+    images = ImagePool(params.decode_processes) if params.decode_processes > 0 else None
     fetcher = Fetcher(params, base_dir)
     summary = Summary()
     window = 2 * params.workers
@@ -144,7 +223,12 @@ def download_records(
         shard = open_shards[index]
         shard.outcomes[pos] = outcome
         shard.remaining -= 1
-        summary.by_status[outcome.status] += 1
+        if outcome.status == INTERRUPTED:
+            shard.interrupted += 1
+            summary.interrupted += 1
+            summary.first_interrupted = summary.first_interrupted or f"{outcome.record.key} {outcome.record.url}"
+        else:
+            summary.by_status[outcome.status] += 1
         if outcome.status == "ok":
             summary.fetched_ok += 1
         else:
@@ -152,7 +236,12 @@ def download_records(
             bar.set_postfix(failed=failures, refresh=False)
         bar.update(1)
         if shard.remaining == 0:
-            write_shard(out_dir, index, shard.outcomes)
+            if shard.interrupted:
+                # Not written: a finished shard is final, and these records have no
+                # status of their own yet. The next run fetches the whole shard again.
+                summary.unfinished_shards.append(index)
+            else:
+                write_shard(out_dir, index, shard.outcomes)
             del open_shards[index]
 
     def drain(block: bool) -> None:
@@ -192,9 +281,11 @@ def download_records(
         # After an interrupt, queued records are dropped; running ones end within their timeouts.
         pool.shutdown(wait=True, cancel_futures=True)
         if images:
-            images.shutdown(wait=True, cancel_futures=True)
+            images.shutdown()
         bar.close()
     summary.seconds = time.monotonic() - start
+    if summary.unfinished_shards:
+        raise DownloadIncomplete(summary.interrupted, summary.unfinished_shards, summary.first_interrupted)
     return summary
 
 

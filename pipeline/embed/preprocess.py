@@ -127,20 +127,25 @@ class Preprocessor:
             return im.convert("RGB")
         except ImageDecodeError:
             raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as err:
+        except Exception as err:
+            # Pillow's plugins raise whatever their parsers meet on hostile bytes
+            # (TypeError, OverflowError, struct.error, ...): none of it may stop the run.
             raise ImageDecodeError(f"cannot decode image: {type(err).__name__}: {err}") from None
 
     def to_uint8(self, data: bytes) -> torch.Tensor:
-        """Decode, resize and center-crop to a [3, H, W] uint8 tensor."""
+        """Decode, resize and center-crop to a [3, H, W] uint8 tensor; any failure is ImageDecodeError."""
         im = self.decode(data)
-        if self.shortest_edge is not None or self.resize_hw is not None:
-            tw, th = self._target(*im.size)
-            if (tw, th) != im.size:
-                im = im.resize((tw, th), resample=self.resample)
-        arr = np.asarray(im)
-        if self.crop_hw is not None:
-            arr = _center_crop(arr, *self.crop_hw)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        try:
+            if self.shortest_edge is not None or self.resize_hw is not None:
+                tw, th = self._target(*im.size)
+                if (tw, th) != im.size:
+                    im = im.resize((tw, th), resample=self.resample)
+            arr = np.asarray(im)
+            if self.crop_hw is not None:
+                arr = _center_crop(arr, *self.crop_hw)
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        except Exception as err:  # one image's failure is its status line, never the run's end
+            raise ImageDecodeError(f"cannot preprocess image: {type(err).__name__}: {err}") from None
 
     # ---------------------------------------------------------- on the device
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:

@@ -89,9 +89,8 @@ def run_evaluate(
     if params.spice:
         spice_dir, spice_reason = find_corenlp(params.corenlp_dir)
 
-    clip_dir, clip_reason, clip_tmp = _clipscore_folder(params, clip)
-    if clip_reason is None:
-        clip_reason = clipscore_unavailable(clip_dir, images)
+    clip_dir = _clipscore_folder(params, clip)  # before any work: a bad param is an error
+    clip_reason = clipscore_unavailable(clip_dir, images)
 
     ids = list(res)
     scored = set(ids) | set(ctl or {}) | set(xe_res or {})
@@ -158,8 +157,6 @@ def run_evaluate(
             clip_reason = f"none of the scored images was found in {images}"
         metrics["clipscore_model"] = _describe_clip(clip_dir)
         steps.update()
-    if clip_tmp is not None:
-        clip_tmp.cleanup()
     if clip_reason is not None:
         metrics["clipscore_skipped"] = clip_reason
 
@@ -240,25 +237,18 @@ def write_report(
 CLIP_METRICS = ("clip_s", "refclip_s")
 
 
-def _clipscore_folder(params: EvaluateParams, clip: Optional[Path]):
-    """(folder, reason it is unusable or None, temporary folder to remove or None)."""
+def _clipscore_folder(params: EvaluateParams, clip: Optional[Path]) -> Optional[Path]:
+    """The CLIP folder for CLIPScore: ``evaluate.clipscore_model`` when set, else ``clip``."""
+    from pipeline.models.pretrained import ModelError
+
     name = params.clipscore_model
     if name is None:
-        return (Path(clip) if clip is not None else None), None, None
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser(), None, None
-    # A hub id: pinned into a temporary folder for this run, like the models stage pins.
-    import tempfile
-
-    from pipeline.models.pretrained import ModelError, save_clip
-
-    tmp = tempfile.TemporaryDirectory(prefix="capline-clipscore-")
-    try:
-        save_clip(name, "main", Path(tmp.name))
-    except ModelError as err:
-        tmp.cleanup()
-        return None, f"evaluate.clipscore_model: {err}", None
-    return Path(tmp.name), None, tmp
+        return Path(clip) if clip is not None else None
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"evaluate.clipscore_model: {name} is not a folder holding a CLIP saved with "
+                         "save_pretrained (config.json missing); pin one with `capline models clip --out FOLDER`")
+    return folder
 
 
 def _describe_clip(folder: Path) -> str:

@@ -20,23 +20,6 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def image_processor_class() -> type:
-    """CLIPImageProcessor, or its PIL twin where transformers would fall back anyway.
-
-    transformers 5 backs CLIPImageProcessor with torchvision; without it, it falls
-    back to CLIPImageProcessorPil with a warning. Asking for that class directly
-    gives the same processing without the noise.
-    """
-    import transformers
-
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        if hasattr(transformers, "CLIPImageProcessorPil"):
-            return transformers.CLIPImageProcessorPil
-    return transformers.CLIPImageProcessor
-
-
 # The demo CLIP's text side: word-level like the demo GPT-2, with CLIP's markers.
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"  # also the pad token, as in OpenAI CLIP's tokenizer
@@ -109,6 +92,8 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    from pipeline.models.pretrained import image_processor_class
+
     processor = image_processor_class()(
         do_resize=True,
         size={"shortest_edge": image_size},
