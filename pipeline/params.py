@@ -198,6 +198,7 @@ class ScstParams(Section):
     grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(5, ge=1, description="steps between reward-curve points")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints besides each epoch's end; 0: epoch ends only")
     seed: int = 0
 
     @model_validator(mode="after")

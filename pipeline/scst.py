@@ -47,7 +47,7 @@ from pipeline.runtime import autocast, choose_device, choose_precision, current_
 
 log = logging.getLogger(__name__)
 REWARD_FIELDS = ("step", "epoch", "reward", "baseline_reward", "loss", "sample_tokens")
-VAL_FIELDS = ("epoch", "val_cider", "val_reward")
+VAL_FIELDS = ("epoch", "val_cider", "sample_reward")
 
 
 class ScstDiverged(CaplineError):
@@ -147,22 +147,40 @@ def val_cider(model: ClipCaptioner, val: Split, params: ScstParams, device: torc
 
 
 # ------------------------------------------------------------------------ state
+# Params that do not change the trajectory: a checkpoint made with other values resumes.
+NOT_IDENTITY = ("checkpoint_every", "log_every")
+
+
+class Stopped(Exception):
+    """Raised by ``stop_after`` (tests): the run ends as a kill would, checkpoints kept."""
+
+
 @dataclass
 class Progress:
-    """Everything besides weights and optimizer that a resumed run needs."""
+    """Everything besides weights and optimizer that a resumed run needs (JSON-able)."""
 
     epoch: int = 0  # epochs finished
+    position: int = 0  # steps done in the current epoch
     step: int = 0
     curve: list[dict] = field(default_factory=list)
     val_curve: list[dict] = field(default_factory=list)
+    window: list[list[float]] = field(default_factory=list)  # stats since the last curve point
+    epoch_rewards: list[float] = field(default_factory=list)
     best_epoch: int = 0
     best_cider: Optional[float] = None
+    val_xe: Optional[float] = None
 
 
-def _trainable_state(model: ClipCaptioner) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights SCST changes (the mapper, and GPT-2 when updated)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
-            if k.startswith("mapper.") or (model.finetune_gpt and k.startswith("gpt."))}
+def _trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights SCST changes, as ``{module/key: tensor}``."""
+    return {f"{name}/{k}": v.detach().to("cpu", copy=True) for name, m in modules.items()
+            for k, v in m.state_dict().items()}
+
+
+def _load_trainable(modules: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    for name, m in modules.items():
+        prefix = f"{name}/"
+        m.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
 
 
 # --------------------------------------------------------------------- the stage
@@ -175,8 +193,18 @@ def scst(
     metrics_path: str | Path,
     params: ScstParams,
     progress: bool = True,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    stop_after: Optional[int] = None,
 ) -> dict:
-    """Fine-tune the captioner in ``model_dir`` with SCST; write the best model, curves and metrics."""
+    """Fine-tune the captioner in ``model_dir`` with SCST; write the best model, curves and metrics.
+
+    ``checkpoint_dir``: where checkpoints go and are resumed from (None: a temporary
+    folder, so no resume); they are removed when the run ends well. ``stop_after``:
+    raise ``Stopped`` after that many steps, as a kill would (tests).
+    """
+    import tempfile
+
     rank = current_rank()
     if rank.world_size > 1:
         raise CaplineError("scst: runs in one process (start it without torchrun)")
@@ -189,18 +217,34 @@ def scst(
         write_metrics(metrics_path, metrics)
         return metrics
 
+    temp = None
+    if checkpoint_dir is None:
+        temp = tempfile.mkdtemp(prefix="capline-scst-checkpoints-")
+        checkpoint_dir = temp
+    try:
+        return _run(Path(model_dir), Path(features_dir), Path(out_dir), Path(curve_path), Path(val_curve_path),
+                    Path(metrics_path), params, progress, Path(checkpoint_dir), stop_after, started)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _run(model_dir: Path, features_dir: Path, out_dir: Path, curve_path: Path, val_curve_path: Path,
+         metrics_path: Path, params: ScstParams, progress: bool, checkpoint_dir: Path,
+         stop_after: Optional[int], started: float) -> dict:
     from tqdm import tqdm
 
+    from pipeline.checkpoint import Checkpoints, capture_rng, digest_files, restore_rng
     from pipeline.evaluate.java import require_java
     from pipeline.features import load_features
 
     java = require_java()
-    device = choose_device("auto", rank)
+    device = choose_device("auto", current_rank())
     amp = choose_precision(params.precision, device, key="scst.precision")
     torch.manual_seed(params.seed)
 
     model = ClipCaptioner.load(model_dir, device=device)
-    table = load_features(Path(features_dir), expect=model.feature_expectation())
+    table = load_features(features_dir, expect=model.feature_expectation())
     model.check_features(table.attrs, int(table.embeddings.shape[1]), str(features_dir))
     splits = np.asarray(table.splits)
     train_vectors, train_refs = load_split(table, splits == "train")
@@ -218,66 +262,102 @@ def scst(
     model.finetune_gpt = update_gpt
     model.gpt.requires_grad_(update_gpt)
     model.eval()  # no dropout: the scored log-probabilities are those of the sampling policy
+    learning = {"mapper": model.mapper, **({"gpt": model.gpt} if update_gpt else {})}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    stateful = {"optimizer": optimizer, **({"scaler": scaler} if scaler is not None else {})}
 
-    state = Progress()
-    first_cider, _ = val_cider(model, val, params, device, amp, reward)
-    state.best_cider, best_weights = first_cider, _trainable_state(model)
-    state.val_curve.append({"epoch": 0, "val_cider": first_cider, "val_reward": None})
+    identity = {
+        "scst": {k: v for k, v in params.model_dump().items() if k not in NOT_IDENTITY},
+        "model": digest_files(model_dir),
+        "features": digest_files(features_dir),
+        "precision": amp,
+        "device": device.type,
+    }
+    ckpts = Checkpoints(checkpoint_dir, identity, keep=2)
+    xe_weights = _trainable_state(learning)
+    best_weights = xe_weights
+    found = ckpts.latest()
+    if found is not None:
+        state = found.restore(modules=learning, stateful=stateful)
+        best = state.pop("best_weights", None)
+        state_progress = Progress(**state)
+        restore_rng(found.rng[0])
+        if best is not None:
+            best_weights = best
+        log.info("scst: resumed from %s (epoch %d, step %d)", found.path, state_progress.epoch, state_progress.step)
+        prog = state_progress
+    else:
+        ckpts.remove("step")  # another run's checkpoints (logged above): this run replaces them
+        prog = Progress()
+        prog.val_xe, _ = val_cider(model, val, params, device, amp, reward)
+        prog.best_cider = prog.val_xe
+        prog.val_curve.append({"epoch": 0, "val_cider": prog.val_xe, "sample_reward": None})
+
+    def checkpoint() -> None:
+        state = {k: v for k, v in prog.__dict__.items()}
+        if prog.best_epoch > 0:
+            state["best_weights"] = best_weights
+        ckpts.save(prog.step, modules=learning, stateful=stateful, state=state, rng=[capture_rng()])
 
     steps_per_epoch = math.ceil(len(train) / params.batch_size)
-    bar = tqdm(total=steps_per_epoch * params.epochs, desc="scst", unit="step", disable=not progress)
-    window: list[tuple[float, float, float, float]] = []
-    while state.epoch < params.epochs:
-        epoch = state.epoch + 1
+    bar = tqdm(total=steps_per_epoch * params.epochs, initial=prog.step, desc="scst", unit="step",
+               disable=not progress)
+    while prog.epoch < params.epochs:
+        epoch = prog.epoch + 1
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(params.seed * 1000 + epoch))
-        epoch_rewards = []
-        for b in range(steps_per_epoch):
+        for b in range(prog.position, steps_per_epoch):
             images = order[b * params.batch_size:(b + 1) * params.batch_size].tolist()
             stats = _step(model, train, images, reward, params, optimizer, scaler, trainable, device, amp)
             if not math.isfinite(stats[2]):
-                raise ScstDiverged(f"scst: loss is {stats[2]} at step {state.step + 1} (epoch {epoch}); "
+                raise ScstDiverged(f"scst: loss is {stats[2]} at step {prog.step + 1} (epoch {epoch}); "
                                    "lower scst.lr or use scst.precision fp32")
-            state.step += 1
-            window.append(stats)
-            epoch_rewards.append(stats[0])
+            prog.step += 1
+            prog.position = b + 1
+            prog.window.append(list(stats))
+            prog.epoch_rewards.append(stats[0])
             bar.update(1)
             bar.set_postfix(epoch=epoch, reward=f"{stats[0]:.3f}")
-            if state.step % params.log_every == 0 or b == steps_per_epoch - 1:
-                mean = np.mean(window, axis=0)
-                state.curve.append({"step": state.step, "epoch": epoch, "reward": float(mean[0]),
-                                    "baseline_reward": float(mean[1]), "loss": float(mean[2]),
-                                    "sample_tokens": float(mean[3])})
-                window = []
+            if prog.step % params.log_every == 0 or b == steps_per_epoch - 1:
+                mean = np.mean(prog.window, axis=0)
+                prog.curve.append({"step": prog.step, "epoch": epoch, "reward": float(mean[0]),
+                                   "baseline_reward": float(mean[1]), "loss": float(mean[2]),
+                                   "sample_tokens": float(mean[3])})
+                prog.window = []
+            if params.checkpoint_every and prog.step % params.checkpoint_every == 0 and b < steps_per_epoch - 1:
+                checkpoint()
+            if stop_after is not None and prog.step >= stop_after:
+                raise Stopped(f"stopped after {prog.step} steps")
         cider, _ = val_cider(model, val, params, device, amp, reward)
-        state.val_curve.append({"epoch": epoch, "val_cider": cider, "val_reward": float(np.mean(epoch_rewards))})
-        if cider is not None and (state.best_cider is None or cider > state.best_cider):
-            state.best_cider, state.best_epoch, best_weights = cider, epoch, _trainable_state(model)
-        elif cider is None:
-            state.best_epoch, best_weights = epoch, _trainable_state(model)  # no val split: keep the last
-        state.epoch = epoch
-        write_curve(curve_path, state.curve, REWARD_FIELDS)
-        write_curve(val_curve_path, state.val_curve, VAL_FIELDS)
-        bar.write(f"epoch {epoch}: mean sample reward {np.mean(epoch_rewards):.4f}"
+        prog.val_curve.append({"epoch": epoch, "val_cider": cider, "sample_reward": float(np.mean(prog.epoch_rewards))})
+        if cider is None or prog.best_cider is None or cider > prog.best_cider:
+            # Without a val split the last epoch is kept.
+            prog.best_cider, prog.best_epoch, best_weights = cider, epoch, _trainable_state(learning)
+        prog.epoch, prog.position, prog.epoch_rewards = epoch, 0, []
+        write_curve(curve_path, prog.curve, REWARD_FIELDS)
+        write_curve(val_curve_path, prog.val_curve, VAL_FIELDS)
+        checkpoint()
+        bar.write(f"epoch {epoch}: mean sample reward {prog.val_curve[-1]['sample_reward']:.4f}"
                   + (f"  val CIDEr-D {cider:.4f}" if cider is not None else ""))
     bar.close()
 
-    model.load_state_dict(best_weights, strict=False)
+    _load_trainable(learning, best_weights)
     _, captions = val_cider(model, val, params, device, amp, reward)
     agreement = _tokenizer_agreement(captions, java)
     model.save(out_dir)
+    write_curve(curve_path, prog.curve, REWARD_FIELDS)
+    write_curve(val_curve_path, prog.val_curve, VAL_FIELDS)
     seconds = time.perf_counter() - started
     metrics = {
         "epochs": params.epochs,
-        "steps": state.step,
-        "best_epoch": state.best_epoch,
-        "val_cider_xe": _round(first_cider),
-        "val_cider_best": _round(state.best_cider),
-        "val_cider_last": _round(state.val_curve[-1]["val_cider"]),
-        "reward_first_epoch": _round(state.val_curve[1]["val_reward"]),
-        "reward_last_epoch": _round(state.val_curve[-1]["val_reward"]),
+        "steps": prog.step,
+        "best_epoch": prog.best_epoch,
+        "val_cider_xe": _round(prog.val_xe),
+        "val_cider_best": _round(prog.best_cider),
+        "val_cider_last": _round(prog.val_curve[-1]["val_cider"]),
+        "reward_first_epoch": _round(prog.val_curve[1]["sample_reward"]) if len(prog.val_curve) > 1 else None,
+        "reward_last_epoch": _round(prog.val_curve[-1]["sample_reward"]),
         "baseline": params.baseline,
         "samples": params.samples,
         "gpt_updated": update_gpt,
@@ -292,6 +372,7 @@ def scst(
         "sampled_captions_per_s": round(reward.scored / max(seconds, 1e-9), 2),
     }
     write_metrics(metrics_path, metrics)
+    ckpts.remove("step")  # the run is done: nothing left to resume
     return metrics
 
 

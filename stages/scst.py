@@ -20,21 +20,26 @@ from stages.common import load, params_option
               type=click.Path(dir_okay=False), help="validation CIDEr-D per epoch CSV (epoch 0: the input model)")
 @click.option("--metrics", "metrics_path", default="data/metrics/scst.json", show_default=True,
               type=click.Path(dir_okay=False), help="metrics JSON (val CIDEr before/after, best epoch, seconds)")
+@click.option("--checkpoints", "checkpoint_dir", default="data/checkpoints/scst", show_default=True,
+              type=click.Path(file_okay=False),
+              help="checkpoint folder (no DVC output): a rerun with the same inputs and params resumes from it")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
 def scst(params_path: str, model_dir: str, features_dir: str, out_dir: str, curve_path: str,
-         val_curve_path: str, metrics_path: str, progress: bool) -> None:
+         val_curve_path: str, metrics_path: str, checkpoint_dir: str, progress: bool) -> None:
     """Fine-tune a captioner with self-critical sequence training (the `scst` params).
 
     Each step samples scst.samples captions per training image; the reward is
     their CIDEr-D against the image's references, the baseline the mean of the
     other samples (or the greedy caption's reward). The epoch with the best
     validation CIDEr-D is written to --out. scst.epochs 0 copies --model through.
+    Checkpoints at each epoch's end (and every scst.checkpoint_every steps): run the
+    same command again after a kill and it resumes where the last one was taken.
     """
     from pipeline.scst import scst as run_scst
 
     p = load(params_path)
     metrics = run_scst(model_dir, features_dir, out_dir, curve_path, val_curve_path, metrics_path, p.scst,
-                       progress=progress)
+                       progress=progress, checkpoint_dir=checkpoint_dir)
     if metrics.get("passed_through"):
         click.echo(f"scst.epochs is 0: {model_dir} copied to {out_dir}")
     else:
