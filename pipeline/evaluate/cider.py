@@ -44,8 +44,7 @@ def ngram_counts(tokens: str, n: int = N) -> Counter:
     words = tokens.split()
     counts: Counter = Counter()
     for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            counts[tuple(words[i:i + k])] += 1
+        counts.update(zip(*(words[i:] for i in range(k))))  # the k-grams, in order (C speed)
     return counts
 
 
@@ -100,20 +99,23 @@ class CiderD:
         if not references:
             raise ValueError("CIDEr-D of a candidate needs at least one reference")
         hyp = candidate if isinstance(candidate, Vector) else self.vector(candidate)
+        hw = hyp.weights
         total = [0.0] * self.n
         two_sigma2 = 2 * self.sigma ** 2
         for ref in references:
             rw = ref.weights
-            val = [0.0] * self.n
-            for gram, h in hyp.weights.items():
-                r = rw.get(gram)
-                if r is not None:
-                    val[len(gram) - 1] += min(h, r) * r
+            # Only shared n-grams add to the dot product. math.fsum is exact, so the sum
+            # does not depend on the (hash-seeded) order of the set intersection.
+            parts: list[list[float]] = [[] for _ in range(self.n)]
+            for gram in hw.keys() & rw.keys():
+                r = rw[gram]
+                parts[len(gram) - 1].append(min(hw[gram], r) * r)
             penalty = math.exp(-float(hyp.length - ref.length) ** 2 / two_sigma2)
             for k in range(self.n):
+                val = math.fsum(parts[k])
                 if hyp.norms[k] != 0 and ref.norms[k] != 0:
-                    val[k] /= hyp.norms[k] * ref.norms[k]
-                total[k] += val[k] * penalty
+                    val /= hyp.norms[k] * ref.norms[k]
+                total[k] += val * penalty
         return sum(total) / self.n / len(references) * 10.0
 
     def scores(self, candidates: Sequence[str | Vector], references: Sequence[Sequence[Vector]]) -> np.ndarray:
