@@ -23,6 +23,7 @@ SMALL = {
     "clip": {"batch_size": 32, "workers": 1},
     "mapper": {"layers": 1, "prefix_length": 4, "clip_length": 4},
     "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 5, "log_every": 2},
+    "scst": {"epochs": 1, "batch_size": 32, "samples": 2, "max_tokens": 12, "log_every": 2},
     "generate": {"num_beams": 2, "max_new_tokens": 12},
     "evaluate": {"baseline_candidates": 5, "report_images": 10},
 }
@@ -77,26 +78,38 @@ def _stages_run(output: str) -> set[str]:
 def test_repro_then_experiment(repo: Path):
     out = _run(["dvc", "repro"], repo)
     assert _stages_run(out) == {
-        "prepare", "model_clip", "model_gpt", "download", "embed", "train", "generate", "evaluate"
+        "prepare", "model_clip", "model_gpt", "download", "embed", "train", "scst", "generate", "generate_xe",
+        "evaluate"
     }
 
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
     flat = json.dumps(metrics)
     scores = json.loads((repo / "data/metrics/eval.json").read_text())
-    for name in ("bleu_4", "meteor", "rouge_l", "cider", "baseline_cider", "control_cider"):
+    for name in ("bleu_4", "meteor", "rouge_l", "cider", "baseline_cider", "control_cider", "xe_cider",
+                 "cider_vs_xe", "clip_s", "refclip_s", "baseline_clip_s", "control_clip_s", "xe_clip_s"):
         assert isinstance(scores[name], float), name
         assert 0.0 <= scores[name] <= 10.0
         assert name in flat  # dvc metrics show lists it
+    assert "clipscore_skipped" not in scores and "xe_skipped" not in scores
     assert (repo / "data/eval/report.html").stat().st_size > 0
     assert (repo / "data/train/loss.csv").read_text().startswith("step")
+    assert (repo / "data/scst/reward.csv").read_text().startswith("step")
+    assert json.loads((repo / "data/metrics/scst.json").read_text())["epochs"] == 1
+    assert not list((repo / "data/checkpoints/scst").glob("step-*"))  # removed when done
 
     # Nothing changed: everything is cached.
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo)
     assert _stages_run(_run(["dvc", "repro"], repo)) == set()
 
+    # SCST off: the cross-entropy model is copied through; its captions are cached.
+    out = _run(["dvc", "exp", "run", "-S", "scst.epochs=0"], repo)
+    assert _stages_run(out) == {"scst", "generate", "evaluate"}
+    assert (repo / "data/captions/results.json").read_bytes() == (repo / "data/captions_xe/results.json").read_bytes()
+    assert json.loads((repo / "data/metrics/eval.json").read_text())["cider_vs_xe"] == 1.0
+
     # A mapper change reruns training and what follows, nothing before it.
-    out = _run(["dvc", "exp", "run", "-S", "mapper.layers=2"], repo)
-    assert _stages_run(out) == {"train", "generate", "evaluate"}
+    out = _run(["dvc", "exp", "run", "-S", "mapper.layers=2", "-S", "scst.epochs=1"], repo)
+    assert _stages_run(out) == {"train", "scst", "generate", "generate_xe", "evaluate"}
     config = json.loads((repo / "data/model/captioner.json").read_text())
     assert config["mapper"]["layers"] == 2
     from safetensors import safe_open
@@ -106,4 +119,4 @@ def test_repro_then_experiment(repo: Path):
     assert len(blocks) == 2
 
     shown = _run(["dvc", "exp", "show", "--json"], repo)
-    assert "cider" in shown
+    assert "cider" in shown and "xe_cider" in shown and "scst.epochs" in shown

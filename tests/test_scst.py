@@ -101,11 +101,16 @@ def test_scored_log_probabilities_are_the_sampling_policy(xe):
 def test_reward_rises_and_outputs_are_written(xe):
     root, feats = xe
     metrics = run(root, feats, "mean", SCST)
+    # The same run with a learning rate of ~0: the cross-entropy policy's own rewards
+    # under the same sampling (the noise floor of this small task).
+    run(root, feats, "still", SCST.model_copy(update={"lr": 1e-12}))
     rows = read_csv(root / "mean" / "val.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(SCST.epochs + 1))
-    rewards = [float(r["sample_reward"]) for r in rows[1:]]
-    # The policy learns what CIDEr-D rewards (per-epoch means are noisy with 6 steps each).
-    assert np.mean(rewards[1:]) > rewards[0] + 0.1, rewards
+    learned = [float(r["sample_reward"]) for r in rows[1:]]
+    still = [float(r["sample_reward"]) for r in read_csv(root / "still" / "val.csv")[1:]]
+    # The policy learns what CIDEr-D rewards: its later epochs' samples score clearly
+    # above the unchanged policy's (epoch means of 6 steps are noisy, hence the means).
+    assert np.mean(learned[-3:]) > np.mean(still) + 0.15, (learned, still)
     curve = read_csv(root / "mean" / "reward.csv")
     assert len(curve) >= SCST.epochs and all(float(r["sample_tokens"]) > 1 for r in curve)
     assert json.loads((root / "mean" / "scst.json").read_text()) == metrics

@@ -50,11 +50,46 @@ def build_demo_clip_tokenizer(texts: Iterable[str], max_length: int):
                                    unk_token=UNK, model_max_length=max_length, clean_up_tokenization_spaces=False)
 
 
+def twin_scene(scene, rng):
+    """The scene with one thing changed: a shape's colour, kind or size, or a shape
+    moved to an empty slot, removed or added. Drawn with the same per-image random
+    stream, the twin's picture and captions differ from the scene's only there."""
+    import dataclasses
+
+    from pipeline.demo.scenes import COLOURS, SHAPES, SIZES, SLOTS, Shape
+
+    shapes = list(scene.shapes)
+    free = [s for s in SLOTS if all(x.slot != s for x in shapes)]
+    changes = ["colour", "kind", "size"] + (["move", "add"] if free else []) + (["remove"] if len(shapes) > 1 else [])
+    change = changes[int(rng.integers(len(changes)))]
+    k = int(rng.integers(len(shapes)))
+    if change in ("colour", "kind", "size"):
+        options = {"colour": list(COLOURS), "kind": list(SHAPES), "size": list(SIZES)}[change]
+        now = getattr(shapes[k], change)
+        shapes[k] = dataclasses.replace(shapes[k], **{change: [o for o in options if o != now][
+            int(rng.integers(len(options) - 1))]})
+    elif change == "move":
+        shapes[k] = dataclasses.replace(shapes[k], slot=free[int(rng.integers(len(free)))])
+    elif change == "remove":
+        shapes.pop(k)
+    else:
+        shapes.append(Shape(kind=SHAPES[int(rng.integers(len(SHAPES)))], colour=list(COLOURS)[int(rng.integers(len(COLOURS)))],
+                            size=SIZES[int(rng.integers(len(SIZES)))], slot=free[int(rng.integers(len(free)))]))
+    shapes.sort(key=lambda x: SLOTS.index(x.slot))
+    return dataclasses.replace(scene, shapes=tuple(shapes))
+
+
 def _pretrain_scenes(cfg: DemoClip):
+    """Scenes of a stream apart from the dataset, each followed by its twin (a hard negative)."""
+    import numpy as np
+
     from pipeline.demo.scenes import captions_for, scene_for
 
     seed = PRETRAIN_SEED_OFFSET + cfg.seed
-    scenes = [scene_for(i, seed) for i in range(cfg.pretrain_images)]
+    scenes = []
+    for i in range(cfg.pretrain_images // 2):
+        scene = scene_for(i, seed)
+        scenes += [scene, twin_scene(scene, np.random.default_rng([seed, i, 7]))]
     return seed, scenes, [captions_for(s, PRETRAIN_CAPTIONS, seed) for s in scenes]
 
 
@@ -118,7 +153,10 @@ def pretrain_clip(model, tokenizer, cfg: DemoClip, image_size: int, seed: int, s
     CLIP was, with the symmetric InfoNCE loss over a batch of image-caption pairs
     (``CLIPModel(return_loss=True)``, learned temperature), on scenes drawn with a
     seed of their own (never the dataset's images) and their generated captions,
-    half of them behind CLIPScore's prompt "A photo depicts".
+    half of them behind CLIPScore's prompt "A photo depicts". Each scene comes with
+    a twin that differs in one attribute (``twin_scene``): with random scenes alone,
+    coarse features tell a batch apart; the twins make colour, kind, size, position
+    and count each matter.
     """
     import numpy as np
     import torch
@@ -135,14 +173,18 @@ def pretrain_clip(model, tokenizer, cfg: DemoClip, image_size: int, seed: int, s
     steps = cfg.pretrain_steps
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (1 - s / steps))
-    batch = min(64, len(scenes))
+    pairs = len(scenes) // 2
+    batch = min(32, pairs)  # pairs: 64 images
     model.train()
     bar = tqdm(range(steps), desc="demo clip pre-training (contrastive)", unit="step")
     for _ in bar:
-        # Distinct scenes per batch: a repeated scene would be its own negative.
-        idx = torch.randperm(len(scenes), generator=gen)[:batch]
-        which = torch.randint(0, PRETRAIN_CAPTIONS, (batch,), generator=gen).tolist()
-        prompt = (torch.rand(batch, generator=gen) < 0.5).tolist()
+        # Distinct pairs per batch (a repeated scene would be its own negative); each
+        # scene comes with its twin, which differs in one thing: a hard negative.
+        first = 2 * torch.randperm(pairs, generator=gen)[:batch]
+        idx = torch.stack([first, first + 1], dim=1).reshape(-1)
+        batch_size = len(idx)
+        which = torch.randint(0, PRETRAIN_CAPTIONS, (batch_size,), generator=gen).tolist()
+        prompt = (torch.rand(batch_size, generator=gen) < 0.5).tolist()
         texts = [(PROMPT if p else "") + captions[i][w] for i, w, p in zip(idx.tolist(), which, prompt)]
         enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=x[idx],
