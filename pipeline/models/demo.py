@@ -93,6 +93,23 @@ def _pretrain_scenes(cfg: DemoClip):
     return seed, scenes, [captions_for(s, PRETRAIN_CAPTIONS, seed) for s in scenes]
 
 
+def _scene_targets(scene) -> list[int]:
+    """Per slot (left, middle, right): colour, shape and size class (0: empty); then count."""
+    from pipeline.demo.scenes import COLOURS, SHAPES, SIZES, SLOTS
+
+    out: list[int] = []
+    for slot in SLOTS:
+        shape = next((s for s in scene.shapes if s.slot == slot), None)
+        if shape is None:
+            out += [0, 0, 0]
+        else:
+            out += [list(COLOURS).index(shape.colour) + 1, SHAPES.index(shape.kind) + 1, SIZES.index(shape.size) + 1]
+    return out + [len(scene.shapes) - 1]
+
+
+ATTRIBUTE_CLASSES = [7, 4, 3] * 3 + [3]  # colour+empty, kind+empty, size+empty per slot; count
+
+
 def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     """Save a small, seeded CLIPModel (vision and text towers), its processor and tokenizer.
 
@@ -156,10 +173,14 @@ def pretrain_clip(model, tokenizer, cfg: DemoClip, image_size: int, seed: int, s
     half of them behind CLIPScore's prompt "A photo depicts". Each scene comes with
     a twin that differs in one attribute (``twin_scene``): with random scenes alone,
     coarse features tell a batch apart; the twins make colour, kind, size, position
-    and count each matter.
+    and count each matter. ``pretrain_attribute_weight`` adds linear heads on the
+    image embeddings that predict each slot's colour, kind and size and the count
+    (discarded afterwards): a short contrastive run of a tiny tower reads these
+    only roughly, and the captioner needs them read well (docs/demo.md).
     """
     import numpy as np
     import torch
+    import torch.nn.functional as F
     from tqdm import tqdm
 
     from pipeline.demo.scenes import render
@@ -169,7 +190,12 @@ def pretrain_clip(model, tokenizer, cfg: DemoClip, image_size: int, seed: int, s
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
 
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    # Auxiliary attribute heads (discarded afterwards), weighted by attribute_weight.
+    head = torch.nn.Linear(model.config.projection_dim, sum(ATTRIBUTE_CLASSES))
+    targets = torch.tensor([_scene_targets(s) for s in scenes])
+    weight = cfg.pretrain_attribute_weight
+    params = [*model.parameters(), *(head.parameters() if weight else [])]
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
     steps = cfg.pretrain_steps
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (1 - s / steps))
@@ -189,11 +215,16 @@ def pretrain_clip(model, tokenizer, cfg: DemoClip, image_size: int, seed: int, s
         enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=x[idx],
                     return_loss=True)
+        loss = out.loss
+        if weight:
+            # image_embeds come L2-normalised; a fixed temperature, like CLIP's logit scale.
+            logits = head(10.0 * out.image_embeds).split(ATTRIBUTE_CLASSES, dim=1)
+            loss = loss + weight * sum(F.cross_entropy(lg, targets[idx, k]) for k, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
+        bar.set_postfix(contrastive=f"{out.loss.item():.3f}", refresh=False)
 
 
 def build_demo_tokenizer(captions: Iterable[str], max_length: int):
