@@ -98,14 +98,15 @@ class DemoClip(Section):
     patch_size: int = Field(8, ge=1)
     projection_dim: int = Field(128, ge=8)
     seed: int = 0
-    # Random ViT features lose shape and position; a short seeded contrastive
-    # image-text pre-training on scenes generated apart from the dataset (never its
-    # images) stands in for CLIP's own pre-training. 0 keeps the random init.
-    pretrain_steps: int = Field(500, ge=0, description="pre-training steps (batch 64); 0: random weights")
+    # Random ViT features lose shape and position; a short seeded pre-training on
+    # scenes generated apart from the dataset (never its images) stands in for
+    # CLIP's own: the image tower learns the scenes' attributes, then the text tower
+    # learns contrastively to match captions with the locked image embeddings.
+    pretrain_steps: int = Field(500, ge=0, description="image tower pre-training steps (batch 64); 0: random weights")
     pretrain_images: int = Field(3000, ge=64, description="scenes generated for pre-training")
     pretrain_lr: float = Field(2e-3, gt=0)
-    pretrain_attribute_weight: float = Field(
-        1.0, ge=0, description="weight of the auxiliary attribute heads beside the contrastive loss; 0: contrastive only")
+    pretrain_text_steps: int = Field(
+        500, ge=0, description="contrastive steps of the text tower against the locked image tower; 0: random text tower")
 
     @model_validator(mode="after")
     def _check(self) -> "DemoClip":

@@ -41,7 +41,7 @@ def scored(tmp_path_factory):
     write_image_shard(tmp / "images" / "00000.tar", list(REFERENCES))
     write_features(tmp / "features")
     clip = tmp / "clip"
-    build_demo_clip(clip, TINY_CLIP.model_copy(update={"pretrain_steps": 2, "pretrain_images": 64}), 32)
+    build_demo_clip(clip, TINY_CLIP.model_copy(update={"pretrain_steps": 2, "pretrain_text_steps": 2}), 32)
     metrics = run_evaluate(EvaluateParams(baseline_candidates=5, report_images=6), results=res, references=refs,
                            out=tmp / "eval.json", report_dir=tmp / "eval", control=ctl, images=tmp / "images",
                            features=tmp / "features", clip=clip)

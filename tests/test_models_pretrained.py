@@ -237,3 +237,17 @@ def test_pretraining_twins_differ_in_one_thing():
         assert [s.slot for s in twin.shapes] == sorted((s.slot for s in twin.shapes),
                                                         key=["left", "middle", "right"].index)
         assert twin.index == scene.index and twin.background == scene.background
+
+
+def test_text_tower_pretraining_leaves_the_image_tower_locked(tmp_path):
+    from safetensors.torch import load_file
+
+    base = TINY_CLIP.model_copy(update={"pretrain_steps": 2})
+    build_demo_clip(tmp_path / "image_only", base, 16)
+    build_demo_clip(tmp_path / "both", base.model_copy(update={"pretrain_text_steps": 3}), 16)
+    a, b = load_file(tmp_path / "image_only" / "model.safetensors"), load_file(tmp_path / "both" / "model.safetensors")
+    vision = [k for k in a if k.startswith(("vision_model.", "visual_projection."))]
+    text = [k for k in a if k.startswith(("text_model.", "text_projection.", "logit_scale"))]
+    assert vision and text
+    assert all(torch.equal(a[k], b[k]) for k in vision)
+    assert any(not torch.equal(a[k], b[k]) for k in text)

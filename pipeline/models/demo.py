@@ -114,8 +114,8 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     """Save a small, seeded CLIPModel (vision and text towers), its processor and tokenizer.
 
     Both towers have the sizes of ``cfg``; the text tower reads the demo's words.
-    ``pretrain_steps`` of contrastive image-text training (``pretrain_clip``) teach
-    it to see the scenes and to match them with their captions.
+    ``pretrain_clip`` teaches it to see the scenes and to match them with their
+    captions.
     """
     import torch
     from transformers import CLIPConfig, CLIPModel
@@ -137,7 +137,7 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
     )
     torch.manual_seed(cfg.seed)
     model = CLIPModel(config)
-    if cfg.pretrain_steps:
+    if cfg.pretrain_steps or cfg.pretrain_text_steps:
         pretrain_clip(model, tokenizer, cfg, image_size, seed, scenes, captions)
     model.eval()
     out_dir = Path(out_dir)
@@ -162,69 +162,110 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
 
 
 def pretrain_clip(model, tokenizer, cfg: DemoClip, image_size: int, seed: int, scenes, captions) -> None:
-    """A short, seeded stand-in for CLIP's own pre-training: contrastive, image-text.
+    """A short, seeded stand-in for CLIP's own pre-training, in two phases.
 
     A pretrained CLIP has learned to see, and to match pictures with words, before it
     meets a captioning dataset; a random one has not (linear probes on its embeddings
-    read shape and position barely above chance). So the demo CLIP is trained as
-    CLIP was, with the symmetric InfoNCE loss over a batch of image-caption pairs
-    (``CLIPModel(return_loss=True)``, learned temperature), on scenes drawn with a
-    seed of their own (never the dataset's images) and their generated captions,
-    half of them behind CLIPScore's prompt "A photo depicts". Each scene comes with
-    a twin that differs in one attribute (``twin_scene``): with random scenes alone,
-    coarse features tell a batch apart; the twins make colour, kind, size, position
-    and count each matter. ``pretrain_attribute_weight`` adds linear heads on the
-    image embeddings that predict each slot's colour, kind and size and the count
-    (discarded afterwards): a short contrastive run of a tiny tower reads these
-    only roughly, and the captioner needs them read well (docs/demo.md).
+    read shape and position barely above chance). Both are taught here on scenes
+    drawn with a seed of their own (never the dataset's images):
+
+    1. the image tower (``pretrain_steps``): linear heads on the L2-normalised image
+       embeddings learn each slot's colour, kind and size and the number of shapes
+       (the heads are discarded);
+    2. the text tower (``pretrain_text_steps``): CLIP's contrastive loss between
+       caption and image embeddings, with the image tower locked (LiT, Zhai et al.
+       2022), on captions from the same generator, half of them behind CLIPScore's
+       prompt. Each scene comes with a twin that differs in one thing
+       (``twin_scene``), a hard negative in the same batch.
+
+    Training the image tower contrastively as well (measured: docs/demo.md) gave the
+    captioner clearly worse features for the same time.
     """
     import numpy as np
     import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
 
     from pipeline.demo.scenes import render
 
     pixels = np.stack([np.asarray(render(s, image_size, seed)) for s in scenes]).astype(np.float32) / 255
     pixels = (pixels - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
-
     gen = torch.Generator().manual_seed(seed)
-    # Auxiliary attribute heads (discarded afterwards), weighted by attribute_weight.
-    head = torch.nn.Linear(model.config.projection_dim, sum(ATTRIBUTE_CLASSES))
-    targets = torch.tensor([_scene_targets(s) for s in scenes])
-    weight = cfg.pretrain_attribute_weight
-    params = [*model.parameters(), *(head.parameters() if weight else [])]
-    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.0)
-    steps = cfg.pretrain_steps
+    if cfg.pretrain_steps:
+        _pretrain_image_tower(model, cfg, x, torch.tensor([_scene_targets(s) for s in scenes]), gen)
+    if cfg.pretrain_text_steps:
+        _pretrain_text_tower(model, tokenizer, cfg, x, captions, gen)
+
+
+def _linear_schedule(opt, steps: int):
+    import torch
+
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (1 - s / steps))
-    pairs = len(scenes) // 2
-    batch = min(32, pairs)  # pairs: 64 images
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (1 - s / steps))
+
+
+def _image_embeds(model, pixel_values):
+    """Projected, L2-normalised image embeddings (what the embed stage computes)."""
+    import torch.nn.functional as F
+
+    return F.normalize(model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output), dim=-1)
+
+
+def _pretrain_image_tower(model, cfg: DemoClip, x, targets, gen) -> None:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    head = torch.nn.Linear(model.config.projection_dim, sum(ATTRIBUTE_CLASSES))
+    tower = [*model.vision_model.parameters(), *model.visual_projection.parameters()]
+    opt = torch.optim.AdamW([*tower, *head.parameters()], lr=cfg.pretrain_lr, weight_decay=0.0)
+    sched = _linear_schedule(opt, cfg.pretrain_steps)
     model.train()
-    bar = tqdm(range(steps), desc="demo clip pre-training (contrastive)", unit="step")
+    bar = tqdm(range(cfg.pretrain_steps), desc="demo clip pre-training: image tower", unit="step")
     for _ in bar:
-        # Distinct pairs per batch (a repeated scene would be its own negative); each
-        # scene comes with its twin, which differs in one thing: a hard negative.
-        first = 2 * torch.randperm(pairs, generator=gen)[:batch]
-        idx = torch.stack([first, first + 1], dim=1).reshape(-1)
-        batch_size = len(idx)
-        which = torch.randint(0, PRETRAIN_CAPTIONS, (batch_size,), generator=gen).tolist()
-        prompt = (torch.rand(batch_size, generator=gen) < 0.5).tolist()
-        texts = [(PROMPT if p else "") + captions[i][w] for i, w, p in zip(idx.tolist(), which, prompt)]
-        enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=x[idx],
-                    return_loss=True)
-        loss = out.loss
-        if weight:
-            # image_embeds come L2-normalised; a fixed temperature, like CLIP's logit scale.
-            logits = head(10.0 * out.image_embeds).split(ATTRIBUTE_CLASSES, dim=1)
-            loss = loss + weight * sum(F.cross_entropy(lg, targets[idx, k]) for k, lg in enumerate(logits))
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        logits = head(10.0 * _image_embeds(model, x[idx])).split(ATTRIBUTE_CLASSES, dim=1)  # fixed temperature
+        loss = sum(F.cross_entropy(lg, targets[idx, k]) for k, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(contrastive=f"{out.loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def _pretrain_text_tower(model, tokenizer, cfg: DemoClip, x, captions, gen) -> None:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    model.eval()
+    with torch.no_grad():  # the image tower is locked: its embeddings are computed once
+        images = torch.cat([_image_embeds(model, x[i:i + 256]) for i in range(0, len(x), 256)])
+    text = [*model.text_model.parameters(), *model.text_projection.parameters(), model.logit_scale]
+    opt = torch.optim.AdamW(text, lr=cfg.pretrain_lr, weight_decay=0.0)
+    sched = _linear_schedule(opt, cfg.pretrain_text_steps)
+    model.text_model.train()
+    pairs = len(captions) // 2
+    batch = min(32, pairs)  # scene + twin pairs: 64 captions
+    bar = tqdm(range(cfg.pretrain_text_steps), desc="demo clip pre-training: text tower (contrastive)", unit="step")
+    for _ in bar:
+        # Distinct pairs per batch (a repeated scene would be its own negative).
+        first = 2 * torch.randperm(pairs, generator=gen)[:batch]
+        idx = torch.stack([first, first + 1], dim=1).reshape(-1)
+        which = torch.randint(0, PRETRAIN_CAPTIONS, (len(idx),), generator=gen).tolist()
+        prompt = (torch.rand(len(idx), generator=gen) < 0.5).tolist()
+        texts = [(PROMPT if p else "") + captions[i][w] for i, w, p in zip(idx.tolist(), which, prompt)]
+        enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        pooled = model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        emb = F.normalize(model.text_projection(pooled), dim=-1)
+        logits = model.logit_scale.exp() * emb @ images[idx].T  # CLIP's symmetric InfoNCE
+        target = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
 
 
 def build_demo_tokenizer(captions: Iterable[str], max_length: int):
