@@ -111,10 +111,13 @@ class DemoClip(Section):
     seed: int = Field(0, description="seed of the demo CLIP's initialisation and pre-training")
     # Random ViT features lose shape and position; a short seeded pre-training on
     # scenes generated apart from the dataset (never its images) stands in for
-    # CLIP's own pre-training. 0 keeps the random init.
-    pretrain_steps: int = Field(500, ge=0, description="pre-training steps (batch 64); 0: random weights")
+    # CLIP's own: the image tower learns the scenes' attributes, then the text tower
+    # learns contrastively to match captions with the locked image embeddings.
+    pretrain_steps: int = Field(500, ge=0, description="image tower pre-training steps (batch 64); 0: random weights")
     pretrain_images: int = Field(3000, ge=64, description="scenes generated for pre-training")
     pretrain_lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the demo CLIP's pre-training")
+    pretrain_text_steps: int = Field(
+        500, ge=0, description="contrastive steps of the text tower against the locked image tower; 0: random text tower")
 
     @model_validator(mode="after")
     def _check(self) -> "DemoClip":
@@ -203,6 +206,32 @@ class TrainParams(Section):
     max_memory_gb: float = Field(8.0, gt=0, description="larger feature sets are read shard by shard")
 
 
+# -------------------------------------------------------------------------- scst
+class ScstParams(Section):
+    """Self-critical sequence training (Rennie et al. 2017) of the cross-entropy model."""
+
+    epochs: int = Field(3, ge=0, description="passes over the training images; 0: off, the cross-entropy model passes through")
+    batch_size: int = Field(32, ge=1, description="images per step; each gives `samples` sampled captions")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant")
+    samples: int = Field(5, ge=1, description="captions sampled per image per step")
+    baseline: Literal["mean", "greedy"] = Field(
+        "mean", description="reward baseline: mean of the image's other samples (Luo 2020) or its greedy caption")
+    max_tokens: int = Field(30, ge=2, description="longest sampled caption, tokens (EOS included)")
+    finetune_gpt: bool = Field(True, description="update GPT-2 too; applies only when training fine-tuned it")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (the runtime's policy), fp32, bf16, fp16")
+    log_every: int = Field(5, ge=1, description="steps between reward-curve points")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints besides each epoch's end; 0: epoch ends only")
+    seed: int = Field(0, description="seed of the sampling and the order of the images")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScstParams":
+        if self.baseline == "mean" and self.samples < 2:
+            raise ValueError(f"samples: the mean-of-others baseline needs at least 2 samples per image "
+                             f"(got {self.samples}); use baseline: greedy for 1")
+        return self
+
+
 # ---------------------------------------------------------------------- generate
 class Decoding(Section):
     """How captions are decoded: every knob of transformers' generate that capline uses.
@@ -274,6 +303,8 @@ class EvaluateParams(Section):
     baseline_candidates: int = Field(50, ge=1, description="most frequent training captions tried as the constant baseline")
     report_images: int = Field(200, ge=1, description="images shown in the HTML report")
     thumbnail_size: int = Field(128, ge=16, description="longer side of the report's thumbnails, pixels")
+    clipscore_model: Optional[str] = Field(
+        None, description="folder of a whole CLIP (save_pretrained) for CLIPScore; null: the pinned CLIP")
 
 
 # ------------------------------------------------------------------------ all
@@ -287,6 +318,7 @@ class Params(Section):
     gpt: GptParams = GptParams()
     mapper: MapperParams = MapperParams()
     train: TrainParams = TrainParams()
+    scst: ScstParams = ScstParams()
     generate: GenerateParams = GenerateParams()
     evaluate: EvaluateParams = EvaluateParams()
 

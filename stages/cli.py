@@ -18,6 +18,7 @@ COMMANDS = {
     "download": "Fetch images into webdataset tar shards with a status per record.",
     "embed": "Compute CLIP vectors of image shards into HDF5 feature shards.",
     "train": "Train the ClipCap mapper (and optionally GPT-2) on feature shards.",
+    "scst": "Fine-tune a captioner with self-critical training (CIDEr-D reward).",
     "generate": "Caption feature shards with batched beam search.",
     "evaluate": "Score captions with pycocoevalcap and write the HTML report.",
     "caption": "Caption image files with a trained model.",

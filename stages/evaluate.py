@@ -23,16 +23,22 @@ _dir = click.Path(file_okay=False, path_type=Path)
               help="feature shards whose training captions give the constant-caption baseline; skipped if absent")
 @click.option("--images", type=_dir, default=Path("data/images"), show_default=True,
               help="image tar shards for the report's thumbnails; skipped if absent")
+@click.option("--xe", type=_file, default=Path("data/captions_xe/results.json"), show_default=True,
+              help="results of the cross-entropy model (before self-critical training); skipped if absent")
+@click.option("--clip", type=_dir, default=Path("data/models/clip"), show_default=True,
+              help="whole CLIP (vision and text towers) for CLIPScore, unless evaluate.clipscore_model names "
+                   "another; skipped if absent or vision-only")
 @click.option("--out", type=_file, default=Path("data/metrics/eval.json"), show_default=True,
               help="metrics JSON to write (flat: bleu_1..bleu_4, meteor, rouge_l, cider, baseline_*, control_*)")
 @click.option("--report-dir", type=_dir, default=None,
               help="folder for per_image.jsonl, report.html and metrics.png  [default: the folder of --out]")
 def evaluate(params_path: str, results: Path, references: Path, control: Path, features: Path,
-             images: Path, out: Path, report_dir: Path | None) -> None:
+             images: Path, xe: Path, clip: Path, out: Path, report_dir: Path | None) -> None:
     """Score generated captions against references, exactly as pycocoevalcap's COCOEvalCap.
 
     Writes BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when evaluate.corenlp_dir
-    holds Stanford CoreNLP) with the constant-caption baseline and the
+    holds Stanford CoreNLP), CLIP-S and RefCLIP-S (when a whole CLIP and the images
+    are there) with the cross-entropy model, the constant-caption baseline and the
     shuffled-image control, per-image scores, an HTML report and a chart. Needs Java.
 
     Outside DVC, any COCO pair works; the report goes beside METRICS.json unless
@@ -56,11 +62,12 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     # a data/eval/ of whatever folder it was started from.
     report_dir = report_dir if report_dir is not None else out.parent
     metrics = run_evaluate(section, results=results, references=references, out=out,
-                           report_dir=report_dir, control=control, features=features, images=images)
-    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider")
+                           report_dir=report_dir, control=control, features=features, images=images,
+                           xe=xe, clip=clip)
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider", "clip_s", "refclip_s")
                       if isinstance(metrics.get(k), float))
     click.echo(f"{metrics['images']} images: {shown}")
-    for k in ("baseline_cider", "control_cider"):
+    for k in ("xe_cider", "baseline_cider", "control_cider"):
         if isinstance(metrics.get(k), float):
             click.echo(f"{k} {metrics[k]:.4f}")
     click.echo(f"metrics: {out}; report: {report_dir / 'report.html'}")

@@ -6,7 +6,7 @@ from pathlib import Path
 from pipeline.params import DemoClip, DemoGpt, Params, parse_params
 
 TINY_CLIP = DemoClip(hidden_size=32, layers=1, heads=2, patch_size=8, projection_dim=16,
-                     pretrain_steps=0, pretrain_images=64)
+                     pretrain_steps=0, pretrain_text_steps=0, pretrain_images=64)
 TINY_GPT = DemoGpt(n_embd=32, n_layer=1, n_head=2, n_positions=32)
 CAPTIONS = ["A red circle on the left.", "two shapes: a blue square and a green triangle",
             "a big yellow disc, in the middle"]

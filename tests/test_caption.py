@@ -18,7 +18,8 @@ from pipeline.params import DemoClip, MapperParams
 from stages.cli import capline
 from tests.helpers_model import load_tiny_gpt, save_tiny_gpt, torch_threads
 
-CLIP = DemoClip(hidden_size=32, layers=1, heads=2, patch_size=8, projection_dim=16, pretrain_steps=0)
+CLIP = DemoClip(hidden_size=32, layers=1, heads=2, patch_size=8, projection_dim=16, pretrain_steps=0,
+                pretrain_text_steps=0)
 
 
 @pytest.fixture(autouse=True, scope="module")

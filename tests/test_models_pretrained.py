@@ -15,7 +15,7 @@ from helpers_models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, sa
 from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt
 from pipeline.params import ParamsError
 from pipeline.models.pin import pin_model
-from pipeline.models.pretrained import ModelError, load_clip, load_gpt, read_pin, weights_sha256
+from pipeline.models.pretrained import ModelError, image_processor_class, load_clip, load_gpt, read_pin, weights_sha256
 
 
 def _sha(path: Path) -> str:
@@ -180,3 +180,74 @@ def test_models_command_pins_demo_clip(tmp_path):
     bad = CliRunner().invoke(capline, ["models", "gpt", "--params", str(params), "--out", str(tmp_path / "g"),
                                       "--source", str(tmp_path / "nosource")])
     assert bad.exit_code != 0 and "captions.json" in bad.output
+
+
+# ------------------------------------------------------------- whole CLIP, two towers
+def test_pinned_clip_keeps_both_towers_and_a_vision_only_folder_stays_vision_only(tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from pipeline.models.pretrained import clip_text_missing, load_clip_text
+
+    src = save_hub_like_clip(tmp_path / "hub_clip")
+    out = tmp_path / "pinned"
+    pin_model("clip", tiny_params(clip_model=str(src)), out, None)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "clip"
+    assert clip_text_missing(out) is None
+    text, tok = load_clip_text(out)
+    ids = tok("A photo depicts a red circle")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id == text.config.eos_token_id != 2
+    assert tok.unk_token_id not in ids
+
+    vision_only = tmp_path / "vision_only"
+    CLIPVisionModelWithProjection.from_pretrained(src).save_pretrained(vision_only)
+    image_processor_class().from_pretrained(src).save_pretrained(vision_only)
+    out2 = tmp_path / "pinned_vision"
+    pin_model("clip", tiny_params(clip_model=str(vision_only)), out2, None)
+    model, _ = load_clip(out2)
+    ref, _ = load_clip(out)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert "vision tower only" in clip_text_missing(out2)
+    with pytest.raises(ModelError, match="vision tower only"):
+        load_clip_text(out2)
+
+
+def test_a_clip_folder_without_vision_weights_is_refused(tmp_path):
+    from transformers import CLIPTextModelWithProjection
+
+    src = save_hub_like_clip(tmp_path / "hub_clip")
+    text_only = tmp_path / "text_only"
+    CLIPTextModelWithProjection.from_pretrained(src).save_pretrained(text_only)
+    image_processor_class().from_pretrained(src).save_pretrained(text_only)
+    with pytest.raises(ModelError, match="vision tower weights do not fit"):
+        load_clip(text_only)
+
+
+def test_pretraining_twins_differ_in_one_thing():
+    import numpy as np
+
+    from pipeline.demo.scenes import scene_for
+    from pipeline.models.demo import twin_scene
+
+    for i in range(300):
+        scene = scene_for(i, 5)
+        twin = twin_scene(scene, np.random.default_rng([5, i, 7]))
+        a = {(s.slot, s.colour, s.kind, s.size) for s in scene.shapes}
+        b = {(s.slot, s.colour, s.kind, s.size) for s in twin.shapes}
+        assert a != b and len(a ^ b) <= 2 and abs(len(a) - len(b)) <= 1, (scene, twin)
+        assert [s.slot for s in twin.shapes] == sorted((s.slot for s in twin.shapes),
+                                                        key=["left", "middle", "right"].index)
+        assert twin.index == scene.index and twin.background == scene.background
+
+
+def test_text_tower_pretraining_leaves_the_image_tower_locked(tmp_path):
+    from safetensors.torch import load_file
+
+    base = TINY_CLIP.model_copy(update={"pretrain_steps": 2})
+    build_demo_clip(tmp_path / "image_only", base, 16)
+    build_demo_clip(tmp_path / "both", base.model_copy(update={"pretrain_text_steps": 3}), 16)
+    a, b = load_file(tmp_path / "image_only" / "model.safetensors"), load_file(tmp_path / "both" / "model.safetensors")
+    vision = [k for k in a if k.startswith(("vision_model.", "visual_projection."))]
+    text = [k for k in a if k.startswith(("text_model.", "text_projection.", "logit_scale"))]
+    assert vision and text
+    assert all(torch.equal(a[k], b[k]) for k in vision)
+    assert any(not torch.equal(a[k], b[k]) for k in text)

@@ -26,6 +26,7 @@ SMALL = {
     "clip": {"batch_size": 32, "workers": 1},
     "mapper": {"layers": 1, "prefix_length": 4, "clip_length": 4},
     "train": {"epochs": 3, "batch_size": 32, "warmup_steps": 5, "log_every": 2, "checkpoint_every": 5},
+    "scst": {"epochs": 1, "batch_size": 32, "samples": 2, "max_tokens": 12, "log_every": 2},
     "generate": {"num_beams": 2, "max_new_tokens": 12},
     "evaluate": {"baseline_candidates": 5, "report_images": 10},
 }
@@ -39,16 +40,19 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_then_experiment(repo: Path):
     out = _run(["dvc", "repro"], repo)
     assert _stages_run(out) == {
-        "prepare", "model_clip", "model_gpt", "download", "embed", "train", "generate", "evaluate"
+        "prepare", "model_clip", "model_gpt", "download", "embed", "train", "scst", "generate", "generate_xe",
+        "evaluate"
     }
 
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
     flat = json.dumps(metrics)
     scores = json.loads((repo / "data/metrics/eval.json").read_text())
-    for name in ("bleu_4", "meteor", "rouge_l", "cider", "baseline_cider", "control_cider"):
+    for name in ("bleu_4", "meteor", "rouge_l", "cider", "baseline_cider", "control_cider", "xe_cider",
+                 "cider_vs_xe", "clip_s", "refclip_s", "baseline_clip_s", "control_clip_s", "xe_clip_s"):
         assert isinstance(scores[name], float), name
         assert 0.0 <= scores[name] <= 10.0
         assert name in flat  # dvc metrics show lists it
+    assert "clipscore_skipped" not in scores and "xe_skipped" not in scores
     assert (repo / "data/eval/report.html").stat().st_size > 0
     assert (repo / "data/train/loss.csv").read_text().startswith("step")
     assert (repo / "data/train/val.csv").read_text().startswith("step,epoch,val_loss")
@@ -59,14 +63,23 @@ def test_repro_then_experiment(repo: Path):
     drawn = json.dumps(loss)
     assert "train_loss" in drawn and "val_loss" in drawn, list(plots)
     assert not list((repo / "data/checkpoints/train").iterdir())  # a finished run leaves none
+    assert (repo / "data/scst/reward.csv").read_text().startswith("step")
+    assert json.loads((repo / "data/metrics/scst.json").read_text())["epochs"] == 1
+    assert not list((repo / "data/checkpoints/scst").glob("step-*"))  # removed when done
 
     # Nothing changed: everything is cached.
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo)
     assert _stages_run(_run(["dvc", "repro"], repo)) == set()
 
+    # SCST off: the cross-entropy model is copied through; its captions are cached.
+    out = _run(["dvc", "exp", "run", "-S", "scst.epochs=0"], repo)
+    assert _stages_run(out) == {"scst", "generate", "evaluate"}
+    assert (repo / "data/captions/results.json").read_bytes() == (repo / "data/captions_xe/results.json").read_bytes()
+    assert json.loads((repo / "data/metrics/eval.json").read_text())["cider_vs_xe"] == 1.0
+
     # A mapper change reruns training and what follows, nothing before it.
-    out = _run(["dvc", "exp", "run", "-S", "mapper.layers=2"], repo)
-    assert _stages_run(out) == {"train", "generate", "evaluate"}
+    out = _run(["dvc", "exp", "run", "-S", "mapper.layers=2", "-S", "scst.epochs=1"], repo)
+    assert _stages_run(out) == {"train", "scst", "generate", "generate_xe", "evaluate"}
     config = json.loads((repo / "data/model/captioner.json").read_text())
     assert config["mapper"]["layers"] == 2
     from safetensors import safe_open
@@ -76,11 +89,11 @@ def test_repro_then_experiment(repo: Path):
     assert len(blocks) == 2
 
     shown = _run(["dvc", "exp", "show", "--json"], repo)
-    assert "cider" in shown
+    assert "cider" in shown and "xe_cider" in shown and "scst.epochs" in shown
 
     # A decoding change reruns generate and evaluate only: train does not read the generate section.
     out = _run(["dvc", "exp", "run", "-S", "generate.num_beams=3", "-S", "generate.num_return_sequences=2"], repo)
-    assert _stages_run(out) == {"generate", "evaluate"}
+    assert _stages_run(out) == {"generate", "generate_xe", "evaluate"}
     nbest = [json.loads(line) for line in (repo / "data/captions/nbest.jsonl").read_text().splitlines()]
     assert nbest and all(len(row["captions"]) == 2 for row in nbest)
 
@@ -119,13 +132,13 @@ def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(checkpoints.glob("step-*")), "no checkpoint appeared before the run ended"
-    assert not (repo / "data/model").exists()  # DVC removed the output before running
+    assert not (repo / "data/model_xe").exists()  # DVC removed the output before running
 
     out = _run(["dvc", "repro"], repo)
     assert "resuming from" in out and "train" in _stages_run(out)
     assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] > 0
     assert not list(checkpoints.iterdir())
-    resumed = {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")}
+    resumed = {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model_xe").rglob("*.safetensors")}
     resumed_lock = _lock_outs(repo, "train")
     curves = {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")}
 
@@ -133,6 +146,6 @@ def test_killed_dvc_repro_resumes_to_the_same_model(repo: Path):
     out = _run(["dvc", "repro", "--force", "--single-item", "train"], repo)
     assert "resuming from" not in out
     assert json.loads((repo / "data/metrics/train.json").read_text())["resumed_from_step"] == 0
-    assert {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model").rglob("*.safetensors")} == resumed
+    assert {str(p.relative_to(repo)): p.read_bytes() for p in (repo / "data/model_xe").rglob("*.safetensors")} == resumed
     assert {n: (repo / "data/train" / n).read_text() for n in ("loss.csv", "val.csv")} == curves
-    assert _lock_outs(repo, "train") == resumed_lock and "data/model" in resumed_lock
+    assert _lock_outs(repo, "train") == resumed_lock and "data/model_xe" in resumed_lock

@@ -7,8 +7,8 @@ beats it clearly.
 
 Ranking K candidates with pycocoevalcap's Cider would rebuild the reference
 vectors K times; ``constant_ciders`` builds them once and scores every candidate
-with the same formula (vectorised), and the chosen caption is then scored by the
-real scorers.
+with the same formula (``pipeline.evaluate.cider``, vectorised), and the chosen
+caption is then scored by the real scorers.
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Hashable, Iterable, Mapping
 
 import numpy as np
-from pycocoevalcap.cider.cider_scorer import precook
+
+from pipeline.evaluate.cider import CiderD
 
 _SPACE = re.compile(r"\s+")
-N = 4  # CIDEr-D sums 1..4-grams
-SIGMA = 6.0  # pycocoevalcap's length-penalty width
 
 
 def normalise_caption(text: str) -> str:
@@ -53,53 +52,8 @@ class Baseline:
 
 def constant_ciders(candidate_tokens: list[str], gts: Mapping[Hashable, list[str]]) -> np.ndarray:
     """Corpus CIDEr of each tokenized candidate when given for every image of ``gts`` (tokenized)."""
-    refs = [r for caps in gts.values() for r in caps]
-    owner = np.repeat(np.arange(len(gts)), [len(caps) for caps in gts.values()])
-    n_refs = np.array([len(caps) for caps in gts.values()], dtype=np.float64)
-    cooked = [precook(r, N) for r in refs]
-    # Document frequency: in how many images' reference sets an n-gram occurs.
-    df: Counter = Counter()
-    start = 0
-    for caps in gts.values():
-        df.update({g for c in cooked[start:start + len(caps)] for g in c})
-        start += len(caps)
-    ref_len = np.log(float(len(gts)))
-
-    def tfidf(counts: dict) -> tuple[dict, np.ndarray, int]:
-        vec, norm, length = {}, np.zeros(N), 0
-        for gram, tf in counts.items():
-            v = float(tf) * (ref_len - np.log(max(1.0, df.get(gram, 0.0))))
-            vec[gram] = v
-            norm[len(gram) - 1] += v * v
-            if len(gram) == 2:  # pycocoevalcap's quirk: "length" counts bigrams
-                length += tf
-        return vec, np.sqrt(norm), length
-
-    index: dict[tuple, tuple[list[int], list[float]]] = {}
-    norm_ref = np.zeros((len(refs), N))
-    len_ref = np.zeros(len(refs))
-    for r, counts in enumerate(cooked):
-        vec, norm_ref[r], len_ref[r] = tfidf(counts)
-        for gram, v in vec.items():
-            rows, vals = index.setdefault(gram, ([], []))
-            rows.append(r)
-            vals.append(v)
-    inverted = {g: (np.array(rows), np.array(vals)) for g, (rows, vals) in index.items()}
-
-    out = np.zeros(len(candidate_tokens))
-    for c, tokens in enumerate(candidate_tokens):
-        vec, norm_hyp, len_hyp = tfidf(precook(tokens, N))
-        val = np.zeros((len(refs), N))
-        for gram, h in vec.items():
-            if gram in inverted:
-                rows, vals = inverted[gram]
-                val[rows, len(gram) - 1] += np.minimum(h, vals) * vals
-        denom = norm_hyp[None, :] * norm_ref
-        val = np.where(denom != 0, val / np.where(denom != 0, denom, 1.0), val)
-        val *= np.exp(-((len_hyp - len_ref) ** 2) / (2 * SIGMA**2))[:, None]
-        per_image = np.bincount(owner, weights=val.mean(axis=1), minlength=len(gts)) / n_refs * 10.0
-        out[c] = per_image.mean()
-    return out
+    groups = list(gts.values())
+    return CiderD(groups).constant(candidate_tokens, groups)
 
 
 def best_constant_caption(

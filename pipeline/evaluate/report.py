@@ -20,7 +20,9 @@ from pipeline.evaluate.chart import CHART_METRICS, LABELS
 log = logging.getLogger(__name__)
 # Thumbnails come from downloaded images; refuse to decode anything bigger than this.
 MAX_THUMB_PIXELS = 64_000_000
-TABLE_METRICS = ("cider", "bleu_4", "meteor", "rouge_l", "spice")
+TABLE_METRICS = ("cider", "bleu_4", "meteor", "rouge_l", "spice", "clip_s", "refclip_s", "control_clip_s",
+                 "xe_cider")
+COLUMN_LABELS = {**LABELS, "control_clip_s": "control CLIP-S", "xe_cider": "cross-entropy CIDEr"}
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -107,20 +109,26 @@ def _fmt(value: Any) -> str:
 
 
 def _summary(metrics: Mapping[str, Any]) -> str:
-    head = "<tr><th>metric</th><th>model</th><th>constant baseline</th><th>shuffled-image control</th></tr>"
+    has_xe = any(f"xe_{m}" in metrics for m in CHART_METRICS)
+    columns = [("", "model"), *([("xe_", "cross-entropy model (before SCST)")] if has_xe else []),
+               ("baseline_", "constant baseline"), ("control_", "shuffled-image control")]
+    head = "<tr><th>metric</th>" + "".join(f"<th>{escape(label)}</th>" for _, label in columns) + "</tr>"
     rows = []
     for m in CHART_METRICS:
         if m not in metrics:
             continue
-        cells = [metrics.get(m), metrics.get(f"baseline_{m}", "–"), metrics.get(f"control_{m}", "–")]
+        cells = [metrics.get(f"{prefix}{m}", "–") for prefix, _ in columns]
         rows.append(f"<tr><th>{LABELS[m]}</th>" + "".join(f'<td class="num">{_fmt(c)}</td>' for c in cells) + "</tr>")
     notes = []
-    for key, text in (("images", "images scored"), ("cider_vs_baseline", "CIDEr ÷ baseline CIDEr"),
+    for key, text in (("images", "images scored"), ("cider_vs_xe", "CIDEr ÷ cross-entropy model's CIDEr"),
+                      ("cider_vs_baseline", "CIDEr ÷ baseline CIDEr"),
                       ("cider_vs_control", "CIDEr ÷ control CIDEr"), ("baseline_caption", "baseline caption"),
+                      ("clipscore_model", "CLIPScore model"), ("clipscore_skipped", "CLIPScore skipped"),
                       ("spice_skipped", "SPICE skipped"), ("baseline_skipped", "baseline skipped"),
-                      ("control_skipped", "control skipped"), ("images_without_result", "reference images without a result")):
+                      ("control_skipped", "control skipped"), ("xe_skipped", "cross-entropy model skipped"),
+                      ("images_without_result", "reference images without a result")):
         if metrics.get(key) is not None:
-            notes.append(f"<tr><th>{escape(text)}</th><td colspan=3>{_fmt(metrics[key])}</td></tr>")
+            notes.append(f"<tr><th>{escape(text)}</th><td colspan={len(columns)}>{_fmt(metrics[key])}</td></tr>")
     return f"<table id=summary>{head}{''.join(rows)}{''.join(notes)}</table>"
 
 
@@ -134,15 +142,16 @@ def render_report(
     control_captions: Optional[Mapping[Hashable, str]] = None,
     chart_png: Optional[bytes] = None,
     title: str = "Caption evaluation",
+    xe_captions: Optional[Mapping[Hashable, str]] = None,
 ) -> str:
     """The report as one HTML string."""
     thumbnails = thumbnails or {}
     ids = select_rows(per_image, limit)
-    metric_cols = [m for m in TABLE_METRICS if ids and m in per_image[ids[0]]]
+    metric_cols = [m for m in TABLE_METRICS if any(m in per_image[i] for i in ids)]
     show_images = bool(thumbnails)  # no image column at all when there are no thumbnails
     head = ("<tr><th>rank</th>" + ("<th>image</th>" if show_images else "")
             + "<th>image id</th><th>generated caption</th><th>references</th>"
-            + "".join(f"<th>{LABELS[m]}</th>" for m in metric_cols) + "</tr>")
+            + "".join(f"<th>{escape(COLUMN_LABELS[m])}</th>" for m in metric_cols) + "</tr>")
     rank_of = {i: r for r, i in enumerate(sorted(per_image, key=lambda i: -per_image[i]["cider"]), 1)}
     body = []
     for i in ids:
@@ -153,7 +162,10 @@ def render_report(
         ctl = ""
         if control_captions and i in control_captions:
             ctl = f'<div class="ctl">control: {escape(control_captions[i])}</div>'
-        scores = "".join(f'<td class="num" data-v="{per_image[i][m]!r}">{per_image[i][m]:.3f}</td>' for m in metric_cols)
+        if xe_captions and i in xe_captions:
+            ctl = f'<div class="ctl">cross-entropy model: {escape(xe_captions[i])}</div>' + ctl
+        scores = "".join(f'<td class="num" data-v="{per_image[i][m]!r}">{per_image[i][m]:.3f}</td>'
+                         if isinstance(per_image[i].get(m), float) else '<td class="num">–</td>' for m in metric_cols)
         body.append(
             f'<tr><td class="num" data-v="{rank_of[i]}">{rank_of[i]}</td>{img}<td>{escape(str(i))}</td>'
             f'<td><div class="gen">{escape(captions[i])}</div>{ctl}</td><td><ul>{refs}</ul></td>{scores}</tr>'

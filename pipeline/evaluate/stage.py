@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from pipeline.evaluate.baseline import best_constant_caption, frequent_captions
 from pipeline.evaluate.chart import metrics_chart
+from pipeline.evaluate.clipscore import ClipScores, clipscore_unavailable
 from pipeline.evaluate.cocofiles import load_references, load_results
 from pipeline.evaluate.java import require_java
 from pipeline.evaluate.meteor import Meteor
@@ -45,25 +46,34 @@ def run_evaluate(
     control: Optional[Path] = None,
     features: Optional[Path] = None,
     images: Optional[Path] = None,
+    xe: Optional[Path] = None,
+    clip: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Score ``results`` against ``references``; write the metrics JSON and (optionally) the report.
 
     ``control`` (shuffled-image results), ``features`` (for the constant-caption
-    baseline) and ``images`` (report thumbnails) are optional: an absent one is
-    reported as skipped in the metrics, never an error.
+    baseline), ``images`` (report thumbnails and CLIPScore's images), ``xe`` (the
+    cross-entropy model's results, before self-critical training) and ``clip``
+    (the CLIP whose towers give CLIPScore, unless ``params.clipscore_model`` names
+    another) are optional: an absent one is reported as skipped in the metrics,
+    never an error.
     """
     java = require_java()  # before any work
     refs = load_references(references)
     res = load_results(results, refs)
     metrics: dict[str, Any] = {}
 
-    ctl: Optional[dict[Hashable, str]] = None
-    if control is None:
-        metrics["control_skipped"] = "no control results given"
-    elif not Path(control).exists():
-        metrics["control_skipped"] = f"control results file not found: {control}"
-    else:
-        ctl = load_results(control, refs)
+    def optional_results(path: Optional[Path], what: str, key: str) -> Optional[dict[Hashable, str]]:
+        if path is None:
+            metrics[key] = f"no {what} results given"
+        elif not Path(path).exists():
+            metrics[key] = f"{what} results file not found: {path}"
+        else:
+            return load_results(path, refs)
+        return None
+
+    ctl = optional_results(control, "control", "control_skipped")
+    xe_res = optional_results(xe, "cross-entropy model", "xe_skipped")
 
     candidates: list[str] = []
     if features is None:
@@ -79,21 +89,27 @@ def run_evaluate(
     if params.spice:
         spice_dir, spice_reason = find_corenlp(params.corenlp_dir)
 
+    clip_dir = _clipscore_folder(params, clip)  # before any work: a bad param is an error
+    clip_reason = clipscore_unavailable(clip_dir, images)
+
     ids = list(res)
-    scored = set(ids) | set(ctl or {})
-    total = 3 + (ctl is not None) + bool(candidates) + (spice_dir is not None)
+    scored = set(ids) | set(ctl or {}) | set(xe_res or {})
+    total = (3 + (ctl is not None) + (xe_res is not None) + bool(candidates) + (spice_dir is not None)
+             + (clip_reason is None))
     steps = tqdm(total=total, desc="evaluate", unit="step")
     steps.set_postfix_str("PTB tokenization")
     # References in one Java call, every candidate caption (model, control, baseline) in another.
     gts_all = tokenize_groups({i: refs.captions[i] for i in refs.ids if i in scored}, java=java)
     cand = tokenize_groups({"model": [res[i] for i in ids], "control": [ctl[i] for i in ctl] if ctl else [],
-                            "baseline": candidates}, java=java)
+                            "xe": [xe_res[i] for i in xe_res] if xe_res else [], "baseline": candidates},
+                           java=java)
     gts = {i: gts_all[i] for i in ids}
     res_tok = {i: [t] for i, t in zip(ids, cand["model"])}
     steps.update()
 
     baseline_scores: Optional[Scores] = None
     control_scores: Optional[Scores] = None
+    xe_scores: Optional[Scores] = None
     # METEOR loads its paraphrase table (seconds) while the first set is scored.
     steps.set_postfix_str("model (METEOR starting)")
     with Meteor(java=java) as meteor:
@@ -104,6 +120,12 @@ def run_evaluate(
             cids = list(ctl)
             control_scores = score_tokenized({i: gts_all[i] for i in cids},
                                              {i: [t] for i, t in zip(cids, cand["control"])}, meteor=meteor)
+            steps.update()
+        if xe_res is not None:
+            steps.set_postfix_str("cross-entropy model")
+            xids = list(xe_res)
+            xe_scores = score_tokenized({i: gts_all[i] for i in xids},
+                                        {i: [t] for i, t in zip(xids, cand["xe"])}, meteor=meteor)
             steps.update()
         if candidates:
             steps.set_postfix_str(f"baseline ({len(candidates)} candidates)")
@@ -124,24 +146,53 @@ def run_evaluate(
     if "spice" not in metrics:
         metrics["spice_skipped"] = spice_reason
 
+    clip_scores: dict[str, ClipScores] = {}
+    if clip_reason is None:
+        steps.set_postfix_str("CLIPScore")
+        sets = {"model": res, **({"control": ctl} if ctl else {}), **({"xe": xe_res} if xe_res else {})}
+        if "baseline_caption" in metrics:
+            sets["baseline"] = {i: metrics["baseline_caption"] for i in ids}
+        clip_scores = compute_clipscores(clip_dir, images, {i: refs.captions[i] for i in scored}, sets)
+        if "model" not in clip_scores:
+            clip_reason = f"none of the scored images was found in {images}"
+        metrics["clipscore_model"] = _describe_clip(clip_dir)
+        steps.update()
+    if clip_reason is not None:
+        metrics["clipscore_skipped"] = clip_reason
+
     # Scores first, then the yardsticks, then what was skipped and why.
     out_metrics: dict[str, Any] = dict(model.corpus)
     if "spice" in metrics:
         out_metrics["spice"] = metrics.pop("spice")
+    if "model" in clip_scores:
+        out_metrics.update(clip_s=clip_scores["model"].clip_s, refclip_s=clip_scores["model"].refclip_s)
     out_metrics["images"] = len(ids)
     out_metrics["images_without_result"] = sum(1 for i in refs.ids if refs.captions[i] and i not in res)
-    for prefix, s in (("baseline", baseline_scores), ("control", control_scores)):
+    for prefix, s in (("xe", xe_scores), ("baseline", baseline_scores), ("control", control_scores)):
         if s is not None:
             out_metrics.update({f"{prefix}_{m}": v for m, v in s.corpus.items()})
+        if prefix in clip_scores:
+            out_metrics.update({f"{prefix}_clip_s": clip_scores[prefix].clip_s,
+                                f"{prefix}_refclip_s": clip_scores[prefix].refclip_s})
+    out_metrics["cider_vs_xe"] = _ratio(model.corpus["cider"], out_metrics.get("xe_cider"))
     out_metrics["cider_vs_baseline"] = _ratio(model.corpus["cider"], out_metrics.get("baseline_cider"))
     out_metrics["cider_vs_control"] = _ratio(model.corpus["cider"], out_metrics.get("control_cider"))
     out_metrics.update(metrics)  # baseline_caption and the *_skipped reasons
     metrics = {k: finite_or_none(v) for k, v in out_metrics.items()}
 
     per_image = {i: {**model.per_image[i], **({"spice": spice[i]} if i in spice else {})} for i in ids}
+    for name, scores in clip_scores.items():
+        prefix = "" if name == "model" else f"{name}_"
+        for i, values in scores.per_image.items():
+            if i in per_image:
+                per_image[i].update({prefix + m: v for m, v in values.items()})
+    if xe_scores is not None:
+        for i, values in xe_scores.per_image.items():
+            if i in per_image:
+                per_image[i]["xe_cider"] = values["cider"]
     if report_dir is not None:
         steps.set_postfix_str("report")
-        write_report(Path(report_dir), params, metrics, per_image, res, refs.captions, ctl, images)
+        write_report(Path(report_dir), params, metrics, per_image, res, refs.captions, ctl, images, xe_res)
     write_metrics(out, metrics)
     steps.update()
     steps.close()
@@ -157,23 +208,62 @@ def write_report(
     references: Mapping[Hashable, list[str]],
     control: Optional[Mapping[Hashable, str]] = None,
     images: Optional[Path] = None,
+    xe: Optional[Mapping[Hashable, str]] = None,
 ) -> None:
     """per_image.jsonl, metrics.png and the self-contained report.html in ``report_dir``."""
     write_jsonl(report_dir / PER_IMAGE, (
-        {"image_id": i, "caption": captions[i], **{m: finite_or_none(v) for m, v in scores.items()}}
+        {"image_id": i, "caption": captions[i], **({"xe_caption": xe[i]} if xe and i in xe else {}),
+         **{m: finite_or_none(v) for m, v in scores.items()}}
         for i, scores in per_image.items()
     ))
-    model = {m: metrics[m] for m in (*METRICS, "spice") if isinstance(metrics.get(m), float)}
+    charted = (*METRICS, "spice", *CLIP_METRICS)
+    model = {m: metrics[m] for m in charted if isinstance(metrics.get(m), float)}
 
     def prefixed(prefix: str) -> dict[str, float]:
-        return {m: metrics[f"{prefix}_{m}"] for m in METRICS if isinstance(metrics.get(f"{prefix}_{m}"), float)}
+        return {m: metrics[f"{prefix}_{m}"] for m in charted if isinstance(metrics.get(f"{prefix}_{m}"), float)}
 
-    png = metrics_chart(model, prefixed("baseline"), prefixed("control"))
+    png = metrics_chart(model, prefixed("baseline"), prefixed("control"), prefixed("xe"))
     write_atomic(report_dir / CHART, png)
     thumbnails: dict[str, str] = {}
     if images is not None and Path(images).is_dir():
         wanted = [str(i) for i in select_rows(per_image, params.report_images)]
         thumbnails = collect_thumbnails(Path(images), wanted, params.thumbnail_size)
     html = render_report(metrics, per_image, captions, references, params.report_images,
-                         thumbnails=thumbnails, control_captions=control, chart_png=png)
+                         thumbnails=thumbnails, control_captions=control, chart_png=png, xe_captions=xe)
     write_atomic(report_dir / REPORT, html)
+
+
+# -------------------------------------------------------------------- CLIPScore
+CLIP_METRICS = ("clip_s", "refclip_s")
+
+
+def _clipscore_folder(params: EvaluateParams, clip: Optional[Path]) -> Optional[Path]:
+    """The CLIP folder for CLIPScore: ``evaluate.clipscore_model`` when set, else ``clip``."""
+    from pipeline.models.pretrained import ModelError
+
+    name = params.clipscore_model
+    if name is None:
+        return Path(clip) if clip is not None else None
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"evaluate.clipscore_model: {name} is not a folder holding a CLIP saved with "
+                         "save_pretrained (config.json missing); pin one with `capline models clip --out FOLDER`")
+    return folder
+
+
+def _describe_clip(folder: Path) -> str:
+    from pipeline.models.pretrained import model_identity
+
+    model_id, revision = model_identity(folder)
+    return f"{model_id}@{revision[:12]}"
+
+
+def compute_clipscores(clip_dir: Path, images: Path, references: Mapping[Hashable, list[str]],
+                       sets: Mapping[str, Mapping[Hashable, str]]) -> dict[str, ClipScores]:
+    """CLIP-S and RefCLIP-S of each caption set (images from the tar shards by key)."""
+    from pipeline.evaluate.clipscore import ClipScorer, score_sets
+
+    scorer = ClipScorer.load(clip_dir)
+    wanted = {str(i): i for i in references}
+    embedded = scorer.images(Path(images), list(wanted))
+    return score_sets(scorer, {wanted[k]: v for k, v in embedded.items()}, references, sets)

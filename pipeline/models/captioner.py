@@ -125,6 +125,22 @@ class ClipCaptioner(nn.Module):
         are ignored whatever their ids. ``reduction="sum"`` gives the summed token loss
         (for token-weighted means across batches and processes).
         """
+        real = attention_mask.bool()
+        logits = self._real_token_logits(clip_vectors, input_ids, attention_mask)
+        return F.cross_entropy(logits.float(), input_ids[real], reduction=reduction)
+
+    def token_logprobs(self, clip_vectors: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probability of each caption token given the prefix and the tokens before
+        it (0 where ``attention_mask`` is 0): what self-critical training weighs by the reward."""
+        real = attention_mask.bool()
+        logits = self._real_token_logits(clip_vectors, input_ids, attention_mask).float()
+        picked = logits.gather(-1, input_ids[real].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device).masked_scatter(real, picked)
+
+    def _real_token_logits(self, clip_vectors: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, vocab] logits predicting the N real caption tokens, GPT-2 reading ``cat(prefix, tokens)``."""
         prefix = self.prefix(clip_vectors)
         tokens = self.gpt.get_input_embeddings()(input_ids)
         b, k = prefix.shape[0], prefix.shape[1]
@@ -135,9 +151,7 @@ class ClipCaptioner(nn.Module):
         # the LM head, packed into one contiguous [N, width] matrix: padding costs nothing,
         # and a strided slice would send GPT-2's 50,257-row head down torch's slow
         # batched-matmul path (6x slower at real size on a CPU).
-        real = attention_mask.bool()
-        logits = self.gpt.get_output_embeddings()(hidden[:, k - 1:-1][real])
-        return F.cross_entropy(logits.float(), input_ids[real], reduction=reduction)
+        return self.gpt.get_output_embeddings()(hidden[:, k - 1:-1][attention_mask.bool()])
 
     @torch.no_grad()
     def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:

@@ -102,12 +102,19 @@ def _commit_hash(obj: Any) -> Optional[str]:
 
 
 def _save_hub_clip(model_id: str, revision: str, out: Path) -> Optional[str]:
-    from transformers import CLIPVisionModelWithProjection
+    """The whole CLIP (both towers, image processor, tokenizer), or the vision tower alone
+    when that is all the folder or hub repository holds."""
+    from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPVisionModelWithProjection
 
-    model = _from_pretrained(CLIPVisionModelWithProjection, model_id, revision)
+    config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+    whole = getattr(config, "model_type", None) == "clip"
+    model = _from_pretrained(CLIPModel if whole else CLIPVisionModelWithProjection, model_id, revision)
     processor = image_processor_class().from_pretrained(model_id, revision=revision, trust_remote_code=False)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    if whole:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=False)
+        tokenizer.save_pretrained(out)
     return _commit_hash(model)
 
 

@@ -3,15 +3,16 @@
 Folders are written by ``save_pretrained`` (safetensors) with a ``pin.json``
 recording what they are (``{"model_id", "revision", "sha256", "kind"}``; see
 ``pipeline/models/pin.py``, which makes them). Every stage loads CLIP and GPT-2
-through ``load_clip`` and ``load_gpt``: ``trust_remote_code=False`` and never
-through pickle.
+through ``load_clip`` (CLIP's vision side), ``load_clip_text`` (its text side, for
+CLIPScore) and ``load_gpt``: ``trust_remote_code=False`` and never through pickle.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.errors import CaplineError
 
@@ -73,19 +74,90 @@ def _check_dir(model_dir: Path, what: str) -> Path:
     return model_dir
 
 
+# The other tower's weights are expected in a whole-CLIP folder; anything else is not.
+_TOWER_PREFIXES = {"vision": ("vision_model.", "visual_projection."),
+                   "text": ("text_model.", "text_projection.")}
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _load_tower(cls: Any, model_dir: Path, tower: str) -> Any:
+    """One tower of a CLIP folder; refuses missing or mismatched weights of that tower."""
+    # transformers logs a load report listing the other tower's weights as unexpected;
+    # the same facts come back in loading_info and are checked here instead. (A filter,
+    # not a log level: transformers runs extra checks when its logger's level is raised.)
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    hf_log.addFilter(report_filter)
+    try:
+        model, info = cls.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False,
+                                          output_loading_info=True)
+    finally:
+        hf_log.removeFilter(report_filter)
+    foreign = tuple(p for t, ps in _TOWER_PREFIXES.items() if t != tower for p in ps) + ("logit_scale",)
+    problems = [f"missing {k}" for k in info.get("missing_keys", [])]
+    problems += [f"unexpected {k}" for k in info.get("unexpected_keys", []) if not k.startswith(foreign)]
+    problems += [f"mismatched {k}" for k in info.get("mismatched_keys", [])]
+    if problems:
+        raise ModelError(f"clip model folder {model_dir}: {tower} tower weights do not fit "
+                         f"({', '.join(sorted(problems)[:5])}{' ...' if len(problems) > 5 else ''})")
+    return model.eval()
+
+
 def load_clip(model_dir: Path):
-    """(CLIPVisionModelWithProjection in eval mode, image processor) from a pinned folder."""
+    """(CLIPVisionModelWithProjection in eval mode, image processor) from a pinned folder.
+
+    The folder may hold the whole CLIP or its vision tower alone; this is the one
+    loader of the vision side (embedding, captioning, CLIPScore's images).
+    """
     from transformers import CLIPVisionModelWithProjection
 
     model_dir = _check_dir(model_dir, "clip")
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(
-            model_dir, use_safetensors=True, trust_remote_code=False
-        ).eval()
+        model = _load_tower(CLIPVisionModelWithProjection, model_dir, "vision")
         processor = image_processor_class().from_pretrained(model_dir, trust_remote_code=False)
+    except ModelError:
+        raise
     except Exception as err:  # transformers raises many kinds for a damaged folder
         raise ModelError(f"clip model folder {model_dir}: cannot load ({type(err).__name__}: {err})") from err
     return model, processor
+
+
+def clip_text_missing(model_dir: Path) -> Optional[str]:
+    """Why ``model_dir`` has no usable CLIP text tower, or None when it has one."""
+    model_dir = Path(model_dir)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"{model_dir}: no readable config.json ({err})"
+    if config.get("model_type") != "clip" or "text_config" not in config:
+        return (f"{model_dir} holds a CLIP vision tower only (model_type {config.get('model_type')!r}); "
+                "CLIPScore needs the text tower too")
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return f"{model_dir} has no tokenizer files; CLIPScore needs CLIP's tokenizer"
+    return None
+
+
+def load_clip_text(model_dir: Path):
+    """(CLIPTextModelWithProjection in eval mode, tokenizer) from a whole-CLIP folder."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    model_dir = _check_dir(model_dir, "clip")
+    reason = clip_text_missing(model_dir)
+    if reason is not None:
+        raise ModelError(reason)
+    try:
+        model = _load_tower(CLIPTextModelWithProjection, model_dir, "text")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except ModelError:
+        raise
+    except Exception as err:
+        raise ModelError(f"clip model folder {model_dir}: cannot load the text tower "
+                         f"({type(err).__name__}: {err})") from err
+    return model, tokenizer
 
 
 def load_gpt(model_dir: Path):

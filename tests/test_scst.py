@@ -1,0 +1,208 @@
+"""Self-critical training: the policy gradient is that of the sampling policy, the reward
+rises, epochs 0 passes the model through, the best val epoch is kept, a killed run
+resumes to the same bytes, a frozen GPT-2 stays frozen."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_model import save_tiny_gpt, scene_table, torch_threads, write_features
+from pipeline.params import MapperParams, ScstParams, TrainParams
+
+needs_java = pytest.mark.skipif(
+    subprocess.run(["java", "-version"], capture_output=True).returncode != 0, reason="needs Java")
+
+MAPPER = MapperParams(type="transformer", prefix_length=3, clip_length=2, layers=1, heads=2)
+XE = TrainParams(epochs=4, batch_size=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=2, finetune_gpt=True)
+SCST = ScstParams(epochs=6, batch_size=8, lr=3e-4, samples=4, max_tokens=8, precision="fp32", log_every=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def xe(tmp_path_factory):
+    """A cross-entropy model on a small learnable task (fine-tuned GPT-2), and one with GPT-2 frozen."""
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("scst")
+    gpt = save_tiny_gpt(root / "gpt")
+    feats = write_features(root / "features", scene_table(n_per_class=6, splits=("train", "train", "val")))
+    train(feats, gpt, root / "xe", root / "loss.csv", root / "train.json", MAPPER, XE, progress=False)
+    frozen = XE.model_copy(update={"finetune_gpt": False, "epochs": 1})
+    train(feats, gpt, root / "xe_frozen", root / "loss2.csv", root / "train2.json", MAPPER, frozen, progress=False)
+    return root, feats
+
+
+def run(root: Path, feats: Path, out: str, params: ScstParams, model: str = "xe", **kwargs) -> dict:
+    from pipeline.scst import scst
+
+    return scst(root / model, feats, root / out / "model", root / out / "reward.csv", root / out / "val.csv",
+                root / out / "scst.json", params, progress=False, **kwargs)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ pieces
+def test_advantages_mean_of_others_and_greedy():
+    from pipeline.scst import advantages
+
+    r = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two images, three samples each
+    assert np.allclose(advantages(r, 3), [1 - 2.5, 2 - 2.0, 3 - 1.5, 0 - 3.0, 0 - 3.0, 6 - 0.0])
+    assert np.allclose(advantages(r, 3, np.array([2.0, 1.0])), [-1, 0, 1, -1, -1, 5])
+    # Equivalently k/(k-1) times the deviation from the image's mean reward.
+    g = r.reshape(2, 3)
+    assert np.allclose(advantages(r, 3), (1.5 * (g - g.mean(axis=1, keepdims=True))).reshape(-1))
+    with pytest.raises(ValueError):
+        advantages(r, 1)
+
+
+def test_caption_mask_stops_after_the_first_eos():
+    from pipeline.scst import caption_mask
+
+    ids = torch.tensor([[5, 6, 0, 0, 0], [5, 0, 7, 0, 0], [5, 6, 7, 8, 9]])
+    assert caption_mask(ids, 0).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_scored_log_probabilities_are_the_sampling_policy(xe):
+    """What the loss weighs, token_logprobs of the sampled ids, equals the log-probabilities
+    generate sampled them with (transformers' own transition scores)."""
+    from pipeline.features import load_features
+    from pipeline.models.captioner import ClipCaptioner
+    from pipeline.scst import caption_mask
+
+    root, feats = xe
+    model = ClipCaptioner.load(root / "xe")
+    vectors = torch.from_numpy(load_features(feats, split="train").embeddings[:6])
+    torch.manual_seed(0)
+    out = model.generate_ids(vectors, do_sample=True, num_return_sequences=3, max_new_tokens=8, num_beams=1,
+                             temperature=1.0, top_k=0, top_p=1.0, output_scores=True, return_dict_in_generate=True)
+    mask = caption_mask(out.sequences, model.eos_token_id)
+    theirs = model.gpt.compute_transition_scores(out.sequences, out.scores, normalize_logits=True) * mask
+    ours = model.token_logprobs(vectors.repeat_interleave(3, dim=0), out.sequences, mask)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (mask.sum(dim=1) < out.sequences.shape[1]).any()  # some captions ended before the cap
+
+
+# ----------------------------------------------------------------- the stage
+@needs_java
+def test_reward_rises_and_outputs_are_written(xe):
+    root, feats = xe
+    metrics = run(root, feats, "mean", SCST)
+    # The same run with a learning rate of ~0: the cross-entropy policy's own rewards
+    # under the same sampling (the noise floor of this small task).
+    run(root, feats, "still", SCST.model_copy(update={"lr": 1e-12}))
+    rows = read_csv(root / "mean" / "val.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(SCST.epochs + 1))
+    learned = [float(r["sample_reward"]) for r in rows[1:]]
+    still = [float(r["sample_reward"]) for r in read_csv(root / "still" / "val.csv")[1:]]
+    # The policy learns what CIDEr-D rewards: its later epochs' samples score clearly
+    # above the unchanged policy's (epoch means of 6 steps are noisy, hence the means).
+    assert np.mean(learned[-3:]) > np.mean(still) + 0.15, (learned, still)
+    curve = read_csv(root / "mean" / "reward.csv")
+    assert len(curve) >= SCST.epochs and all(float(r["sample_tokens"]) > 1 for r in curve)
+    assert json.loads((root / "mean" / "scst.json").read_text()) == metrics
+    assert metrics["best_epoch"] == max(range(len(rows)), key=lambda e: (float(rows[e]["val_cider"]), -e))
+    assert metrics["val_cider_best"] >= metrics["val_cider_xe"]
+    assert metrics["tokenizer_agreement"] == 1.0 and 0 < metrics["reward_fraction"] < 1
+    assert (root / "mean" / "model" / "captioner.json").is_file()
+
+
+@needs_java
+def test_greedy_baseline_runs(xe):
+    root, feats = xe
+    metrics = run(root, feats, "greedy", SCST.model_copy(update={"baseline": "greedy", "epochs": 1}))
+    curve = read_csv(root / "greedy" / "reward.csv")
+    # The greedy caption's reward is the baseline, not the samples' mean.
+    assert any(abs(float(r["baseline_reward"]) - float(r["reward"])) > 1e-6 for r in curve)
+    assert metrics["baseline"] == "greedy"
+
+
+def test_epochs_zero_passes_the_model_through(xe):
+    root, feats = xe
+    metrics = run(root, feats, "off", SCST.model_copy(update={"epochs": 0}))
+    assert metrics["passed_through"] is True
+    src, dst = root / "xe", root / "off" / "model"
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(dst) for p in dst.rglob("*") if p.is_file())
+    assert all((src / f).read_bytes() == (dst / f).read_bytes() for f in files)
+    assert read_csv(root / "off" / "reward.csv") == []
+
+
+@needs_java
+def test_a_ruinous_run_keeps_the_cross_entropy_weights(xe):
+    """Validation CIDEr picks the best epoch, epoch 0 included: a learning rate that wrecks
+    the model hands on the cross-entropy weights."""
+    from safetensors.torch import load_file
+
+    root, feats = xe
+    metrics = run(root, feats, "ruin", SCST.model_copy(update={"lr": 0.5, "epochs": 2, "grad_clip": None}))
+    assert metrics["best_epoch"] == 0 and metrics["val_cider_best"] == metrics["val_cider_xe"]
+    before = load_file(root / "xe" / "mapper.safetensors")
+    after = load_file(root / "ruin" / "model" / "mapper.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@needs_java
+def test_killed_run_resumes_to_the_same_bytes(xe, tmp_path):
+    from pipeline.scst import Stopped
+
+    root, feats = xe
+    params = SCST.model_copy(update={"epochs": 2, "checkpoint_every": 2})
+    run(root, feats, "whole", params)
+    ckpt = tmp_path / "ckpt"
+    steps_per_epoch = -(-sum(1 for _ in range(12 * 6 * 2 // 3)) // params.batch_size)  # 48 train images
+    with pytest.raises(Stopped):  # mid-epoch, one step after a checkpoint: that step is redone
+        run(root, feats, "resumed", params, checkpoint_dir=ckpt, stop_after=steps_per_epoch + 3)
+    assert sorted(p.name for p in ckpt.iterdir())[-1] == f"step-{steps_per_epoch + 2:09d}"
+    metrics = run(root, feats, "resumed", params, checkpoint_dir=ckpt)
+    for name in ("model/mapper.safetensors", "model/gpt/model.safetensors", "reward.csv", "val.csv"):
+        assert (root / "whole" / name).read_bytes() == (root / "resumed" / name).read_bytes(), name
+    assert metrics["steps"] == 2 * steps_per_epoch
+    assert not [p for p in ckpt.iterdir() if p.name.startswith("step-")]  # removed when done
+
+
+@needs_java
+def test_frozen_gpt_stays_frozen(xe):
+    from safetensors.torch import load_file
+
+    root, feats = xe
+    metrics = run(root, feats, "frozen", SCST.model_copy(update={"epochs": 1, "lr": 1e-2}), model="xe_frozen")
+    assert metrics["gpt_updated"] is False
+    before = json.loads((root / "xe_frozen" / "captioner.json").read_text())
+    after = json.loads((root / "frozen" / "model" / "captioner.json").read_text())
+    assert before["finetune_gpt"] is after["finetune_gpt"] is False
+    a, b = load_file(root / "xe_frozen" / "mapper.safetensors"), load_file(root / "frozen" / "model" / "mapper.safetensors")
+    if metrics["best_epoch"] == 1:
+        assert any(not torch.equal(a[k], b[k]) for k in a)  # the mapper did learn
+
+
+def test_params_refuse_mean_baseline_with_one_sample():
+    from pipeline.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match="scst.samples"):
+        parse_params({"scst": {"samples": 1}})
+    assert parse_params({"scst": {"samples": 1, "baseline": "greedy"}}).scst.samples == 1
+
+
+def test_cli_error_for_a_missing_model_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import capline
+
+    (tmp_path / "params.yaml").write_text("scst: {epochs: 0}\n")
+    res = CliRunner().invoke(capline, ["scst", "--params", str(tmp_path / "params.yaml"), "--model",
+                                       str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 1 and "not a trained captioner folder" in res.output and "Traceback" not in res.output
