@@ -44,8 +44,8 @@ class DemoData(Section):
     image_size: int = Field(64, ge=16, le=1024, description="side of the square images, pixels (style scenes)")
     style: Literal["scenes", "photo"] = Field(
         "scenes", description="scenes: square PNGs of image_size; photo: 640x480 JPEGs on photo-like backgrounds")
-    captions_per_image: int = Field(5, ge=1, le=20)
-    seed: int = 0
+    captions_per_image: int = Field(5, ge=1, le=20, description="reference captions per demo image, in varied wording")
+    seed: int = Field(0, description="the demo dataset is a pure function of its params and this seed")
 
 
 class DataParams(Section):
@@ -53,18 +53,18 @@ class DataParams(Section):
 
     # demo, or a reader registered in pipeline/datasets/readers.py (coco, karpathy,
     # csv, tsv, jsonl); the prepare stage checks the name against that registry.
-    source: str = Field("demo", min_length=1)
+    source: str = Field("demo", min_length=1, description="demo, or a registered reader: coco (COCO captions JSON), karpathy (a Karpathy dataset_*.json), csv, tsv (CC3M: caption<TAB>url), jsonl")
     # COCO captions json / Karpathy dataset_*.json / CSV / TSV / JSONL list: path or URL.
-    annotations: Optional[str] = None
+    annotations: Optional[str] = Field(None, description="the annotation file or list: a path or an http(s)/file URL; ARCHIVE.zip#MEMBER takes one file from a zip. Required unless source is demo")
     # Karpathy split file (dataset_coco.json) to split a COCO annotation file by image.
-    karpathy_split: Optional[str] = None
+    karpathy_split: Optional[str] = Field(None, description="Karpathy split file (dataset_coco.json) for source coco; restval counts as train")
     # Base URL or folder that relative image file names are joined to.
-    image_root: Optional[str] = None
+    image_root: Optional[str] = Field(None, description="URL prefix or folder that relative image names are joined to")
     # Splits for sources that carry none: chosen per image from a hash of its key.
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="for sources without splits: share of images in val, chosen per image from a hash of its identity (never per caption)")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="for sources without splits: share of images in test, chosen per image like val_fraction")
     # Stop after this many records (None: all); handy for a quick look at a big list.
-    max_records: Optional[int] = Field(None, ge=1)
+    max_records: Optional[int] = Field(None, ge=1, description="stop after this many records; null: all")
     demo: DemoData = DemoData()
 
     @model_validator(mode="after")
@@ -82,17 +82,17 @@ class DownloadParams(Section):
 
     workers: int = Field(16, ge=1, le=1024, description="concurrent fetches")
     per_host: int = Field(16, ge=1, description="concurrent fetches to one host")
-    records_per_shard: int = Field(1000, ge=1)
-    connect_timeout: float = Field(5.0, gt=0)
-    read_timeout: float = Field(20.0, gt=0)
+    records_per_shard: int = Field(250, ge=1, description="input records per tar shard; the shard is the unit of resume and of work split")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to connect, per request")
+    read_timeout: float = Field(20.0, gt=0, description="seconds without data before a read fails, per request")
     retries: int = Field(3, ge=0, description="retries after a transient failure")
     backoff: float = Field(0.5, ge=0, description="first retry delay, seconds; doubles, with jitter")
-    max_redirects: int = Field(5, ge=0)
+    max_redirects: int = Field(5, ge=0, description="longer chains fail as too_many_redirects; a redirect never leads to file:")
     max_bytes: int = Field(20_000_000, ge=1, description="largest accepted response body")
     max_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb cap (PIL's default)")
     resize: Optional[int] = Field(None, ge=8, description="shorter side after resize; None keeps size")
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    user_agent: str = "capline/0.1 (+https://github.com/capline/capline)"
+    jpeg_quality: int = Field(95, ge=1, le=100, description="quality of the re-encoded JPEG")
+    user_agent: str = Field("capline/0.1 (+https://github.com/capline/capline)", description="sent with every request")
     # Pillow releases the GIL while decoding, resizing and encoding, so the fetch
     # threads already use every core; separate processes only pay off when Python
     # work dominates. 0 = decode in the fetch threads (measured fastest on 2 cores).
@@ -103,18 +103,18 @@ class DownloadParams(Section):
 class DemoClip(Section):
     """Size of the small CLIP vision tower built for the offline demo."""
 
-    hidden_size: int = Field(128, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    patch_size: int = Field(8, ge=1)
-    projection_dim: int = Field(128, ge=8)
-    seed: int = 0
+    hidden_size: int = Field(128, ge=8, description="width of the demo CLIP's vision tower")
+    layers: int = Field(2, ge=1, description="transformer blocks of the demo CLIP's vision tower")
+    heads: int = Field(4, ge=1, description="attention heads of the demo CLIP")
+    patch_size: int = Field(8, ge=1, description="ViT patch side, pixels; must divide data.demo.image_size")
+    projection_dim: int = Field(128, ge=8, description="size of the demo CLIP's image_embeds")
+    seed: int = Field(0, description="seed of the demo CLIP's initialisation and pre-training")
     # Random ViT features lose shape and position; a short seeded pre-training on
     # scenes generated apart from the dataset (never its images) stands in for
     # CLIP's own pre-training. 0 keeps the random init.
     pretrain_steps: int = Field(500, ge=0, description="pre-training steps (batch 64); 0: random weights")
     pretrain_images: int = Field(3000, ge=64, description="scenes generated for pre-training")
-    pretrain_lr: float = Field(2e-3, gt=0)
+    pretrain_lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the demo CLIP's pre-training")
 
     @model_validator(mode="after")
     def _check(self) -> "DemoClip":
@@ -128,12 +128,12 @@ class ClipParams(Section):
 
     model: str = Field(DEMO, description="hub id, local folder, 'demo' or 'realsize'")
     revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
-    output: Literal["image_embeds", "pooler_output"] = "image_embeds"
-    normalize: bool = True
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: int = Field(64, ge=1)
+    output: Literal["image_embeds", "pooler_output"] = Field("image_embeds", description="image_embeds (the projected CLIP embedding) or pooler_output (the vision tower's pooled output)")
+    normalize: bool = Field(True, description="L2-normalise the vectors")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (bf16 on CUDA with bf16 and on CPUs with avx512_bf16/AMX, fp16 on older CUDA, else fp32), fp32, bf16, fp16")
+    batch_size: int = Field(64, ge=1, description="images per model call")
     workers: int = Field(2, ge=0, description="DataLoader decode processes")
-    preprocess: Literal["processor", "fast"] = "processor"
+    preprocess: Literal["processor", "fast"] = Field("processor", description="processor: exactly CLIPImageProcessor; fast: JPEG draft decoding (see docs/embed.md)")
     demo: DemoClip = DemoClip()
 
 
@@ -141,11 +141,11 @@ class ClipParams(Section):
 class DemoGpt(Section):
     """Size of the small GPT-2 built for the offline demo (vocabulary from the demo captions)."""
 
-    n_embd: int = Field(128, ge=8)
-    n_layer: int = Field(2, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_positions: int = Field(64, ge=8)
-    seed: int = 0
+    n_embd: int = Field(128, ge=8, description="width of the demo GPT-2")
+    n_layer: int = Field(2, ge=1, description="transformer blocks of the demo GPT-2")
+    n_head: int = Field(4, ge=1, description="attention heads of the demo GPT-2")
+    n_positions: int = Field(64, ge=8, description="positions of the demo GPT-2 (prefix + caption)")
+    seed: int = Field(0, description="seed of the demo GPT-2's initialisation")
 
     @model_validator(mode="after")
     def _check(self) -> "DemoGpt":
@@ -166,34 +166,36 @@ class GptParams(Section):
 class MapperParams(Section):
     """The mapping network from one CLIP vector to prefix_length GPT-2 embeddings."""
 
-    type: Literal["transformer", "mlp"] = "transformer"
-    prefix_length: int = Field(10, ge=1, le=256)
+    # Checked against the registry in pipeline/models/mapper.py when the train stage starts:
+    # a new mapper type is one class there, with no change here.
+    type: str = Field("transformer", min_length=1, description="a registered mapper type: transformer or mlp (pipeline/models/mapper.py)")
+    prefix_length: int = Field(10, ge=1, le=256, description="GPT-2 input embeddings made from one CLIP vector (K)")
     clip_length: int = Field(10, ge=1, le=256, description="transformer only: tokens made from the CLIP vector")
-    layers: int = Field(8, ge=1, le=64, description="transformer only: self-attention blocks")
-    heads: int = Field(8, ge=1)
-    mlp_ratio: float = Field(2.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    layers: int = Field(4, ge=1, le=64, description="transformer only: self-attention blocks")
+    heads: int = Field(8, ge=1, description="transformer only: attention heads; must divide GPT-2's width")
+    mlp_ratio: float = Field(2.0, gt=0, description="transformer only: feed-forward width as a multiple of GPT-2's width")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the mapper")
     # Width of the prefix embeddings; None takes GPT-2's n_embd, a number must equal it.
-    width: Optional[int] = Field(None, ge=1)
+    width: Optional[int] = Field(None, ge=1, description="prefix width; null takes GPT-2's n_embd, a number must equal it")
 
 
 # ------------------------------------------------------------------------- train
 class TrainParams(Section):
     """Training of the mapper (and GPT-2, when fine-tuned)."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(40, ge=1, description="global batch: all processes and micro-batches together")
+    epochs: int = Field(10, ge=1, description="passes over the train split's (image, caption) pairs")
+    batch_size: int = Field(32, ge=1, description="global batch: all processes and micro-batches together")
     grad_accum: int = Field(1, ge=1, description="micro-batches per step (batch_size / (processes x grad_accum) each)")
-    lr: float = Field(2e-5, gt=0)
-    warmup_steps: int = Field(5000, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: Optional[float] = Field(1.0, gt=0)
-    finetune_gpt: bool = False
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps, then linear decay to 0")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
+    finetune_gpt: bool = Field(True, description="train GPT-2 too (ClipCap's MLP variant); false keeps it frozen (no gradients for its weights)")
     max_caption_tokens: int = Field(40, ge=1, description="longer captions are cut (EOS kept)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (the runtime's policy: bf16 where native), fp32, bf16, fp16 (with loss scaling)")
     log_every: int = Field(10, ge=1, description="steps between loss-curve points")
-    seed: int = 0
-    checkpoint_every: Optional[int] = Field(1000, ge=1, description="steps between checkpoints (and at each epoch end)")
+    seed: int = Field(0, description="seed of the mapper's initialisation and the order of the pairs")
+    checkpoint_every: Optional[int] = Field(500, ge=1, description="steps between checkpoints (and at each epoch end)")
     eval_every: Optional[int] = Field(None, ge=1, description="steps between validations (and at each epoch end)")
     keep: Literal["best", "last"] = Field("best", description="model written: lowest validation loss, or the last step")
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="validations without improvement before stopping")
@@ -215,7 +217,7 @@ class Decoding(Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="no n-gram of this size occurs twice in a caption; 0 = off")
     repetition_penalty: float = Field(1.0, gt=0, description="CTRL penalty on tokens already in the caption; 1.0 = off")
     min_new_tokens: int = Field(0, ge=0, description="EOS is forbidden before this many tokens")
-    max_new_tokens: int = Field(67, ge=1, description="caption length cap, tokens (EOS included)")
+    max_new_tokens: int = Field(30, ge=1, description="caption length cap, tokens (EOS included)")
     do_sample: bool = Field(False, description="sample tokens instead of taking the most likely ones")
     temperature: float = Field(1.0, gt=0, description="sampling only: logits are divided by this; 1.0 = off")
     top_k: int = Field(0, ge=0, description="sampling only: keep the k most likely tokens; 0 = off")
@@ -267,11 +269,11 @@ class GenerateParams(Decoding):
 class EvaluateParams(Section):
     """Scoring with pycocoevalcap and the HTML report."""
 
-    spice: bool = False
+    spice: bool = Field(False, description="also compute SPICE (needs Stanford CoreNLP jars, see corenlp_dir)")
     corenlp_dir: Optional[str] = Field(None, description="folder with Stanford CoreNLP jars for SPICE")
     baseline_candidates: int = Field(50, ge=1, description="most frequent training captions tried as the constant baseline")
     report_images: int = Field(200, ge=1, description="images shown in the HTML report")
-    thumbnail_size: int = Field(128, ge=16)
+    thumbnail_size: int = Field(128, ge=16, description="longer side of the report's thumbnails, pixels")
 
 
 # ------------------------------------------------------------------------ all

@@ -44,7 +44,7 @@ from pipeline.checkpoint import Checkpoints, capture_rng, digest_files, load_che
 from pipeline.errors import CaplineError
 from pipeline.files import write_atomic, write_metrics
 from pipeline.models.captioner import ClipCaptioner, check_clip_folder
-from pipeline.models.mapper import count_parameters
+from pipeline.models.mapper import count_parameters, mapper_class
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.runtime import (Rank, all_reduce_sum, autocast, barrier, choose_device, choose_precision,
                               current_rank, gather, process_group)
@@ -188,6 +188,7 @@ def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: Train
 
     from pipeline.models.pretrained import load_gpt, read_pin
 
+    mapper_class(mapper.type)  # an unknown mapper.type stops here, before anything is loaded
     amp = choose_precision(params.precision, device, key="train.precision")
     parts = rank.world_size * params.grad_accum
     if params.batch_size % parts:

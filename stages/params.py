@@ -56,3 +56,13 @@ def check(params_path: str) -> None:
 
 def _show(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+@params.command("doc")
+def doc() -> None:
+    """Print the parameter reference (docs/params.md) generated from the schema and dvc.yaml."""
+    from pathlib import Path
+
+    from pipeline.params_doc import markdown
+
+    click.echo(markdown(Path("dvc.yaml")), nl=False)
