@@ -323,7 +323,7 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
     root, gpt, feats = data
     common = ("mapper: {type: transformer, prefix_length: 3, clip_length: 2, layers: 1, heads: 2}\n"
               "train: {epochs: 2, batch_size: 8, lr: 0.01, warmup_steps: 1, precision: fp32, log_every: 1, "
-              "keep: last%s}\n")
+              "keep: last, finetune_gpt: false%s}\n")
     two = _torchrun(tmp_path, feats, gpt, "two", common % "", 2)
     one = _torchrun(tmp_path, feats, gpt, "one", common % ", grad_accum: 2", 1)
     m2, m1 = json.loads((two / "train.json").read_text()), json.loads((one / "train.json").read_text())
