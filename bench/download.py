@@ -56,8 +56,9 @@ def ensure_img2dataset() -> Path:
 
 
 def start_server(folder: Path, latency: float) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "helpers_http.py"), str(folder), str(latency)],
-                            stdout=subprocess.PIPE, text=True)
+    # The tests' loopback server, run as the module tests.helpers.loopback from the project root.
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.loopback", str(folder), str(latency)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline())
     return proc, port
 

@@ -14,18 +14,12 @@ from pipeline.caption import CaptionInputError, ImageEmbedder, caption_inputs, r
 from pipeline.models.decoding import decode_batch, prepare_for_inference
 from pipeline.params import Decoding
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.params import DemoClip, MapperParams
+from pipeline.params import MapperParams
 from stages.cli import capline
-from tests.helpers_model import load_tiny_gpt, save_tiny_gpt, torch_threads
+from tests.helpers.loopback import Reply
+from tests.helpers.models import TINY_CLIP, copy_model, load_tiny_gpt
 
-CLIP = DemoClip(hidden_size=32, layers=1, heads=2, patch_size=8, projection_dim=16, pretrain_steps=0,
-                pretrain_text_steps=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_vectors(clip_dir, paths):
@@ -41,15 +35,13 @@ def reference_vectors(clip_dir, paths):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, hub_clip_dir, tiny_gpt_dir):
     from pipeline.models.pretrained import model_identity
     from pipeline.embed.preprocess import Preprocessor
-    from pipeline.models.demo import build_demo_clip
     from pipeline.models.pretrained import image_processor_class
 
     root = tmp_path_factory.mktemp("caption")
-    clip_dir = root / "clip"
-    build_demo_clip(clip_dir, CLIP, 32)
+    clip_dir = copy_model(hub_clip_dir, root / "clip")  # a copy: a test hides it by renaming it
     images = []
     rng = np.random.default_rng(0)
     for i, size in enumerate([(40, 48), (32, 32), (64, 40), (50, 50)]):
@@ -61,7 +53,7 @@ def setup(tmp_path_factory):
     pre = Preprocessor.from_processor(image_processor_class().from_pretrained(clip_dir), "processor")
     features = {"model_id": model_id, "model_revision": revision, "output": "image_embeds", "dtype": "float32",
                 "normalized": True, "preprocess": pre.describe(), "format_version": 1, "dim": 16}
-    gpt, tok = load_tiny_gpt(save_tiny_gpt(root / "gpt"))
+    gpt, tok = load_tiny_gpt(tiny_gpt_dir)
     torch.manual_seed(0)
     model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok,
                                         features=features,
@@ -187,7 +179,7 @@ def test_another_clip_folder_is_refused(setup, tmp_path):
 
     root, clip_dir, images = setup
     other = tmp_path / "clip2"
-    build_demo_clip(other, CLIP.model_copy(update={"seed": 1}), 32)
+    build_demo_clip(other, TINY_CLIP.model_copy(update={"seed": 1}), 32)
     with pytest.raises(CaptionInputError, match="model_id|model_revision"):
         caption_inputs(root / "model", [str(images[0])], clip_dir=other, progress=False)
 
@@ -205,10 +197,8 @@ def _shard(path, samples):
     return path
 
 
-def test_caption_command_takes_a_folder_a_url_and_a_shard(setup, tmp_path):
+def test_caption_command_takes_a_folder_a_url_and_a_shard(setup, tmp_path, loopback):
     """One call: a folder (recursive), a loopback URL, a shard, and a 404 reported while the rest is captioned."""
-    from tests.helpers_http import LoopbackServer, Reply
-
     root, clip_dir, images = setup
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -219,14 +209,13 @@ def test_caption_command_takes_a_folder_a_url_and_a_shard(setup, tmp_path):
         ("k1.png", images[2].read_bytes()), ("k1.json", b'{"key": "k1", "captions": ["x"]}'),
         ("k2.jpg", b"broken"), ("k2.txt", b"a caption"),
     ])
-    with LoopbackServer() as server:
-        url = server.route("/img.png", Reply(body=images[3].read_bytes(), content_type="image/png"))
-        missing = server.url("/gone.png")
-        args = ["caption", "--model", str(root / "model"), "--num-beams", "2", "--max-new-tokens", "6",
-                "--no-progress", str(folder), url, str(shard), missing]
-        res = CliRunner().invoke(capline, args + ["--out", str(tmp_path / "out.jsonl")])
-        coco = CliRunner().invoke(capline, args + ["--format", "coco"])
-        tsv = CliRunner().invoke(capline, args)
+    url = loopback.route("/img.png", Reply(body=images[3].read_bytes(), content_type="image/png"))
+    missing = loopback.url("/gone.png")
+    args = ["caption", "--model", str(root / "model"), "--num-beams", "2", "--max-new-tokens", "6",
+            "--no-progress", str(folder), url, str(shard), missing]
+    res = CliRunner().invoke(capline, args + ["--out", str(tmp_path / "out.jsonl")])
+    coco = CliRunner().invoke(capline, args + ["--format", "coco"])
+    tsv = CliRunner().invoke(capline, args)
     assert res.exit_code == 1, res.output
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     names = [r["input"] for r in rows]

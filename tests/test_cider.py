@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from helpers_evaluate import REFERENCES, RESULTS
+from tests.helpers.evaluate import REFERENCES, RESULTS
 
 needs_java = pytest.mark.skipif(
     subprocess.run(["java", "-version"], capture_output=True).returncode != 0, reason="needs Java")

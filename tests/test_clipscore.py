@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_evaluate import (CONTROL, REFERENCES, RESULTS, ReportParser, write_coco_pair, write_features,
-                              write_image_shard)
-from helpers_model import torch_threads
-from helpers_models import TINY_CLIP
+from tests.helpers.evaluate import (CONTROL, REFERENCES, RESULTS, ReportParser, write_coco_pair, write_features,
+                                    write_image_shard)
+from tests.helpers.models import TINY_CLIP, torch_threads
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["java", "-version"], capture_output=True).returncode != 0, reason="needs Java")

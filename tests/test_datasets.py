@@ -14,22 +14,8 @@ from pipeline.datasets.prepare import prepare
 from pipeline.datasets.readers import read_coco, read_jsonl, read_karpathy, read_table
 from pipeline.params import DataParams
 from pipeline.records import split_for
-from tests.helpers_http import LoopbackServer, Reply
-
-
-def coco_fixture(base_url: str) -> tuple[dict, dict]:
-    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "coco_url": f"{base_url}/{i}.jpg",
-               "width": 48, "height": 32} for i in (42, 7, 1000)]
-    anns = [{"image_id": img, "id": n, "caption": f"  caption {n} of   {img} "} for n, img in enumerate([42, 7, 42, 1000])]
-    karpathy = {"dataset": "coco", "images": [
-        {"cocoid": 42, "filename": "COCO_val2014_000000000042.jpg", "filepath": "val2014", "split": "test",
-         "sentences": [{"raw": "x"}]},
-        {"cocoid": 7, "filename": "COCO_val2014_000000000007.jpg", "filepath": "val2014", "split": "restval",
-         "sentences": [{"raw": "y"}]},
-        {"cocoid": 1000, "filename": "COCO_val2014_000000001000.jpg", "filepath": "val2014", "split": "val",
-         "sentences": [{"raw": "z"}]},
-    ]}
-    return {"images": images, "annotations": anns}, karpathy
+from tests.helpers.datasets import coco_fixture
+from tests.helpers.loopback import Reply
 
 
 def test_coco_with_karpathy_split(tmp_path):
@@ -130,7 +116,7 @@ def test_prepare_duplicate_keys_refused(tmp_path):
         prepare(tmp_path / "src", DataParams(source="jsonl", annotations=str(tmp_path / "l.jsonl")))
 
 
-def test_prepare_fetches_zip_members_over_http_once(tmp_path):
+def test_prepare_fetches_zip_members_over_http_once(tmp_path, loopback):
     coco, karpathy = coco_fixture("http://h")
     buf = tmp_path / "ann.zip"
     with zipfile.ZipFile(buf, "w") as zf:
@@ -139,18 +125,17 @@ def test_prepare_fetches_zip_members_over_http_once(tmp_path):
     single = tmp_path / "caption_datasets.zip"
     with zipfile.ZipFile(single, "w") as zf:
         zf.writestr("dataset_coco.json", json.dumps(karpathy))
-    with LoopbackServer() as srv:
-        ann_url = srv.route("/ann.zip", Reply(200, buf.read_bytes(), content_type="application/zip"))
-        split_url = srv.route("/caption_datasets.zip", Reply(200, single.read_bytes()))
-        params = DataParams(source="coco", annotations=ann_url + "#captions_val2014.json", karpathy_split=split_url)
-        for _ in range(2):
-            m = prepare(tmp_path / "src", params, cache_dir=tmp_path / "cache")
-        assert srv.hits["/ann.zip"] == 1 and srv.hits["/caption_datasets.zip"] == 1  # cached
-        with pytest.raises(DatasetError, match="2 data files"):
-            prepare(tmp_path / "src2", DataParams(source="coco", annotations=ann_url), cache_dir=tmp_path / "cache")
-        with pytest.raises(DatasetError, match="HTTP 404"):
-            prepare(tmp_path / "src2", DataParams(source="coco", annotations=srv.url("/nope.json")),
-                    cache_dir=tmp_path / "cache")
+    ann_url = loopback.route("/ann.zip", Reply(200, buf.read_bytes(), content_type="application/zip"))
+    split_url = loopback.route("/caption_datasets.zip", Reply(200, single.read_bytes()))
+    params = DataParams(source="coco", annotations=ann_url + "#captions_val2014.json", karpathy_split=split_url)
+    for _ in range(2):
+        m = prepare(tmp_path / "src", params, cache_dir=tmp_path / "cache")
+    assert loopback.hits["/ann.zip"] == 1 and loopback.hits["/caption_datasets.zip"] == 1  # cached
+    with pytest.raises(DatasetError, match="2 data files"):
+        prepare(tmp_path / "src2", DataParams(source="coco", annotations=ann_url), cache_dir=tmp_path / "cache")
+    with pytest.raises(DatasetError, match="HTTP 404"):
+        prepare(tmp_path / "src2", DataParams(source="coco", annotations=loopback.url("/nope.json")),
+                cache_dir=tmp_path / "cache")
     assert m.files == {"annotations": "captions_val2014.json", "karpathy_split": "dataset_coco.json"}
     assert m.sha256["annotations"] == hashlib.sha256(json.dumps(coco).encode()).hexdigest()
     assert m.origin["annotations"].endswith("/ann.zip#captions_val2014.json")
@@ -167,19 +152,18 @@ def test_keys_are_a_pure_function_of_the_input(tmp_path):
     assert a == b and len({r.key for r in a}) == 3
 
 
-def test_prepare_follows_redirects_and_caches_the_target(tmp_path):
+def test_prepare_follows_redirects_and_caches_the_target(tmp_path, loopback):
     # A redirect must be followed, not cached as an (empty) annotation file.
     coco, _ = coco_fixture("http://h")
     body = json.dumps(coco).encode()
-    with LoopbackServer() as srv:
-        target = srv.route("/real/captions.json", Reply(200, body, content_type="application/json"))
-        url = srv.route("/captions.json", Reply(302, b"", headers={"Location": target}))
-        loop = srv.route("/loop.json", Reply(302, b"", headers={"Location": "/loop.json"}))
-        m = prepare(tmp_path / "src", DataParams(source="coco", annotations=url), cache_dir=tmp_path / "cache")
-        assert m.sha256["annotations"] == hashlib.sha256(body).hexdigest() and m.records == 3
-        with pytest.raises(DatasetError, match="redirects"):
-            prepare(tmp_path / "src2", DataParams(source="coco", annotations=loop), cache_dir=tmp_path / "cache")
-        assert srv.hits["/loop.json"] == 6  # 5 redirects followed, then a final failure (no retries)
+    target = loopback.route("/real/captions.json", Reply(200, body, content_type="application/json"))
+    url = loopback.route("/captions.json", Reply(302, b"", headers={"Location": target}))
+    loop = loopback.route("/loop.json", Reply(302, b"", headers={"Location": "/loop.json"}))
+    m = prepare(tmp_path / "src", DataParams(source="coco", annotations=url), cache_dir=tmp_path / "cache")
+    assert m.sha256["annotations"] == hashlib.sha256(body).hexdigest() and m.records == 3
+    with pytest.raises(DatasetError, match="redirects"):
+        prepare(tmp_path / "src2", DataParams(source="coco", annotations=loop), cache_dir=tmp_path / "cache")
+    assert loopback.hits["/loop.json"] == 6  # 5 redirects followed, then a final failure (no retries)
 
 
 def test_jsonl_that_is_not_utf8_names_file_and_line(tmp_path):
@@ -231,7 +215,7 @@ def test_a_registered_reader_is_a_source_end_to_end(tmp_path, monkeypatch):
     assert [(r.key, r.captions) for r in iter_records(tmp_path / "src")] == [("l000", ("a cat",)), ("l001", ("a dog",))]
 
 
-def test_prepare_errors_name_the_users_file_and_line_not_the_copy(tmp_path):
+def test_prepare_errors_name_the_users_file_and_line_not_the_copy(tmp_path, loopback):
     # prepare reads a copy in a temporary folder; the message must name the user's file.
     good = "".join(f"caption {i}\thttp://x/{i}.jpg\n" for i in range(6))
     user = tmp_path / "lists" / "captions.tsv"
@@ -242,20 +226,19 @@ def test_prepare_errors_name_the_users_file_and_line_not_the_copy(tmp_path):
     assert str(err.value).startswith(f"{user}:7: expected 2 fields") and ".tmp" not in str(err.value)
     coco, _ = coco_fixture("http://h")
     coco["annotations"][1] = {"image_id": 1}  # no caption
-    with LoopbackServer() as srv:
-        url = srv.route("/captions.tsv", Reply(200, (good + "broken line\n").encode(), content_type="text/plain"))
-        zipped = tmp_path / "ann.zip"
-        with zipfile.ZipFile(zipped, "w") as zf:
-            zf.writestr("annotations/captions_val2014.json", json.dumps(coco))
-        zip_url = srv.route("/ann.zip", Reply(200, zipped.read_bytes(), content_type="application/zip"))
-        params = {"url": DataParams(source="tsv", annotations=url),
-                  "zip": DataParams(source="coco", annotations=zip_url + "#captions_val2014.json"),
-                  "member": DataParams(source="coco", annotations=zip_url + "#nope.json")}
-        messages = {}
-        for name, p in params.items():
-            with pytest.raises(DatasetError) as err:
-                prepare(tmp_path / "data" / "source", p, cache_dir=tmp_path / "data" / "cache")
-            messages[name] = str(err.value)
+    url = loopback.route("/captions.tsv", Reply(200, (good + "broken line\n").encode(), content_type="text/plain"))
+    zipped = tmp_path / "ann.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("annotations/captions_val2014.json", json.dumps(coco))
+    zip_url = loopback.route("/ann.zip", Reply(200, zipped.read_bytes(), content_type="application/zip"))
+    params = {"url": DataParams(source="tsv", annotations=url),
+              "zip": DataParams(source="coco", annotations=zip_url + "#captions_val2014.json"),
+              "member": DataParams(source="coco", annotations=zip_url + "#nope.json")}
+    messages = {}
+    for name, p in params.items():
+        with pytest.raises(DatasetError) as err:
+            prepare(tmp_path / "data" / "source", p, cache_dir=tmp_path / "data" / "cache")
+        messages[name] = str(err.value)
     assert messages["url"].startswith(f"{url}:7: expected 2 fields")
     assert messages["zip"].startswith(f"{zip_url}#captions_val2014.json: annotations[1]: needs")
     assert messages["member"].startswith(f"{zip_url}: zip member 'nope.json' not found")

@@ -52,7 +52,7 @@ def test_row_seeds_are_a_pure_function_of_seed_image_and_index():
     assert len({row_seed(s, k, j) for s in (0, 1) for k in ("a", "b") for j in (0, 1)}) == 8
 
 
-def test_bf16_weights_keep_an_fp32_lm_head(tmp_path):
+def test_bf16_weights_keep_an_fp32_lm_head(tiny_gpt_dir):
     """Below fp32 the body's weights are bf16, but the logits are not rounded to bf16
     (GPT-2's logits sit far from zero, where bf16 steps would tie and reorder beams)."""
     import torch
@@ -60,10 +60,11 @@ def test_bf16_weights_keep_an_fp32_lm_head(tmp_path):
     from pipeline.models.captioner import ClipCaptioner
     from pipeline.models.decoding import prepare_for_inference
     from pipeline.params import MapperParams
-    from tests.helpers_model import load_tiny_gpt, save_tiny_gpt, torch_threads
+    from tests.helpers.models import load_tiny_gpt, torch_threads
 
     with torch_threads(1):
-        gpt, tok = load_tiny_gpt(save_tiny_gpt(tmp_path / "gpt"))
+        gpt, tok = load_tiny_gpt(tiny_gpt_dir)
+        torch.manual_seed(0)  # the mapper's weights and the vectors: the same in every run
         model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok)
         model = prepare_for_inference(model.eval(), torch.device("cpu"), "bf16")
         assert next(model.gpt.transformer.parameters()).dtype == torch.bfloat16

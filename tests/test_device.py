@@ -10,8 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from stages.cli import capline
-from tests.helpers_embed import make_image_dir, make_tiny_clip
-from tests.helpers_model import save_tiny_gpt, torch_threads
+from tests.helpers.images import make_image_dir
 
 SMALL = {
     "clip": {"precision": "fp32", "batch_size": 4, "workers": 0},
@@ -21,19 +20,20 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("device")
     make_image_dir(root / "images", shards=1, per_shard=6)
-    make_tiny_clip(root / "clip")
-    save_tiny_gpt(root / "gpt")
     return root
+
+
+@pytest.fixture(scope="module")
+def models(tiny_clip_dir, tiny_gpt_dir):
+    """The CLIP and GPT-2 folders the stages read (shared: the stages only read them)."""
+    return {"clip": tiny_clip_dir, "gpt": tiny_gpt_dir}
 
 
 def _params(root, device: str):
@@ -42,13 +42,13 @@ def _params(root, device: str):
     return str(path)
 
 
-def _stages(root, params, tag):
+def _stages(root, models, params, tag):
     out = root / tag
     return {
-        "embed": ["embed", "--params", params, "--images", str(root / "images"), "--model", str(root / "clip"),
+        "embed": ["embed", "--params", params, "--images", str(root / "images"), "--model", str(models["clip"]),
                   "--out", str(out / "features"), "--metrics", str(out / "embed.json")],
         "train": ["train", "--params", params, "--features", str(root / "cpu" / "features"), "--gpt",
-                  str(root / "gpt"), "--clip", str(root / "clip"), "--out", str(out / "model"),
+                  str(models["gpt"]), "--clip", str(models["clip"]), "--out", str(out / "model"),
                   "--curve", str(out / "loss.csv"), "--val-curve", str(out / "val.csv"),
                   "--checkpoints", str(out / "checkpoints"), "--metrics", str(out / "train.json"),
                   "--no-progress"],
@@ -59,10 +59,10 @@ def _stages(root, params, tag):
 
 
 @pytest.fixture(scope="module")
-def on_cpu(root):
+def on_cpu(root, models):
     """embed -> train -> generate through the CLI with device: cpu; each stage's output."""
     outputs = {}
-    for name, args in _stages(root, _params(root, "cpu"), "cpu").items():
+    for name, args in _stages(root, models, _params(root, "cpu"), "cpu").items():
         result = CliRunner().invoke(capline, args)
         assert result.exit_code == 0, f"{name}: {result.output}"
         outputs[name] = result.output
@@ -85,18 +85,18 @@ def test_each_stage_runs_on_the_device_and_records_it(on_cpu):
     ("cuda", "device: 'cuda' asked for, but torch sees no CUDA device"),
     ("cuda:1", "device: 'cuda:1' asked for, but torch sees no CUDA device"),
 ])
-def test_a_missing_device_stops_each_stage_before_work(on_cpu, device, message, monkeypatch):
+def test_a_missing_device_stops_each_stage_before_work(on_cpu, models, device, message, monkeypatch):
     import torch
 
     root = on_cpu  # inputs that would work: only the device is wrong
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     tag = f"no-{device.replace(':', '_')}"
-    for name, args in _stages(root, _params(root, device), tag).items():
+    for name, args in _stages(root, models, _params(root, device), tag).items():
         result = CliRunner().invoke(capline, args)
         assert result.exit_code == 1, f"{name}: {result.output}"
         assert result.output.strip() == f"Error: {message} (torch {torch.__version__}; is it a CPU build?)", name
         assert not (root / tag).exists(), f"{name} wrote before checking the device"
     image = str(next((root / "images").glob("*.tar")))  # any path: the device is checked first
     result = CliRunner().invoke(capline, ["caption", "--model", str(root / "cpu" / "model"), "--clip",
-                                          str(root / "clip"), "--device", device, image])
+                                          str(models["clip"]), "--device", device, image])
     assert result.exit_code == 1 and f"--device: {device!r} asked for" in result.output

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from pipeline.records import split_for
 from stages.cli import capline
-from tests.helpers_download import decoded, jpeg, read_status, read_tar
-from tests.helpers_http import LoopbackServer, Reply
-from tests.test_datasets import coco_fixture
+from tests.helpers.datasets import coco_fixture
+from tests.helpers.images import decoded, jpeg, read_status, read_tar
+from tests.helpers.loopback import Reply
 
 
 def _run(tmp: Path, data: dict, download: dict | None = None) -> Path:
@@ -40,15 +40,14 @@ def _samples(images: Path) -> dict[str, dict]:
     return out
 
 
-def test_coco_and_karpathy_over_http(tmp_path):
-    with LoopbackServer() as srv:
-        coco, karpathy = coco_fixture(srv.url("/img"))
-        for img in coco["images"]:
-            srv.route(f"/img/{img['id']}.jpg", Reply(200, jpeg(48, 32, seed=img["id"])))
-        srv.route("/img/1000.jpg", Reply(404, b""))
-        data = {"source": "coco", "annotations": srv.route("/captions_val2014.json", Reply(200, json.dumps(coco).encode())),
-                "karpathy_split": srv.route("/dataset_coco.json", Reply(200, json.dumps(karpathy).encode()))}
-        images = _run(tmp_path, data, {"resize": 16})
+def test_coco_and_karpathy_over_http(tmp_path, loopback):
+    coco, karpathy = coco_fixture(loopback.url("/img"))
+    for img in coco["images"]:
+        loopback.route(f"/img/{img['id']}.jpg", Reply(200, jpeg(48, 32, seed=img["id"])))
+    loopback.route("/img/1000.jpg", Reply(404, b""))
+    data = {"source": "coco", "annotations": loopback.route("/captions_val2014.json", Reply(200, json.dumps(coco).encode())),
+            "karpathy_split": loopback.route("/dataset_coco.json", Reply(200, json.dumps(karpathy).encode()))}
+    images = _run(tmp_path, data, {"resize": 16})
     samples = _samples(images)
     assert sorted(samples) == ["000000000007", "000000000042"]
     assert samples["000000000042"]["split"] == "test" and samples["000000000007"]["split"] == "train"
@@ -60,14 +59,13 @@ def test_coco_and_karpathy_over_http(tmp_path):
     assert (metrics["records"], metrics["ok"], metrics["status_http_error"]) == (3, 2, 1)
 
 
-def test_cc3m_tsv_over_http(tmp_path):
-    with LoopbackServer() as srv:
-        lines = []
-        for i in range(5):
-            url = srv.route(f"/cc/{i}.jpg", Reply(200, jpeg(40, 30, seed=i)))
-            lines.append(f"a photo of thing {i} <i>&amp;</i>\t{url}")
-        tsv = srv.route("/Train_GCC-training.tsv", Reply(200, ("\n".join(lines) + "\n").encode(), content_type="text/plain"))
-        images = _run(tmp_path, {"source": "tsv", "annotations": tsv, "val_fraction": 0.3, "test_fraction": 0.3})
+def test_cc3m_tsv_over_http(tmp_path, loopback):
+    lines = []
+    for i in range(5):
+        url = loopback.route(f"/cc/{i}.jpg", Reply(200, jpeg(40, 30, seed=i)))
+        lines.append(f"a photo of thing {i} <i>&amp;</i>\t{url}")
+    tsv = loopback.route("/Train_GCC-training.tsv", Reply(200, ("\n".join(lines) + "\n").encode(), content_type="text/plain"))
+    images = _run(tmp_path, {"source": "tsv", "annotations": tsv, "val_fraction": 0.3, "test_fraction": 0.3})
     samples = _samples(images)
     assert sorted(samples) == [f"{i:09d}" for i in range(5)]
     for i in range(5):

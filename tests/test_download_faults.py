@@ -14,18 +14,17 @@ import pytest
 from pipeline.download.run import download_records
 from pipeline.params import DownloadParams
 from pipeline.records import Record
-from tests.helpers_download import jpeg, png_bomb, read_status, read_tar
-from tests.helpers_http import LoopbackServer, Reply
+from tests.helpers.images import jpeg, png_bomb, read_status, read_tar
+from tests.helpers.loopback import LoopbackServer, Reply
 
 FAST = dict(workers=4, per_host=4, records_per_shard=10, connect_timeout=2.0, read_timeout=2.0,
             retries=2, backoff=0.01, decode_processes=0)
 
 
 @pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        srv.route("/good.jpg", Reply(200, jpeg()))
-        yield srv
+def server(loopback):
+    loopback.route("/good.jpg", Reply(200, jpeg()))
+    return loopback
 
 
 def run(server: LoopbackServer, tmp_path: Path, url: str, sha256: str | None = None, **overrides) -> dict:
@@ -162,13 +161,13 @@ def test_user_agent_sent(server, tmp_path):
     assert all(h.get("User-Agent") == "capline-test/9" for h in server.headers_seen["/good.jpg"])
 
 
-def test_per_host_cap(tmp_path):
-    with LoopbackServer(latency=0.05) as srv:
-        data = jpeg()
-        recs = [Record(f"k{i:02d}", srv.route(f"/{i}.jpg", Reply(200, data)), "train", ()) for i in range(24)]
-        download_records(recs, tmp_path, DownloadParams(**{**FAST, "workers": 12, "per_host": 3}), progress=False)
-        assert srv.max_active <= 3
-        assert srv.max_active >= 2  # and it still fetched concurrently
+def test_per_host_cap(tmp_path, loopback):
+    loopback.latency = 0.05
+    data = jpeg()
+    recs = [Record(f"k{i:02d}", loopback.route(f"/{i}.jpg", Reply(200, data)), "train", ()) for i in range(24)]
+    download_records(recs, tmp_path, DownloadParams(**{**FAST, "workers": 12, "per_host": 3}), progress=False)
+    assert loopback.max_active <= 3
+    assert loopback.max_active >= 2  # and it still fetched concurrently
     assert all(s["status"] == "ok" for s in read_status(tmp_path / "00000.status.jsonl") + read_status(tmp_path / "00001.status.jsonl"))
 
 

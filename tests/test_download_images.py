@@ -13,8 +13,8 @@ from pipeline.download.errors import RecordFailure
 from pipeline.imaging import IMAGE_FORMATS
 from pipeline.params import DownloadParams
 from pipeline.records import Record
-from tests.helpers_download import EPS, SVG, decoded, encode, exif_rotated_jpeg, jpeg, photo, read_status, read_tar, solid
-from tests.helpers_http import LoopbackServer, Reply
+from tests.helpers.images import EPS, SVG, decoded, encode, exif_rotated_jpeg, jpeg, photo, read_status, read_tar, solid
+from tests.helpers.loopback import Reply
 
 
 def _palette() -> bytes:
@@ -51,16 +51,16 @@ def _mean(arr: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fetched(tmp_path_factory):
+def fetched(tmp_path_factory, module_loopback):
     """All kinds fetched in one run through the image processes; key -> (status, jpeg, meta)."""
     out = tmp_path_factory.mktemp("kinds")
-    with LoopbackServer() as srv:
-        recs = [Record(name, srv.route(f"/{name}", Reply(200, data)), "val", (f"a {name}",))
-                for name, (data, _, _) in KINDS.items()]
-        recs.append(Record("exif_rotated", srv.route("/exif", Reply(200, exif_rotated_jpeg())), "val", ()))
-        data = jpeg(64, 48)
-        recs.append(Record("truncated", srv.route("/cut", Reply(200, data[: len(data) // 2])), "val", ()))
-        download_records(recs, out, DownloadParams(workers=4, records_per_shard=100, decode_processes=1), progress=False)
+    srv = module_loopback
+    recs = [Record(name, srv.route(f"/{name}", Reply(200, data)), "val", (f"a {name}",))
+            for name, (data, _, _) in KINDS.items()]
+    recs.append(Record("exif_rotated", srv.route("/exif", Reply(200, exif_rotated_jpeg())), "val", ()))
+    data = jpeg(64, 48)
+    recs.append(Record("truncated", srv.route("/cut", Reply(200, data[: len(data) // 2])), "val", ()))
+    download_records(recs, out, DownloadParams(workers=4, records_per_shard=100, decode_processes=1), progress=False)
     members = read_tar(out / "00000.tar")
     status = {s["key"]: s["status"] for s in read_status(out / "00000.status.jsonl")}
     return {k: (status[k], members.get(f"{k}.jpg"), json.loads(members[f"{k}.json"]) if f"{k}.json" in members else None)
@@ -116,17 +116,16 @@ def test_pixel_cap_checked_before_decoding():
 
 
 @pytest.mark.skipif(not features.check("avif"), reason="this Pillow decodes no AVIF")
-def test_avif_is_fetched_and_eps_svg_pdf_are_refused(tmp_path):
+def test_avif_is_fetched_and_eps_svg_pdf_are_refused(tmp_path, loopback):
     pdf = encode(solid((0, 0, 0)), "PDF")
     avif = encode(solid((30, 60, 220)), "AVIF", quality=95)
-    with LoopbackServer() as srv:
-        recs = [Record("avif", srv.route("/a.avif", Reply(200, avif, content_type="image/avif")), "val", ("a",)),
-                Record("eps", srv.route("/e.eps", Reply(200, EPS, content_type="application/postscript")), "val", ()),
-                Record("svg", srv.route("/s.svg", Reply(200, SVG, content_type="image/svg+xml")), "val", ()),
-                Record("pdf", srv.route("/p.pdf", Reply(200, pdf, content_type="application/pdf")), "val", ())]
-        download_records(recs, tmp_path, DownloadParams(workers=2, records_per_shard=10, decode_processes=0),
-                         progress=False)
-        accepts = {h.get("Accept") for seen in srv.headers_seen.values() for h in seen}
+    recs = [Record("avif", loopback.route("/a.avif", Reply(200, avif, content_type="image/avif")), "val", ("a",)),
+            Record("eps", loopback.route("/e.eps", Reply(200, EPS, content_type="application/postscript")), "val", ()),
+            Record("svg", loopback.route("/s.svg", Reply(200, SVG, content_type="image/svg+xml")), "val", ()),
+            Record("pdf", loopback.route("/p.pdf", Reply(200, pdf, content_type="application/pdf")), "val", ())]
+    download_records(recs, tmp_path, DownloadParams(workers=2, records_per_shard=10, decode_processes=0),
+                     progress=False)
+    accepts = {h.get("Accept") for seen in loopback.headers_seen.values() for h in seen}
     status = {s["key"]: s["status"] for s in read_status(tmp_path / "00000.status.jsonl")}
     assert status == {"avif": "ok", "eps": "not_an_image", "svg": "not_an_image", "pdf": "not_an_image"}
     arr = decoded(read_tar(tmp_path / "00000.tar")["avif.jpg"])

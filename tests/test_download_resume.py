@@ -20,8 +20,8 @@ from pipeline.download.run import download, download_records
 from pipeline.download.errors import DownloadIncomplete
 from pipeline.params import DataParams, DownloadParams
 from pipeline.records import Record
-from tests.helpers_download import jpeg, read_status
-from tests.helpers_http import LoopbackServer, Reply
+from tests.helpers.images import jpeg, read_status
+from tests.helpers.loopback import LoopbackServer, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 N, PER_SHARD = 60, 10
@@ -43,62 +43,60 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_kill_and_resume_is_byte_identical(tmp_path):
-    with LoopbackServer(latency=0.03) as srv:
-        source = _source(tmp_path, srv)
-        params = {"download": {"workers": 2, "per_host": 2, "records_per_shard": PER_SHARD, "decode_processes": 0}}
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        cmd = [sys.executable, "-m", "stages.cli", "download", "--params", str(tmp_path / "params.yaml"),
-               "--source", str(source), "--no-progress"]
-        # Uninterrupted reference run.
-        subprocess.run(cmd + ["--out", str(tmp_path / "ref"), "--metrics", str(tmp_path / "ref.json")],
-                       cwd=ROOT, check=True, capture_output=True)
-        # Interrupted run: SIGKILL once two shards are finished.
-        out = tmp_path / "out"
-        proc = subprocess.Popen(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not (out / "00001.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        done = sorted(p.name for p in out.glob("*.tar"))
-        assert 2 <= len(done) < N // PER_SHARD, done  # killed midway
-        hits_before = dict(srv.hits)
-        subprocess.run(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=ROOT, check=True,
-                       capture_output=True)
+def test_kill_and_resume_is_byte_identical(tmp_path, loopback):
+    loopback.latency = 0.03
+    source = _source(tmp_path, loopback)
+    params = {"download": {"workers": 2, "per_host": 2, "records_per_shard": PER_SHARD, "decode_processes": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "stages.cli", "download", "--params", str(tmp_path / "params.yaml"),
+           "--source", str(source), "--no-progress"]
+    # Uninterrupted reference run.
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref"), "--metrics", str(tmp_path / "ref.json")],
+                   cwd=ROOT, check=True, capture_output=True)
+    # Interrupted run: SIGKILL once two shards are finished.
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out / "00001.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in out.glob("*.tar"))
+    assert 2 <= len(done) < N // PER_SHARD, done  # killed midway
+    hits_before = dict(loopback.hits)
+    subprocess.run(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=ROOT, check=True,
+                   capture_output=True)
     assert _files(out) == _files(tmp_path / "ref")
     # Finished shards were kept, not fetched again.
     for name in done:
         for line in read_status(out / name.replace(".tar", ".status.jsonl")):
             path = "/" + line["url"].rsplit("/", 1)[1]
-            assert srv.hits[path] == hits_before.get(path, 0)
+            assert loopback.hits[path] == hits_before.get(path, 0)
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["records"] == N and metrics["shards_resumed"] == len(done)
     assert metrics["status_ok"] == sum(1 for i in range(N) if i % 7 != 3)
     assert metrics["status_http_error"] == sum(1 for i in range(N) if i % 7 == 3)
 
 
-def test_ranks_split_shards_by_index(tmp_path):
-    with LoopbackServer() as srv:
-        source = _source(tmp_path, srv)
-        p = DownloadParams(workers=4, records_per_shard=PER_SHARD, decode_processes=0, retries=0)
-        for r in range(3):
-            download(source, tmp_path / "split", p, Rank(r, 3), metrics_path=tmp_path / "m.json", progress=False)
-            assert sorted(p_.name for p_ in (tmp_path / "split").glob("*.tar")) == \
-                [f"{i:05d}.tar" for i in range(N // PER_SHARD) if i % 3 <= r]
-        download(source, tmp_path / "whole", p, progress=False)
+def test_ranks_split_shards_by_index(tmp_path, loopback):
+    source = _source(tmp_path, loopback)
+    p = DownloadParams(workers=4, records_per_shard=PER_SHARD, decode_processes=0, retries=0)
+    for r in range(3):
+        download(source, tmp_path / "split", p, Rank(r, 3), metrics_path=tmp_path / "m.json", progress=False)
+        assert sorted(p_.name for p_ in (tmp_path / "split").glob("*.tar")) == \
+            [f"{i:05d}.tar" for i in range(N // PER_SHARD) if i % 3 <= r]
+    download(source, tmp_path / "whole", p, progress=False)
     assert _files(tmp_path / "split") == _files(tmp_path / "whole")
     assert json.loads((tmp_path / "m.rank1.json").read_text())["records"] == 2 * PER_SHARD
 
 
-def test_stale_temporary_files_are_replaced(tmp_path):
-    with LoopbackServer() as srv:
-        source = _source(tmp_path, srv)
-        out = tmp_path / "out"
-        out.mkdir()
-        (out / "00002.tar.tmp-99999").write_bytes(b"half a shard")
-        download(source, out, DownloadParams(records_per_shard=PER_SHARD, decode_processes=0, retries=0), progress=False)
+def test_stale_temporary_files_are_replaced(tmp_path, loopback):
+    source = _source(tmp_path, loopback)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00002.tar.tmp-99999").write_bytes(b"half a shard")
+    download(source, out, DownloadParams(records_per_shard=PER_SHARD, decode_processes=0, retries=0), progress=False)
     assert not list(out.glob("*.tmp-*"))
     assert len(list(out.glob("*.tar"))) == N // PER_SHARD
 
@@ -121,7 +119,7 @@ print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def test_peak_memory_does_not_grow_with_records(tmp_path):
-    from tests.helpers_download import encode, solid
+    from tests.helpers.images import encode, solid
 
     image = tmp_path / "tiny.png"
     image.write_bytes(encode(solid((1, 2, 3), (8, 8)), "PNG"))
@@ -171,39 +169,37 @@ def _slow_records(srv: LoopbackServer, n: int = 6) -> list[Record]:
 DYING = dict(workers=2, per_host=2, records_per_shard=3, retries=0, decode_processes=1)
 
 
-def test_a_killed_image_process_is_replaced_and_its_records_retried(tmp_path):
-    with LoopbackServer() as srv:
-        recs = _slow_records(srv)
-        thread, result = _run_in_thread(recs, tmp_path / "out", DownloadParams(**DYING))
-        deadline = time.monotonic() + 60
-        while not sum(srv.hits.values()) and time.monotonic() < deadline:  # the pool is up and warm
-            time.sleep(0.005)
-        assert _kill_image_processes() == 1
-        thread.join(120)
+def test_a_killed_image_process_is_replaced_and_its_records_retried(tmp_path, loopback):
+    recs = _slow_records(loopback)
+    thread, result = _run_in_thread(recs, tmp_path / "out", DownloadParams(**DYING))
+    deadline = time.monotonic() + 60
+    while not sum(loopback.hits.values()) and time.monotonic() < deadline:  # the pool is up and warm
+        time.sleep(0.005)
+    assert _kill_image_processes() == 1
+    thread.join(120)
     assert "error" not in result, result
     assert result["summary"].by_status == {"ok": 6}
     for shard in ("00000", "00001"):
         assert {s["status"] for s in read_status(tmp_path / "out" / f"{shard}.status.jsonl")} == {"ok"}
-    assert all(srv.hits[f"/{i}.jpg"] == 1 for i in range(6))  # the image is decoded again, not fetched
+    assert all(loopback.hits[f"/{i}.jpg"] == 1 for i in range(6))  # the image is decoded again, not fetched
 
 
-def test_records_the_dying_processes_never_took_are_fetched_by_the_next_run(tmp_path):
+def test_records_the_dying_processes_never_took_are_fetched_by_the_next_run(tmp_path, loopback):
     out = tmp_path / "out"
-    with LoopbackServer() as srv:
-        recs = _slow_records(srv)
-        thread, result = _run_in_thread(recs, out, DownloadParams(**DYING))
-        deadline = time.monotonic() + 60
-        while not sum(srv.hits.values()) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        while thread.is_alive() and time.monotonic() < deadline:  # every fresh process dies at once
-            _kill_image_processes()
-            time.sleep(0.005)
-        thread.join(120)
-        # No shard was written with a status that only says the processes died.
-        assert isinstance(result.get("error"), DownloadIncomplete), result
-        assert "run the download again" in str(result["error"]) and result["error"].shards == [0, 1]
-        assert not list(out.iterdir())
-        summary = download_records(recs, out, DownloadParams(**DYING), progress=False)
+    recs = _slow_records(loopback)
+    thread, result = _run_in_thread(recs, out, DownloadParams(**DYING))
+    deadline = time.monotonic() + 60
+    while not sum(loopback.hits.values()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    while thread.is_alive() and time.monotonic() < deadline:  # every fresh process dies at once
+        _kill_image_processes()
+        time.sleep(0.005)
+    thread.join(120)
+    # No shard was written with a status that only says the processes died.
+    assert isinstance(result.get("error"), DownloadIncomplete), result
+    assert "run the download again" in str(result["error"]) and result["error"].shards == [0, 1]
+    assert not list(out.iterdir())
+    summary = download_records(recs, out, DownloadParams(**DYING), progress=False)
     assert summary.shards_resumed == 0 and summary.by_status == {"ok": 6}
     for shard in ("00000", "00001"):
         assert {s["status"] for s in read_status(out / f"{shard}.status.jsonl")} == {"ok"}
@@ -325,57 +321,56 @@ def test_the_code_digest_covers_the_modules_that_make_the_bytes():
             "pipeline/download/resume.py", "pipeline/imaging.py", "pipeline/fingerprint.py"} <= run
 
 
-def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(tmp_path, caplog):
+def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(tmp_path, caplog, loopback):
     """What `dvc exp run` does before it reruns a killed experiment: it checks out the
     last recorded output over the killed run's finished shards. They come back from
     the .partial folder, untouched, instead of being fetched again."""
     gate = threading.Event()
     gate.set()
-    with LoopbackServer() as srv:
-        lines = []
-        for i in range(30):
-            url = srv.route(f"/{i}.jpg", Reply(200, jpeg(48, 32, seed=i), gate=gate if i >= 10 else None))
-            lines.append(json.dumps({"url": url, "captions": [f"image {i}"]}))
-        (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
-        source = tmp_path / "source"
-        prepare(source, DataParams(source="jsonl", annotations=str(tmp_path / "list.jsonl")))
-        base = dict(workers=2, per_host=2, records_per_shard=5, decode_processes=0, retries=0, read_timeout=300)
-        recorded = tmp_path / "recorded"  # the output dvc.lock records: jpeg_quality 95
-        download(source, recorded, DownloadParams(**base), progress=False)
-        assert not (tmp_path / "recorded.partial").exists()  # a finished run keeps nothing aside
+    lines = []
+    for i in range(30):
+        url = loopback.route(f"/{i}.jpg", Reply(200, jpeg(48, 32, seed=i), gate=gate if i >= 10 else None))
+        lines.append(json.dumps({"url": url, "captions": [f"image {i}"]}))
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    source = tmp_path / "source"
+    prepare(source, DataParams(source="jsonl", annotations=str(tmp_path / "list.jsonl")))
+    base = dict(workers=2, per_host=2, records_per_shard=5, decode_processes=0, retries=0, read_timeout=300)
+    recorded = tmp_path / "recorded"  # the output dvc.lock records: jpeg_quality 95
+    download(source, recorded, DownloadParams(**base), progress=False)
+    assert not (tmp_path / "recorded.partial").exists()  # a finished run keeps nothing aside
 
-        # The experiment (jpeg_quality 60) is killed once shards 0 and 1 are finished;
-        # the images of shard 2 onwards are held back, so no later shard can be.
-        params = tmp_path / "p60.yaml"
-        params.write_text(yaml.safe_dump({"download": {**base, "jpeg_quality": 60}}))
-        out = tmp_path / "out"
-        shutil.copytree(recorded, out)
-        gate.clear()
-        proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "download", "--params", str(params),
-                                 "--source", str(source), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
-                                 "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        partial = tmp_path / "out.partial"
-        deadline = time.monotonic() + 120
-        while not (list(partial.glob("00001@*.tar")) and srv.hits["/10.jpg"]):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert sorted(p.name.split("@")[0] for p in partial.glob("*.tar")) == ["00000", "00001"]
+    # The experiment (jpeg_quality 60) is killed once shards 0 and 1 are finished;
+    # the images of shard 2 onwards are held back, so no later shard can be.
+    params = tmp_path / "p60.yaml"
+    params.write_text(yaml.safe_dump({"download": {**base, "jpeg_quality": 60}}))
+    out = tmp_path / "out"
+    shutil.copytree(recorded, out)
+    gate.clear()
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "download", "--params", str(params),
+                             "--source", str(source), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "out.partial"
+    deadline = time.monotonic() + 120
+    while not (list(partial.glob("00001@*.tar")) and loopback.hits["/10.jpg"]):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert sorted(p.name.split("@")[0] for p in partial.glob("*.tar")) == ["00000", "00001"]
 
-        # dvc exp run checks out the recorded output over the killed run's shards.
-        shutil.rmtree(out)
-        shutil.copytree(recorded, out)
-        gate.set()
-        hits = dict(srv.hits)
-        caplog.set_level("WARNING")
-        summary = download(source, out, DownloadParams(**base, jpeg_quality=60), progress=False)
-        assert summary.shards_resumed == 2
-        assert all(srv.hits[f"/{i}.jpg"] == hits[f"/{i}.jpg"] for i in range(10))  # not fetched again
-        assert f"download: put back 2 shards finished by a run that did not complete (from {partial})" in caplog.text
-        assert "remaking shard 00002, made with other inputs: params.jpeg_quality: 95 there, 60 here" in caplog.text
-        assert "remaking shard 00000" not in caplog.text
-        download(source, tmp_path / "fresh", DownloadParams(**base, jpeg_quality=60), progress=False)
+    # dvc exp run checks out the recorded output over the killed run's shards.
+    shutil.rmtree(out)
+    shutil.copytree(recorded, out)
+    gate.set()
+    hits = dict(loopback.hits)
+    caplog.set_level("WARNING")
+    summary = download(source, out, DownloadParams(**base, jpeg_quality=60), progress=False)
+    assert summary.shards_resumed == 2
+    assert all(loopback.hits[f"/{i}.jpg"] == hits[f"/{i}.jpg"] for i in range(10))  # not fetched again
+    assert f"download: put back 2 shards finished by a run that did not complete (from {partial})" in caplog.text
+    assert "remaking shard 00002, made with other inputs: params.jpeg_quality: 95 there, 60 here" in caplog.text
+    assert "remaking shard 00000" not in caplog.text
+    download(source, tmp_path / "fresh", DownloadParams(**base, jpeg_quality=60), progress=False)
     assert _files(out) == _files(tmp_path / "fresh")
     assert not partial.exists()
 

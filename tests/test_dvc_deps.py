@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers_dvc import ROOT, imports_of, missing_deps, modules_run_by, undeclared_paths
+from tests.helpers.dvc_deps import ROOT, imports_of, missing_deps, modules_run_by, undeclared_paths
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 

@@ -16,16 +16,29 @@ from pipeline.features import load_features, read_feature_shard
 from pipeline.image_shards import ImageShardError, iter_shard
 from pipeline.params import ClipParams, DataParams, ParamsError
 from pipeline.records import split_for
-from tests.helpers_download import tiff_raising_type_error
-from tests.helpers_embed import (_add, make_image_dir, make_tiny_clip, photo_jpeg, reference_embeddings,
-                                 write_img2dataset_shard)
+from tests.helpers.images import (add_member, make_image_dir, photo_jpeg, tiff_raising_type_error,
+                                  write_img2dataset_shard)
+from tests.helpers.models import copy_model, make_tiny_clip, reference_embeddings
 
 PIN = {"model_id": "test/tiny-clip", "revision": "abc123", "sha256": "f" * 64, "kind": "clip"}
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", pin=PIN)
+def clip_dir(tmp_path_factory, tiny_clip_dir):
+    """The shared tiny CLIP with a pin.json: a hub model as the models stage leaves it."""
+    return copy_model(tiny_clip_dir, tmp_path_factory.mktemp("clip") / "clip", pin=PIN)
+
+
+@pytest.fixture(scope="module")
+def clip_24_crop_30(tmp_path_factory):
+    """Resized to 24 and cropped to 30: a crop larger than the resized image."""
+    return make_tiny_clip(tmp_path_factory.mktemp("clip-24-30") / "c", image_size=24, crop=30)
+
+
+@pytest.fixture(scope="module")
+def clip_33_crop_24(tmp_path_factory):
+    """Resized to 33 and cropped to 24: an odd number of pixels to crop away."""
+    return make_tiny_clip(tmp_path_factory.mktemp("clip-33-24") / "c", image_size=33, crop=24)
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +261,8 @@ def test_ranks_split_shards_and_union_equals_single_process(tmp_path, clip_dir, 
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
 
 
-def test_model_identity_without_pin(tmp_path, images):
-    folder = make_tiny_clip(tmp_path / "my-clip")
+def test_model_identity_without_pin(tmp_path, images, tiny_clip_dir):
+    folder = copy_model(tiny_clip_dir, tmp_path / "my-clip")
     assert model_identity(folder) == ("my-clip", weights_sha256(folder))
     with pytest.raises(ModelError, match="nothing: no config.json"):
         embed_shards(images[0], tmp_path / "nothing", tmp_path / "f", clip_params(), Rank(), DataParams())
@@ -273,9 +286,9 @@ def _processor_pixels(folder, image):
 
 
 @pytest.mark.parametrize("mode,size", [("RGB", (50, 80)), ("L", (70, 40)), ("RGBA", (40, 40)), ("P", (33, 90))])
-def test_preprocess_matches_processor_on_odd_images(tmp_path, mode, size):
+def test_preprocess_matches_processor_on_odd_images(clip_24_crop_30, mode, size):
     # Crop larger than the resized image: exercises HF's zero padding too.
-    folder = make_tiny_clip(tmp_path / "c", image_size=24, crop=30)
+    folder = clip_24_crop_30
     from transformers import CLIPImageProcessor
 
     pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(folder))
@@ -293,10 +306,10 @@ def test_preprocess_matches_processor_on_odd_images(tmp_path, mode, size):
 
 
 @pytest.mark.parametrize("size", [(50, 71), (71, 50), (47, 47)])
-def test_center_crop_matches_processor_when_the_excess_is_odd(tmp_path, size):
+def test_center_crop_matches_processor_when_the_excess_is_odd(clip_33_crop_24, size):
     # Resized to a shorter side of 33 and cropped to 24: 9 (odd) pixels to drop on an
     # axis, where an off-by-one crop would shift the image by a pixel.
-    folder = make_tiny_clip(tmp_path / "c", image_size=33, crop=24)
+    folder = clip_33_crop_24
     from transformers import CLIPImageProcessor
 
     pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(folder))
@@ -309,8 +322,8 @@ def test_center_crop_matches_processor_when_the_excess_is_odd(tmp_path, size):
     assert (ours - ref).abs().max() < 1e-5
 
 
-def test_fast_mode_close_to_processor_and_limits(tmp_path):
-    folder = make_tiny_clip(tmp_path / "c", image_size=32)
+def test_fast_mode_close_to_processor_and_limits(tiny_clip_dir):
+    folder = tiny_clip_dir  # image_size 32
     from transformers import CLIPImageProcessor
 
     proc = CLIPImageProcessor.from_pretrained(folder)
@@ -359,8 +372,8 @@ def test_any_decode_exception_is_the_images_status_line(tmp_path, clip_dir):
     root.mkdir()
     with tarfile.open(root / "00000.tar", "w") as tar:
         for key, member, data in (("a", "a.jpg", photo_jpeg(1)), ("b", "b.tif", odd), ("c", "c.jpg", photo_jpeg(2))):
-            _add(tar, member, data)
-            _add(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
+            add_member(tar, member, data)
+            add_member(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
     summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(),
                            progress=False)
     assert summary["images"] == 2 and summary["failed"] == 1
@@ -378,8 +391,8 @@ def test_avif_member_is_embedded(tmp_path, clip_dir):
     root.mkdir()
     with tarfile.open(root / "00000.tar", "w") as tar:
         for key, member, data in (("a", "a.jpg", photo_jpeg(1)), ("b", "b.avif", buf.getvalue())):
-            _add(tar, member, data)
-            _add(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
+            add_member(tar, member, data)
+            add_member(tar, f"{key}.json", json.dumps({"key": key, "split": "train", "captions": [key]}).encode())
     summary = embed_shards(root, clip_dir, tmp_path / "f", clip_params(workers=0), Rank(), DataParams(),
                            progress=False)
     assert summary["images"] == 2 and summary["failed"] == 0

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import textwrap
 
-from helpers_embed import make_image_dir, make_tiny_clip
+from tests.helpers.images import make_image_dir
+from tests.helpers.models import make_tiny_clip
 
 SCRIPT = textwrap.dedent(
     """

@@ -14,14 +14,15 @@ from click.testing import CliRunner
 
 from pipeline.features import load_features
 from stages.cli import capline
-from tests.helpers_embed import make_image_dir, make_tiny_clip
+from tests.helpers.images import make_image_dir
+from tests.helpers.models import copy_model
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_clip_dir):
     root = tmp_path_factory.mktemp("stage")
     make_image_dir(root / "images", shards=3, per_shard=4, corrupt=["img0002"])
-    make_tiny_clip(root / "clip", pin={"model_id": "t/clip", "revision": "r9", "sha256": "0" * 64})
+    copy_model(tiny_clip_dir, root / "clip", pin={"model_id": "t/clip", "revision": "r9", "sha256": "0" * 64})
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({"clip": {"precision": "fp32", "batch_size": 3, "workers": 1}}))
     return root

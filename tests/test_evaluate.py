@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers_evaluate import (CONTROL, REFERENCES, RESULTS, SCRIPT_CAPTION, ReportParser,
-                              write_coco_pair, write_features, write_image_shard)
+from tests.helpers.evaluate import (CONTROL, REFERENCES, RESULTS, SCRIPT_CAPTION, ReportParser,
+                                    write_coco_pair, write_features, write_image_shard)
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["java", "-version"], capture_output=True).returncode != 0, reason="needs Java")

@@ -13,23 +13,19 @@ from pipeline.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import GenerateParams, MapperParams, TrainParams
 from pipeline.train import train
-from tests.helpers_model import save_tiny_gpt, scene_table, write_features, torch_threads
+from tests.helpers.features import scene_table, write_features
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GEN = GenerateParams(split="test", batch_size=5, num_beams=3, max_new_tokens=12, precision="fp32")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_gpt_dir, scene_features):
     root = tmp_path_factory.mktemp("gen")
-    gpt = save_tiny_gpt(root / "gpt")
+    gpt = tiny_gpt_dir
     table = scene_table(n_per_class=6)
-    feats = write_features(root / "features", table)
+    feats = scene_features(n_per_class=6)  # the shards of `table`
     mapper = MapperParams(type="mlp", prefix_length=2)
     params = TrainParams(epochs=30, batch_size=8, lr=3e-3, warmup_steps=5, precision="fp32", finetune_gpt=True)
     train(feats, gpt, root / "model", root / "loss.csv", root / "train.json", mapper, params, progress=False)

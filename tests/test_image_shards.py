@@ -4,7 +4,7 @@ import tarfile
 import pytest
 
 from pipeline.image_shards import ImageShardError, iter_shard, list_shards
-from tests.helpers_embed import _add, photo_jpeg, write_img2dataset_shard, write_our_shard
+from tests.helpers.images import add_member, photo_jpeg, write_img2dataset_shard, write_our_shard
 
 
 def test_our_shard_round_trip(tmp_path):
@@ -25,9 +25,9 @@ def test_img2dataset_shard_caption_and_txt(tmp_path):
     write_img2dataset_shard(path, [("000000000", photo_jpeg(1), "a dog"), ("000000001", photo_jpeg(2), None)])
     # A third sample with only a .txt caption (no caption field in its json).
     with tarfile.open(path, "a") as tar:
-        _add(tar, "000000002.jpg", photo_jpeg(3))
-        _add(tar, "000000002.txt", b"  a cat on a mat \n")
-        _add(tar, "000000002.json", json.dumps({"key": "000000002"}).encode())
+        add_member(tar, "000000002.jpg", photo_jpeg(3))
+        add_member(tar, "000000002.txt", b"  a cat on a mat \n")
+        add_member(tar, "000000002.json", json.dumps({"key": "000000002"}).encode())
     samples = {s.key: s for s in iter_shard(path)}
     assert samples["000000000"].meta["captions"] == ["a dog"]
     assert samples["000000001"].meta["captions"] == []
@@ -38,9 +38,9 @@ def test_img2dataset_shard_caption_and_txt(tmp_path):
 def test_keys_keep_directories_and_group_by_first_dot(tmp_path):
     path = tmp_path / "x.tar"
     with tarfile.open(path, "w") as tar:
-        _add(tar, "part/a1.seg.png", b"png-bytes")
-        _add(tar, "part/a1.json", b'{"captions": "one caption"}')
-        _add(tar, "part/b2.jpg", b"jpg-bytes")
+        add_member(tar, "part/a1.seg.png", b"png-bytes")
+        add_member(tar, "part/a1.json", b'{"captions": "one caption"}')
+        add_member(tar, "part/b2.jpg", b"jpg-bytes")
     samples = list(iter_shard(path))
     assert [(s.key, s.ext, s.image) for s in samples] == [("part/a1", "", b""), ("part/b2", "jpg", b"jpg-bytes")]
     assert samples[0].meta["captions"] == ["one caption"]
@@ -49,7 +49,7 @@ def test_keys_keep_directories_and_group_by_first_dot(tmp_path):
 def test_sample_without_image_is_kept(tmp_path):
     path = tmp_path / "s.tar"
     with tarfile.open(path, "w") as tar:
-        _add(tar, "a.json", b'{"key": "a", "captions": ["c"]}')
+        add_member(tar, "a.json", b'{"key": "a", "captions": ["c"]}')
     [s] = list(iter_shard(path))
     assert (s.key, s.image, s.ext, s.meta["captions"]) == ("a", b"", "", ["c"])
 
@@ -85,8 +85,8 @@ def test_truncated_tar_streams_then_names_the_shard(tmp_path):
 def test_metadata_naming_another_key_is_refused(tmp_path):
     path = tmp_path / "00004.tar"
     with tarfile.open(path, "w") as tar:
-        _add(tar, "a.jpg", b"x")
-        _add(tar, "a.json", b'{"key": "b"}')
+        add_member(tar, "a.jpg", b"x")
+        add_member(tar, "a.json", b'{"key": "b"}')
     with pytest.raises(ImageShardError, match=r"00004.tar.*'a'.*'b'"):
         list(iter_shard(path))
 
@@ -94,15 +94,15 @@ def test_metadata_naming_another_key_is_refused(tmp_path):
 def test_invalid_json_and_repeated_key(tmp_path):
     bad = tmp_path / "bad.tar"
     with tarfile.open(bad, "w") as tar:
-        _add(tar, "a.jpg", b"x")
-        _add(tar, "a.json", b"{not json")
+        add_member(tar, "a.jpg", b"x")
+        add_member(tar, "a.json", b"{not json")
     with pytest.raises(ImageShardError, match="a.json is not valid JSON"):
         list(iter_shard(bad))
     rep = tmp_path / "rep.tar"
     with tarfile.open(rep, "w") as tar:
-        _add(tar, "a.jpg", b"x")
-        _add(tar, "b.jpg", b"y")
-        _add(tar, "a.json", b"{}")
+        add_member(tar, "a.jpg", b"x")
+        add_member(tar, "b.jpg", b"y")
+        add_member(tar, "a.json", b"{}")
     with pytest.raises(ImageShardError, match="'a' appears twice"):
         list(iter_shard(rep))
 
@@ -114,7 +114,7 @@ def test_links_are_not_followed(tmp_path):
         info.type = tarfile.SYMTYPE
         info.linkname = "/etc/passwd"
         tar.addfile(info)
-        _add(tar, "ok.jpg", b"fine")
+        add_member(tar, "ok.jpg", b"fine")
     assert [(s.key, s.image) for s in iter_shard(path)] == [("ok", b"fine")]
 
 
@@ -126,7 +126,7 @@ def test_deeply_nested_metadata_names_shard_and_sample(tmp_path, meta):
     # json.loads recurses once per level: without a check this is a RecursionError.
     path = tmp_path / "00005.tar"
     with tarfile.open(path, "w") as tar:
-        _add(tar, "deep.jpg", photo_jpeg(0))
-        _add(tar, "deep.json", meta)
+        add_member(tar, "deep.jpg", photo_jpeg(0))
+        add_member(tar, "deep.json", meta)
     with pytest.raises(ImageShardError, match=r"00005.tar: sample 'deep': deep.json is nested too deeply"):
         list(iter_shard(path))

@@ -8,7 +8,7 @@ from pipeline.download.errors import RecordFailure
 from pipeline.download.image import process_image
 from pipeline.image_shards import IMAGE_EXTENSIONS
 from pipeline.imaging import ACCEPT, IMAGE_FORMATS, IMAGE_MIME_TYPES, open_image
-from tests.helpers_download import EPS, SVG, tiff_raising_type_error
+from tests.helpers.images import EPS, SVG, tiff_raising_type_error
 
 
 

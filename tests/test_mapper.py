@@ -12,13 +12,10 @@ from pipeline.models.pretrained import ModelError
 from pipeline.models.mapper import (MapperConfigError, MLPConfig, MLPMapper, TransformerConfig, TransformerMapper,
                                     count_parameters, from_config_dict, make_config)
 from pipeline.params import MapperParams
-from tests.helpers_model import FEATURE_ATTRS, load_tiny_gpt, save_tiny_gpt, torch_threads
+from tests.helpers.features import FEATURE_ATTRS
+from tests.helpers.models import load_tiny_gpt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def linear(i: int, o: int) -> int:
@@ -76,11 +73,6 @@ def test_a_saved_config_rebuilds_the_same_mapper_without_the_params_schema():
     assert torch.equal(mapper(x), rebuilt(x))
 
 
-@pytest.fixture(scope="module")
-def gpt_dir(tmp_path_factory):
-    return save_tiny_gpt(tmp_path_factory.mktemp("gpt"))
-
-
 def make_model(gpt_dir, finetune=False, **mapper):
     gpt, tok = load_tiny_gpt(gpt_dir)
     params = MapperParams(**{"type": "transformer", "prefix_length": 3, "clip_length": 2, "layers": 1, "heads": 2, **mapper})
@@ -89,15 +81,15 @@ def make_model(gpt_dir, finetune=False, **mapper):
                                        finetune_gpt=finetune)
 
 
-def test_mismatched_width_names_the_key(gpt_dir):
+def test_mismatched_width_names_the_key(tiny_gpt_dir):
     with pytest.raises(MapperConfigError, match="mapper.width"):
-        make_model(gpt_dir, width=48)
+        make_model(tiny_gpt_dir, width=48)
     with pytest.raises(MapperConfigError, match="mapper.heads"):
-        make_model(gpt_dir, heads=5)
+        make_model(tiny_gpt_dir, heads=5)
 
 
-def test_captions_end_with_eos_and_are_cut_keeping_it(gpt_dir):
-    model = make_model(gpt_dir)
+def test_captions_end_with_eos_and_are_cut_keeping_it(tiny_gpt_dir):
+    model = make_model(tiny_gpt_dir)
     eos = model.tokenizer.eos_token_id
     ids = model.encode_caption("a red circle", max_tokens=40)
     assert len(ids) == 4 and ids[-1] == eos and eos not in ids[:-1]
@@ -117,8 +109,8 @@ def batch(model, captions):
     return ids, mask
 
 
-def test_loss_ignores_padding(gpt_dir):
-    model = make_model(gpt_dir).eval()
+def test_loss_ignores_padding(tiny_gpt_dir):
+    model = make_model(tiny_gpt_dir).eval()
     x = torch.randn(2, 16)
     ids, mask = batch(model, ["a red circle", "one blue square here"])
     assert (mask == 0).any()
@@ -138,11 +130,11 @@ def test_loss_ignores_padding(gpt_dir):
     assert not torch.allclose(loss, model(x, changed, mask))
 
 
-def test_prefix_position_k_minus_1_predicts_the_first_caption_token(gpt_dir):
+def test_prefix_position_k_minus_1_predicts_the_first_caption_token(tiny_gpt_dir):
     """The loss equals next-token cross-entropy over GPT-2's full logits of cat(prefix, caption)."""
     import torch.nn.functional as F
 
-    model = make_model(gpt_dir).eval()
+    model = make_model(tiny_gpt_dir).eval()
     x = torch.randn(2, 16)
     captions = ["a red circle", "one blue square here"]
     ids, mask = batch(model, captions)
@@ -159,8 +151,8 @@ def test_prefix_position_k_minus_1_predicts_the_first_caption_token(gpt_dir):
     assert torch.allclose(got, want, atol=1e-4), (got, want)
 
 
-def test_frozen_gpt_gets_no_gradient_and_stays_in_eval_mode(gpt_dir):
-    model = make_model(gpt_dir, finetune=False)
+def test_frozen_gpt_gets_no_gradient_and_stays_in_eval_mode(tiny_gpt_dir):
+    model = make_model(tiny_gpt_dir, finetune=False)
     model.train()
     assert model.mapper.training and not model.gpt.training
     assert not any(m.training for m in model.gpt.modules())
@@ -170,14 +162,14 @@ def test_frozen_gpt_gets_no_gradient_and_stays_in_eval_mode(gpt_dir):
     assert all(p.grad is not None for p in model.mapper.parameters())
     assert count_parameters(model, trainable_only=True) == count_parameters(model.mapper)
 
-    tuned = make_model(gpt_dir, finetune=True).train()
+    tuned = make_model(tiny_gpt_dir, finetune=True).train()
     assert tuned.gpt.training
     tuned(torch.randn(2, 16), ids, mask).backward()
     assert tuned.gpt.get_input_embeddings().weight.grad is not None
 
 
-def test_save_load_round_trip_gives_identical_outputs(gpt_dir, tmp_path):
-    model = make_model(gpt_dir, finetune=True).eval()
+def test_save_load_round_trip_gives_identical_outputs(tiny_gpt_dir, tmp_path):
+    model = make_model(tiny_gpt_dir, finetune=True).eval()
     with torch.no_grad():  # make GPT-2 differ from the saved base so its weights must be saved too
         model.gpt.get_input_embeddings().weight.add_(0.01)
     out = model.save(tmp_path / "model")
@@ -205,8 +197,8 @@ def test_save_load_round_trip_gives_identical_outputs(gpt_dir, tmp_path):
     assert (other / "keep.txt").read_text() == "mine"
 
 
-def test_check_features_names_the_mismatch(gpt_dir):
-    model = make_model(gpt_dir)
+def test_check_features_names_the_mismatch(tiny_gpt_dir):
+    model = make_model(tiny_gpt_dir)
     model.check_features(dict(FEATURE_ATTRS), 16, "x.h5")
     with pytest.raises(FeatureShardError, match="output"):
         model.check_features({**FEATURE_ATTRS, "output": "pooler_output"}, 16, "x.h5")

@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers_models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, save_hub_like_gpt, tiny_params
 from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt
 from pipeline.params import ParamsError
 from pipeline.models.pin import pin_model
 from pipeline.models.pretrained import ModelError, image_processor_class, load_clip, load_gpt, read_pin, weights_sha256
+from tests.helpers.models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, tiny_params
 
 
 def _sha(path: Path) -> str:
@@ -30,8 +30,8 @@ def _write_captions(folder: Path, captions: list[str]) -> Path:
 
 
 # ------------------------------------------------------------------- local pinning
-def test_pin_local_clip_records_sha_and_reloads_same_outputs(tmp_path):
-    src = save_hub_like_clip(tmp_path / "hub_clip")
+def test_pin_local_clip_records_sha_and_reloads_same_outputs(tmp_path, hub_clip_dir):
+    src = hub_clip_dir
     out = tmp_path / "pinned"
     pin = pin_model("clip", tiny_params(clip_model=str(src)), out, None)
 
@@ -53,8 +53,8 @@ def test_pin_local_clip_records_sha_and_reloads_same_outputs(tmp_path):
         assert torch.allclose(ref_model(**x).image_embeds, model(**y).image_embeds)
 
 
-def test_pin_local_gpt_adds_pad_token_and_keeps_weights(tmp_path):
-    src = save_hub_like_gpt(tmp_path / "hub_gpt")
+def test_pin_local_gpt_adds_pad_token_and_keeps_weights(tmp_path, hub_gpt_dir):
+    src = hub_gpt_dir
     out = tmp_path / "gpt"
     pin = pin_model("gpt", tiny_params(gpt_model=str(src)), out, None)
     assert pin["sha256"] == _sha(out / "model.safetensors") and pin["revision"] == "local"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers_models import save_hub_like_clip, save_hub_like_gpt
+from tests.helpers.models import copy_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -60,10 +60,10 @@ def test_a_model_missing_offline_is_one_clear_error_before_any_work(tmp_path, ki
     assert not (tmp_path / "data").exists()  # nothing made, not even the parent folder
 
 
-def test_a_cached_model_is_pinned_offline_at_its_commit(tmp_path):
+def test_a_cached_model_is_pinned_offline_at_its_commit(tmp_path, hub_clip_dir, hub_gpt_dir):
     hf_home = tmp_path / "hf"
-    save_hub_like_clip(_cache_snapshot(hf_home, "test/tiny-clip"))
-    save_hub_like_gpt(_cache_snapshot(hf_home, "test/tiny-gpt"))
+    copy_model(hub_clip_dir, _cache_snapshot(hf_home, "test/tiny-clip"))
+    copy_model(hub_gpt_dir, _cache_snapshot(hf_home, "test/tiny-gpt"))
     # A branch resolved through refs/, and a commit named as such.
     for kind, model, revision in (("clip", "test/tiny-clip", "main"), ("gpt", "test/tiny-gpt", COMMIT)):
         out = tmp_path / f"{kind}-main"

@@ -16,7 +16,7 @@ import pytest
 
 import yaml
 
-from tests.helpers_repo import copy_project, env, run as _run, stages_run as _stages_run
+from tests.helpers.repo import copy_project, env, run as _run, stages_run as _stages_run
 
 pytestmark = pytest.mark.slow
 

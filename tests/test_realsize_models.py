@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pipeline.models.realsize import GPT2_VOCAB, build_realsize_gpt, train_bpe
-from tests.helpers_model import torch_threads
+from tests.helpers.models import torch_threads
 
 CAPTIONS = ["a large red circle on the left", "two shapes: a blue square and a green triangle",
             "there is a tiny yellow disc at the center"] * 20

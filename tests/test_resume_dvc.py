@@ -30,9 +30,9 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.helpers_download import jpeg
-from tests.helpers_http import LoopbackServer, Reply
-from tests.helpers_repo import copy_project, env, run, stages_run
+from tests.helpers.images import jpeg
+from tests.helpers.loopback import Reply
+from tests.helpers.repo import copy_project, env, run, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -83,18 +83,18 @@ N, PER_SHARD, OPEN = 40, 5, 15  # records 15 and later wait for the gate: shards
 
 
 @pytest.fixture(scope="module")
-def gated(tmp_path_factory):
+def gated(tmp_path_factory, module_loopback):
     """A loopback server with N images, those of shards 3+ held until ``gate`` is set, and the list."""
     gate = threading.Event()
     folder = tmp_path_factory.mktemp("list")
-    with LoopbackServer() as srv:
-        lines = []
-        for i in range(N):
-            url = srv.route(f"/{i}.jpg", Reply(200, jpeg(48, 32, seed=i), gate=gate if i >= OPEN else None))
-            lines.append(json.dumps({"url": url, "captions": [f"image {i}"]}))
-        (folder / "list.jsonl").write_text("\n".join(lines) + "\n")
-        yield srv, gate, folder / "list.jsonl"
-        gate.set()
+    srv = module_loopback
+    lines = []
+    for i in range(N):
+        url = srv.route(f"/{i}.jpg", Reply(200, jpeg(48, 32, seed=i), gate=gate if i >= OPEN else None))
+        lines.append(json.dumps({"url": url, "captions": [f"image {i}"]}))
+    (folder / "list.jsonl").write_text("\n".join(lines) + "\n")
+    yield srv, gate, folder / "list.jsonl"
+    gate.set()  # before the server stops: no reply is left waiting
 
 
 def _download_params(listing: Path) -> dict:

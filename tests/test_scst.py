@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_model import save_tiny_gpt, scene_table, torch_threads, write_features
+from tests.helpers.features import scene_table, write_features
+from tests.helpers.models import save_tiny_gpt, torch_threads
 from pipeline.params import MapperParams, ScstParams, TrainParams
 
 needs_java = pytest.mark.skipif(

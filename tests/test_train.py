@@ -23,14 +23,9 @@ from pipeline.models.pretrained import ModelError
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.train import _StopForTest, train
 from pipeline.train_data import build_captions, epoch_batches, load_training_data, tokenize
-from tests.helpers_model import FEATURE_ATTRS, save_tiny_gpt, scene_table, write_features, torch_threads
+from tests.helpers.features import FEATURE_ATTRS, scene_table, write_features
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPER = MapperParams(type="transformer", prefix_length=3, clip_length=2, layers=1, heads=2)
@@ -41,11 +36,8 @@ TIMING = ("load_seconds", "tokenize_seconds", "train_seconds", "val_seconds", "c
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    gpt = save_tiny_gpt(root / "gpt")
-    feats = write_features(root / "features", scene_table(n_per_class=4))
-    return root, gpt, feats
+def data(tmp_path_factory, tiny_gpt_dir, scene_features):
+    return tmp_path_factory.mktemp("train"), tiny_gpt_dir, scene_features(n_per_class=4)
 
 
 def read_curve(path):
@@ -297,10 +289,9 @@ def test_streamed_features_train_like_loaded_ones(data, tmp_path):
 
 def test_peak_rss_does_not_grow_with_the_number_of_shards(tmp_path):
     """Streamed training of 4 and of 12 shards (16 MiB of vectors each): the same peak memory."""
-    script = REPO / "tests" / "_train_rss.py"
     peaks = {}
     for shards in (4, 12):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"s{shards}"), str(shards)],
+        proc = subprocess.run([sys.executable, "-m", "tests.helpers.train_rss", str(tmp_path / f"s{shards}"), str(shards)],
                               capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -378,13 +369,9 @@ def test_sigkill_then_rerun_gives_the_same_weights(data, tmp_path):
     assert (killed / "loss.csv").read_text() == (tmp_path / "whole" / "loss.csv").read_text()
 
 
-def test_a_clip_folder_that_did_not_make_the_features_is_refused_before_training(data, tmp_path):
-    from pipeline.models.demo import build_demo_clip
-    from pipeline.params import DemoClip
-
+def test_a_clip_folder_that_did_not_make_the_features_is_refused_before_training(data, tmp_path, hub_clip_dir):
     root, gpt, feats = data
-    clip = tmp_path / "clip"
-    build_demo_clip(clip, DemoClip(hidden_size=32, layers=1, heads=2, projection_dim=16, pretrain_steps=0), 32)
+    clip = hub_clip_dir  # the demo CLIP at TINY_CLIP's sizes: not the features' test/clip
     with pytest.raises(ModelError, match="model_id"):
         train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, TRAIN,
               progress=False, clip_dir=clip)

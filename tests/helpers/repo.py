@@ -15,7 +15,7 @@ from typing import Optional
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def merge(base: dict, over: dict) -> dict:

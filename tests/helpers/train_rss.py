@@ -1,6 +1,6 @@
 """Helper of test_train.py: peak RSS of a streamed training run over N shards.
 
-    python tests/_train_rss.py FOLDER SHARDS      -> last line: {"peak_mib": ..., ...}
+    python -m tests.helpers.train_rss FOLDER SHARDS      -> last line: {"peak_mib": ..., ...}
 
 The shards (2048 vectors of 2048 floats: 16 MiB each) are written by a separate
 process first, so that only training counts in the peak.
@@ -18,7 +18,8 @@ def write(folder: Path, shards: int) -> None:
     import numpy as np
 
     from pipeline.features import FeatureTable, write_feature_shard
-    from tests.helpers_model import COLOURS, FEATURE_ATTRS, SHAPES, save_tiny_gpt
+    from tests.helpers.features import COLOURS, FEATURE_ATTRS, SHAPES
+    from tests.helpers.models import save_tiny_gpt
 
     save_tiny_gpt(folder / "gpt")
     (folder / "f").mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,7 @@ def main() -> None:
     if len(sys.argv) > 3:
         write(folder, shards)
         return
-    subprocess.run([sys.executable, __file__, str(folder), str(shards), "write"], check=True)
+    subprocess.run([sys.executable, "-m", "tests.helpers.train_rss", str(folder), str(shards), "write"], check=True)
     import torch
 
     from pipeline.params import MapperParams, TrainParams

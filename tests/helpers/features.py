@@ -1,40 +1,17 @@
-"""Tiny real models and feature tables for the model/train/generate tests.
+"""The synthetic scene task and its feature tables, for the train/generate/mapper tests.
 
-GPT-2s are built from configs, saved to a temporary folder and loaded back with
-``from_pretrained``, exactly as the pipeline loads hub models.
+Each (colour, shape) class has its own direction; an image's vector is its class
+direction plus a little noise, and its captions name the colour and the shape in two
+wordings (the words the tiny GPT-2 of ``tests.helpers.models`` knows).
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]
-
-
-def scene_captions() -> list[str]:
-    return [f"a {c} {s}" for c in COLOURS for s in SHAPES] + [f"one {c} {s} here" for c in COLOURS for s in SHAPES]
-
-
-def save_tiny_gpt(out_dir: Path, n_embd: int = 32, n_layer: int = 2, n_head: int = 2, n_positions: int = 64, seed: int = 0) -> Path:
-    """A word-level tokenizer over the scene words plus a small GPT-2, saved together."""
-    from pipeline.models.demo import build_demo_gpt
-    from pipeline.params import DemoGpt
-
-    cfg = DemoGpt(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions, seed=seed)
-    build_demo_gpt(Path(out_dir), cfg, scene_captions())
-    return Path(out_dir)
-
-
-def load_tiny_gpt(gpt_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gpt = AutoModelForCausalLM.from_pretrained(gpt_dir, trust_remote_code=False)
-    tok = AutoTokenizer.from_pretrained(gpt_dir, trust_remote_code=False)
-    return gpt, tok
-
 
 FEATURE_ATTRS = {
     "model_id": "test/clip",
@@ -45,6 +22,10 @@ FEATURE_ATTRS = {
     "preprocess": "{}",
     "format_version": 1,
 }
+
+
+def scene_captions() -> list[str]:
+    return [f"a {c} {s}" for c in COLOURS for s in SHAPES] + [f"one {c} {s} here" for c in COLOURS for s in SHAPES]
 
 
 def scene_table(n_per_class: int = 4, dim: int = 16, seed: int = 0, splits: tuple[str, ...] = ("train", "val", "test")):
@@ -94,16 +75,3 @@ def write_features(feature_dir: Path, table, shards: int = 2) -> Path:
         )
         write_feature_shard(feature_dir / f"{s:05d}.h5", part)
     return feature_dir
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run tiny models on ``n`` threads: on a shared, busy machine extra threads only wait."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

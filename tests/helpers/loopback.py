@@ -122,7 +122,7 @@ class LoopbackServer:
 
 
 def serve_forever_cli() -> None:
-    """``python -m tests.helpers_http DIR LATENCY``: serve files of DIR (for subprocess use)."""
+    """``python -m tests.helpers.loopback DIR [LATENCY]``: serve the files of DIR (for subprocess use)."""
     import sys
     from pathlib import Path
 
