@@ -292,7 +292,7 @@ def part_train_stage(cfg, args, tmp: Path, gpt_dir: Path, features: Path, report
                           precision=precision, finetune_gpt=False, log_every=50),
               progress=False, device=args.device)
     report.row("train", "pipeline.train.train (end to end: load, train, validate, save)",
-               samples_per_s=m["pairs_per_s"], steps=m["steps"], seconds=m["seconds"], device=m["device"],
+               samples_per_s=m["samples_per_s"], steps=m["steps"], seconds=m["seconds"], device=m["device"],
                precision=m["precision"])
     return out
 
@@ -342,7 +342,7 @@ def part_torchrun(cfg, args, tmp: Path, gpt_dir: Path, model_dir: Path, features
                               "--out", str(tmp / "model-ddp"), "--curve", str(tmp / "loss-ddp.csv"),
                               "--metrics", str(tmp / "train-ddp.json")], timeout=300)
     m = json.loads((tmp / "train-ddp.json").read_text())
-    report.row("torchrun", "capline train, 2 processes (DDP)", samples_per_s=m["pairs_per_s"],
+    report.row("torchrun", "capline train, 2 processes (DDP)", samples_per_s=m["samples_per_s"],
                world_size=m["world_size"], steps=m["steps"], wall_s=round(wall, 1))
     out = tmp / "captions-torchrun"
     wall = torchrun("generate", ["--params", str(params), "--model", str(model_dir), "--features", str(features),

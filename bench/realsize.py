@@ -31,7 +31,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed", "train", "generate", "evaluate")
+STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed", "train", "scst", "generate", "generate_xe",
+          "evaluate")
 
 
 def copy_repository(dest: Path) -> None:
@@ -85,6 +86,7 @@ def main() -> None:
         reduce.setdefault("data", {})["demo"] = {"images": args.images}
     if args.epochs:
         reduce.setdefault("train", {})["epochs"] = args.epochs
+        reduce.setdefault("scst", {})["epochs"] = args.epochs
     if args.batch_size:
         reduce.setdefault("train", {})["batch_size"] = args.batch_size
     if args.max_new_tokens:
@@ -124,23 +126,26 @@ def main() -> None:
         total = time.perf_counter() - total
 
         metrics = {name: json.loads((repo / "data" / "metrics" / f"{name}.json").read_text())
-                   for name in ("embed", "train", "generate", "eval")}
+                   for name in ("embed", "train", "scst", "generate", "eval")}
         result = {
             "bench": "realsize",
             "embed_images_per_s": metrics["embed"]["images_per_s"],
-            "train_samples_per_s": metrics["train"]["pairs_per_s"],
+            "train_samples_per_s": metrics["train"]["samples_per_s"],
+            "scst_sampled_captions_per_s": metrics["scst"]["sampled_captions_per_s"],
             "generate_captions_per_s": metrics["generate"]["captions_per_s"],
             "peak_rss_mib": max(s["peak_rss_mib"] for s in stages.values()),
             "total_s": round(total, 1),
             "images": metrics["embed"]["images"],
             "train_steps": metrics["train"]["steps"],
+            "scst_steps": metrics["scst"]["steps"],
             "captions": metrics["generate"]["captions"],
             "device": metrics["train"]["device"],
-            "precision": {k: metrics[k]["precision"] for k in ("embed", "train", "generate")},
+            "precision": {k: metrics[k]["precision"] for k in ("embed", "train", "scst", "generate")},
             "stages": stages,
         }
         print(f"total {total:.1f} s; embed {result['embed_images_per_s']} images/s, train "
-              f"{result['train_samples_per_s']} pairs/s ({result['train_steps']} steps), generate "
+              f"{result['train_samples_per_s']} pairs/s ({result['train_steps']} steps), scst "
+              f"{result['scst_sampled_captions_per_s']} sampled captions/s ({result['scst_steps']} steps), generate "
               f"{result['generate_captions_per_s']} captions/s; peak RSS {result['peak_rss_mib']} MiB")
         print(json.dumps(result))
     finally:

@@ -71,9 +71,12 @@ def test_repro_then_experiment(repo: Path):
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo)
     assert _stages_run(_run(["dvc", "repro"], repo)) == set()
 
-    # SCST off: the cross-entropy model is copied through; its captions are cached.
+    # SCST off: the cross-entropy model is copied through; its captions are cached. When
+    # the one SCST epoch above did not beat the cross-entropy model on validation, its
+    # output already was that model, byte for byte, and DVC rightly reruns nothing after it.
+    kept_xe = json.loads((repo / "data/metrics/scst.json").read_text())["best_epoch"] == 0
     out = _run(["dvc", "exp", "run", "-S", "scst.epochs=0"], repo)
-    assert _stages_run(out) == {"scst", "generate", "evaluate"}
+    assert _stages_run(out) == ({"scst"} if kept_xe else {"scst", "generate", "evaluate"})
     assert (repo / "data/captions/results.json").read_bytes() == (repo / "data/captions_xe/results.json").read_bytes()
     assert json.loads((repo / "data/metrics/eval.json").read_text())["cider_vs_xe"] == 1.0
 

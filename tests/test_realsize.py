@@ -36,10 +36,12 @@ def test_every_stage_ran_and_was_measured(run):
     _, result = run
     assert result["bench"] == "realsize"
     assert set(result["stages"]) == {"prepare", "model_clip", "model_gpt", "download", "embed", "train",
-                                     "generate", "evaluate"}
-    for key in ("embed_images_per_s", "train_samples_per_s", "generate_captions_per_s", "peak_rss_mib"):
+                                     "scst", "generate", "generate_xe", "evaluate"}
+    for key in ("embed_images_per_s", "train_samples_per_s", "scst_sampled_captions_per_s", "generate_captions_per_s",
+                "peak_rss_mib"):
         assert result[key] > 0, key
     assert result["images"] == 40 and result["device"] == "cpu" and result["train_steps"] > 0
+    assert result["scst_steps"] > 0
 
 
 def test_models_are_the_real_architectures(run):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.features import scene_table, write_features
-from tests.helpers.models import save_tiny_gpt, torch_threads
+from tests.helpers.models import save_tiny_gpt
 from pipeline.params import MapperParams, ScstParams, TrainParams
 
 needs_java = pytest.mark.skipif(
@@ -21,13 +21,10 @@ needs_java = pytest.mark.skipif(
 
 MAPPER = MapperParams(type="transformer", prefix_length=3, clip_length=2, layers=1, heads=2)
 XE = TrainParams(epochs=4, batch_size=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=2, finetune_gpt=True)
-SCST = ScstParams(epochs=6, batch_size=8, lr=3e-4, samples=4, max_tokens=8, precision="fp32", log_every=2)
+SCST = ScstParams(epochs=12, batch_size=8, lr=2e-3, samples=4, max_tokens=8, precision="fp32", log_every=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,7 @@ def xe(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("scst")
     gpt = save_tiny_gpt(root / "gpt")
-    feats = write_features(root / "features", scene_table(n_per_class=6, splits=("train", "train", "val")))
+    feats = write_features(root / "features", scene_table(n_per_class=12, splits=("train", "train", "val")))
     train(feats, gpt, root / "xe", root / "loss.csv", root / "train.json", MAPPER, XE, progress=False)
     frozen = XE.model_copy(update={"finetune_gpt": False, "epochs": 1})
     train(feats, gpt, root / "xe_frozen", root / "loss2.csv", root / "train2.json", MAPPER, frozen, progress=False)
@@ -110,8 +107,9 @@ def test_reward_rises_and_outputs_are_written(xe):
     learned = [float(r["sample_reward"]) for r in rows[1:]]
     still = [float(r["sample_reward"]) for r in read_csv(root / "still" / "val.csv")[1:]]
     # The policy learns what CIDEr-D rewards: its later epochs' samples score clearly
-    # above the unchanged policy's (epoch means of 6 steps are noisy, hence the means).
-    assert np.mean(learned[-3:]) > np.mean(still) + 0.15, (learned, still)
+    # above the unchanged policy's (epoch means of 12 steps are noisy, hence the means).
+    # Measured over seeds 0-2: +0.61 to +0.95; with the advantage's sign flipped, -1.4 to -1.7.
+    assert np.mean(learned[-4:]) > np.mean(still) + 0.3, (learned, still)
     curve = read_csv(root / "mean" / "reward.csv")
     assert len(curve) >= SCST.epochs and all(float(r["sample_tokens"]) > 1 for r in curve)
     assert json.loads((root / "mean" / "scst.json").read_text()) == metrics
@@ -164,7 +162,7 @@ def test_killed_run_resumes_to_the_same_bytes(xe, tmp_path):
     params = SCST.model_copy(update={"epochs": 2, "checkpoint_every": 2})
     run(root, feats, "whole", params)
     ckpt = tmp_path / "ckpt"
-    steps_per_epoch = -(-sum(1 for _ in range(12 * 6 * 2 // 3)) // params.batch_size)  # 48 train images
+    steps_per_epoch = -(-96 // params.batch_size)  # 96 train images
     with pytest.raises(Stopped):  # mid-epoch, one step after a checkpoint: that step is redone
         run(root, feats, "resumed", params, checkpoint_dir=ckpt, stop_after=steps_per_epoch + 3)
     assert sorted(p.name for p in ckpt.iterdir())[-1] == f"step-{steps_per_epoch + 2:09d}"
