@@ -113,7 +113,7 @@ class DemoClip(Section):
     # scenes generated apart from the dataset (never its images) stands in for
     # CLIP's own: the image tower learns the scenes' attributes, then the text tower
     # learns contrastively to match captions with the locked image embeddings.
-    pretrain_steps: int = Field(500, ge=0, description="image tower pre-training steps (batch 64); 0: random weights")
+    pretrain_steps: int = Field(1000, ge=0, description="image tower pre-training steps (batch 64); 0: random weights")
     pretrain_images: int = Field(3000, ge=64, description="scenes generated for pre-training")
     pretrain_lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the demo CLIP's pre-training")
     pretrain_text_steps: int = Field(
@@ -212,7 +212,7 @@ class ScstParams(Section):
 
     epochs: int = Field(3, ge=0, description="passes over the training images; 0: off, the cross-entropy model passes through")
     batch_size: int = Field(32, ge=1, description="images per step; each gives `samples` sampled captions")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate, constant")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate, constant")
     samples: int = Field(5, ge=1, description="captions sampled per image per step")
     baseline: Literal["mean", "greedy"] = Field(
         "mean", description="reward baseline: mean of the image's other samples (Luo 2020) or its greedy caption")
