@@ -52,12 +52,14 @@ REAL = {
     "train_images": 4096, "train_batch": 256, "epochs": 2, "warmup": 10, "steady_steps": 20,
     "test_images": 1024, "gen_batch": 256, "beams": 5, "new_tokens": 20, "model_only_s": 5.0,
 }
+# The tiny CLIPs' text tower (built with the whole CLIP; the check embeds images only).
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 TINY = {
     "images": 48, "unique": 8, "per_shard": 16, "size": (160, 120), "embed_batch": 16,
     "vits": {"ViT-B/32": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              patch_size=16, image_size=64, projection_dim=32),
+                              patch_size=16, image_size=64, projection_dim=32, text=TINY_TEXT),
              "ViT-L/14": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2,
-                              patch_size=8, image_size=64, projection_dim=32)},
+                              patch_size=8, image_size=64, projection_dim=32, text=TINY_TEXT)},
     "gpt": dict(n_embd=64, n_layer=2, n_head=2, n_positions=64), "clip_dim": 32,
     "mapper": {"type": "transformer", "prefix_length": 4, "clip_length": 4, "layers": 2, "heads": 2,
                "mlp_ratio": 2.0, "dropout": 0.0},

@@ -1,13 +1,14 @@
 """The whole DAG at real size: `dvc repro` with configs/realsize.yaml in a temporary copy.
 
-ViT-B/32 and GPT-2 small built from their default configs (random weights, the real
-compute), a byte-level BPE tokenizer trained on the captions and loaded through
-GPT2TokenizerFast, GPT-2's 50,257-row embedding and LM head, generated photo-like
-640x480 JPEGs. The repository (tracked and new files, not data/) is copied into a
-temporary folder with one git commit; the profile is applied with
-`capline params apply`; each stage then runs as `dvc repro -s STAGE`, in DAG order,
-timed, with the peak RSS of its biggest process (wait4's ru_maxrss over the process
-and the children it waited for: dvc, the stage command, its loader workers).
+The whole CLIP ViT-B/32 (both towers, a CLIP BPE tokenizer) and GPT-2 small built from
+their default configs (random weights, the real compute), a byte-level BPE tokenizer
+trained on the captions and loaded through GPT2TokenizerFast, GPT-2's 50,257-row
+embedding and LM head, generated photo-like 640x480 JPEGs. The repository (tracked
+and new files, not data/) is copied into a temporary folder with one git commit; the
+profile is applied with `capline params apply`; each stage then runs as
+`dvc repro -s STAGE`, in DAG order, timed, with the peak RSS of its biggest process
+(wait4's ru_maxrss over the process and the children it waited for: dvc, the stage
+command, its loader workers).
 
 Throughputs are the stages' own metrics: embed images/s, train (image, caption)
 pairs/s, generate captions/s. There is no reference to beat here: it proves that
@@ -139,6 +140,7 @@ def main() -> None:
             "train_steps": metrics["train"]["steps"],
             "scst_steps": metrics["scst"]["steps"],
             "captions": metrics["generate"]["captions"],
+            "clip_s": metrics["eval"].get("clip_s"),  # random weights: proves the path, says nothing of quality
             "device": metrics["train"]["device"],
             "precision": {k: metrics[k]["precision"] for k in ("embed", "train", "scst", "generate")},
             "stages": stages,

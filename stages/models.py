@@ -15,17 +15,19 @@ from stages.common import load, params_option
               help="folder to write the pinned model into  [default: data/models/KIND]")
 @click.option("--source", "source_dir", default="data/source", show_default=True,
               type=click.Path(file_okay=False),
-              help="prepared dataset folder; the demo GPT-2 takes its vocabulary from captions.json there")
+              help="prepared dataset folder; the demo GPT-2 and the realsize tokenizers take their vocabulary "
+                   "from captions.json there")
 def models(kind: str, params_path: str, out_dir: Optional[str], source_dir: str) -> None:
     """Pin the KIND model (clip or gpt) that params name into a local folder.
 
     `clip.model` / `gpt.model` is a hub id (at `revision`), a local folder, or
     `demo`. Hub and local models are loaded with from_pretrained
     (trust_remote_code off, safetensors preferred) and saved with save_pretrained:
-    for clip the vision tower with projection and its image processor, for gpt
-    GPT-2 and its tokenizer (pad = EOS). `demo` builds small seeded models from
-    `clip.demo` / `gpt.demo` instead. The folder gets pin.json with the model id,
-    resolved revision and the sha256 of the weights.
+    for clip the whole CLIP (or its vision tower alone, when that is all there is),
+    its image processor and tokenizer, for gpt GPT-2 and its tokenizer (pad = EOS).
+    `demo` builds small seeded models from `clip.demo` / `gpt.demo` instead, and
+    `realsize` the hub models' shapes with random weights. The folder gets pin.json
+    with the model id, resolved revision and the sha256 of the weights.
     """
     from pipeline.models.pin import pin_model
 

@@ -1,9 +1,10 @@
 """The real-size profile, reduced: `dvc repro` with configs/realsize.yaml (fewer images
 and steps, the same models) through bench/realsize.py, in a temporary git repository.
 
-ViT-B/32 and GPT-2 small with random weights, GPT-2's 50,257-row embedding and LM
-head, the byte-level BPE tokenizer trained on the captions and loaded as gpt2's,
-640x480 JPEGs: the shapes and code paths of a hub run, with no download.
+The whole CLIP ViT-B/32 (both towers, CLIP's BPE tokenizer) and GPT-2 small with random
+weights, GPT-2's 50,257-row embedding and LM head, the byte-level BPE tokenizer trained
+on the captions and loaded as gpt2's, 640x480 JPEGs: the shapes and code paths of a hub
+run (CLIPScore included), with no download.
 """
 from __future__ import annotations
 
@@ -41,14 +42,18 @@ def test_every_stage_ran_and_was_measured(run):
                 "peak_rss_mib"):
         assert result[key] > 0, key
     assert result["images"] == 40 and result["device"] == "cpu" and result["train_steps"] > 0
-    assert result["scst_steps"] > 0
+    assert result["scst_steps"] > 0 and isinstance(result["clip_s"], float)  # CLIPScore ran at real size
 
 
 def test_models_are_the_real_architectures(run):
     repo, _ = run
     clip = json.loads((repo / "data/models/clip/config.json").read_text())
-    assert (clip["hidden_size"], clip["num_hidden_layers"], clip["patch_size"], clip["image_size"],
-            clip["projection_dim"]) == (768, 12, 32, 224, 512)
+    assert clip["model_type"] == "clip" and clip["projection_dim"] == 512  # the whole CLIP, as the hub's
+    vision, text = clip["vision_config"], clip["text_config"]
+    assert (vision["hidden_size"], vision["num_hidden_layers"], vision["patch_size"], vision["image_size"],
+            vision["projection_dim"]) == (768, 12, 32, 224, 512)
+    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"], text["vocab_size"],
+            text["max_position_embeddings"], text["projection_dim"]) == (512, 12, 8, 49408, 77, 512)
     gpt = json.loads((repo / "data/models/gpt/config.json").read_text())
     assert (gpt["n_embd"], gpt["n_layer"], gpt["n_head"], gpt["vocab_size"], gpt["n_positions"]) == \
         (768, 12, 12, 50257, 1024)
@@ -93,8 +98,27 @@ def test_the_data_flowed_at_real_size(run):
     assert len(results) == generate["captions"] > 0
     scores = json.loads((repo / "data/metrics/eval.json").read_text())
     assert isinstance(scores["cider"], float)
+    # CLIPScore at real size: the pinned whole CLIP scored the captions of both models.
+    assert "clipscore_skipped" not in scores
+    assert all(isinstance(scores[k], float) for k in ("clip_s", "refclip_s", "xe_clip_s", "control_clip_s"))
     # Nothing left to do: the DAG is complete and cached.
     status = subprocess.run(["dvc", "status"], cwd=repo, capture_output=True, text=True,
                             env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                                      PYTHONPATH=str(repo)))
     assert "up to date" in status.stdout, status.stdout + status.stderr
+
+
+def test_the_trained_model_captions_a_file_and_keeps_the_whole_clip(run, tmp_path):
+    from pipeline.models.pretrained import clip_text_missing
+
+    repo, _ = run
+    assert clip_text_missing(repo / "data/model/clip") is None  # train's copy of the CLIP is whole too
+    with tarfile.open(next((repo / "data/images").glob("*.tar"))) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "photo.jpg").write_bytes(tar.extractfile(member).read())
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", "caption", "--model", "data/model", "--device", "cpu",
+                           "--max-new-tokens", "5", "--format", "jsonl", "--no-progress", str(tmp_path / "photo.jpg")],
+                          cwd=repo, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 1 and "error" not in rows[0] and rows[0]["captions"], rows

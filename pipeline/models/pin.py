@@ -138,8 +138,8 @@ def pin_model(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[
 
     The folder is written under a temporary name and renamed when whole, with
     ``pin.json`` = ``{"model_id", "revision", "sha256", "kind"}``, which is returned.
-    ``source_dir`` is the prepared dataset: the demo GPT-2's vocabulary comes from
-    its ``captions.json``.
+    ``source_dir`` is the prepared dataset: the vocabularies of the demo GPT-2 and of
+    both realsize tokenizers come from its ``captions.json``.
     """
     from pipeline.models.demo import build_demo_clip, build_demo_gpt
     from pipeline.models.realsize import build_realsize_clip, build_realsize_gpt
@@ -166,8 +166,8 @@ def pin_model(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[
                 extra["demo"] = params.gpt.demo.model_dump()
         elif model_id == REALSIZE:
             resolved = LOCAL
-            if kind == "clip":
-                build_realsize_clip(tmp)
+            if kind == "clip":  # both tokenizers learn the dataset's captions
+                build_realsize_clip(tmp, _demo_captions(source_dir, model_id, kind))
             else:
                 build_realsize_gpt(tmp, _demo_captions(source_dir, model_id))
         else:
@@ -188,15 +188,16 @@ def pin_model(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[
     return pin
 
 
-def _demo_captions(source_dir: Optional[Path], model_id: str = "demo") -> list[str]:
+def _demo_captions(source_dir: Optional[Path], model_id: str = "demo", kind: Kind = "gpt") -> list[str]:
     if source_dir is None:
-        raise ModelError(f"gpt.model {model_id!r}: needs the prepared demo dataset (source folder) for its vocabulary")
+        raise ModelError(f"{kind}.model {model_id!r}: needs the prepared demo dataset (source folder) "
+                         "for its vocabulary")
     path = Path(source_dir) / "captions.json"
     try:
         data = json.loads(path.read_text())
         return [str(a["caption"]) for a in data["annotations"]]
     except FileNotFoundError:
-        raise ModelError(f"{path}: not found; gpt.model {model_id!r} takes its vocabulary from the demo's "
+        raise ModelError(f"{path}: not found; {kind}.model {model_id!r} takes its vocabulary from the demo's "
                          "captions: run the prepare stage first (data.source: demo)") from None
     except (ValueError, KeyError, TypeError) as err:
         raise ModelError(f"{path}: not a COCO captions file ({err!r})") from None
