@@ -91,8 +91,18 @@ def test_repro_then_experiment(repo: Path):
         blocks = {k.split(".")[2] for k in f.keys() if k.startswith("blocks.layers.")}
     assert len(blocks) == 2
 
-    shown = _run(["dvc", "exp", "show", "--json"], repo)
-    assert "cider" in shown and "xe_cider" in shown and "scst.epochs" in shown
+    # `dvc exp show` compares the experiments: scst.epochs 0 and 1, each with both models' CIDEr.
+    rows = [exp["revs"][0] if "revs" in exp else exp
+            for commit in json.loads(_run(["dvc", "exp", "show", "--json"], repo))
+            for exp in [commit, *(commit.get("experiments") or [])]]
+    seen = {}
+    for row in rows:
+        data = (row.get("data") or {})
+        params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+        metrics = data.get("metrics", {}).get("data/metrics/eval.json", {}).get("data", {})
+        if "scst" in params and "cider" in metrics and "xe_cider" in metrics:
+            seen[params["scst"]["epochs"]] = metrics["cider_vs_xe"]
+    assert {0, 1} <= set(seen) and seen[0] == 1.0, seen
 
     # A decoding change reruns generate and evaluate only: train does not read the generate section.
     out = _run(["dvc", "exp", "run", "-S", "generate.num_beams=3", "-S", "generate.num_return_sequences=2"], repo)
