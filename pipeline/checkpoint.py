@@ -105,38 +105,11 @@ def digest_files(path: str | Path) -> str:
 
 
 def describe_difference(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 4) -> str:
-    """Which identity entries differ, as ``key: saved -> current`` (nested keys dotted)."""
-    a, b = _flatten_keys(_plain(saved)), _flatten_keys(_plain(current))
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, _MISSING) != b.get(key, _MISSING):
-            diffs.append(f"{key}: {_short(a.get(key, _MISSING))} there, {_short(b.get(key, _MISSING))} here")
-    if not diffs:
-        return "the identity digest differs"
-    more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
-    return "; ".join(diffs[:limit]) + more
+    """Which identity entries differ, as ``key: saved there, current here`` (nested keys dotted)."""
+    from pipeline import fingerprint
 
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-_MISSING = _Missing()
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 24 else text[:12] + "…" + text[-8:]
-
-
-def _flatten_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten_keys(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
+    return fingerprint.describe_difference(_plain(saved), _plain(current), limit,
+                                           nothing="the identity digest differs")
 
 
 def _plain(obj: Any) -> Any:

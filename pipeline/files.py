@@ -8,6 +8,8 @@ prepared sources) that replace the previous ones only once whole.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -40,6 +42,18 @@ def write_json(path: str | Path, obj: Any, **dumps_options: Any) -> None:
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     """One JSON object per line (UTF-8 kept as is), e.g. status and per-image files."""
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_csv(path: str | Path, fields: tuple[str, ...], rows: Iterable[Mapping[str, Any]]) -> None:
+    """A curve as CSV (x first) for `dvc plots show`, written whole: floats to 6
+    significant digits, a missing or None value as an empty cell."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                    for k in fields})
+    write_atomic(path, buf.getvalue())
 
 
 def finite_or_none(value: Any) -> Any:

@@ -147,18 +147,25 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:12] + "…" + text[-8:]
 
 
-_ABSENT = "<absent>"
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
 
 
-def describe_difference(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 4) -> str:
-    """Which entries differ, as ``key: saved there, current here`` (nested keys dotted)."""
+_ABSENT = _Absent()  # a key one side lacks; never equal to any value
+
+
+def describe_difference(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 4,
+                        nothing: str = "the fingerprints differ") -> str:
+    """Which entries differ, as ``key: saved there, current here`` (nested keys dotted);
+    ``nothing`` when no entry does (the digests differ in what the entries do not show)."""
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, _ABSENT) != b.get(key, _ABSENT):
             diffs.append(f"{key}: {_short(a.get(key, _ABSENT))} there, {_short(b.get(key, _ABSENT))} here")
     if not diffs:
-        return "the fingerprints differ"
+        return nothing
     more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
     return "; ".join(diffs[:limit]) + more
 

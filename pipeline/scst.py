@@ -23,8 +23,6 @@ caption (Rennie et al.).
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import shutil
@@ -40,7 +38,7 @@ from pipeline.errors import CaplineError
 from pipeline.evaluate.cider import CiderD, Vector
 from pipeline.evaluate.tokenizer import fast_ptb_tokenize
 from pipeline.features import FeatureShardError
-from pipeline.files import replace_dir, temp_dir_for, write_atomic, write_metrics
+from pipeline.files import replace_dir, temp_dir_for, write_csv, write_metrics
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.params import ScstParams
 from pipeline.runtime import autocast, choose_device, choose_precision, current_rank
@@ -212,8 +210,8 @@ def scst(
     started = time.perf_counter()
     if params.epochs == 0:
         _pass_through(Path(model_dir), Path(out_dir))
-        write_curve(curve_path, [], REWARD_FIELDS)
-        write_curve(val_curve_path, [], VAL_FIELDS)
+        write_csv(curve_path, REWARD_FIELDS, [])
+        write_csv(val_curve_path, VAL_FIELDS, [])
         metrics = {"epochs": 0, "passed_through": True, "seconds": round(time.perf_counter() - started, 2)}
         write_metrics(metrics_path, metrics)
         return metrics
@@ -336,8 +334,8 @@ def _run(model_dir: Path, features_dir: Path, out_dir: Path, curve_path: Path, v
             # Without a val split the last epoch is kept.
             prog.best_cider, prog.best_epoch, best_weights = cider, epoch, _trainable_state(learning)
         prog.epoch, prog.position, prog.epoch_rewards = epoch, 0, []
-        write_curve(curve_path, prog.curve, REWARD_FIELDS)
-        write_curve(val_curve_path, prog.val_curve, VAL_FIELDS)
+        write_csv(curve_path, REWARD_FIELDS, prog.curve)
+        write_csv(val_curve_path, VAL_FIELDS, prog.val_curve)
         checkpoint()
         bar.write(f"epoch {epoch}: mean sample reward {prog.val_curve[-1]['sample_reward']:.4f}"
                   + (f"  val CIDEr-D {cider:.4f}" if cider is not None else ""))
@@ -351,8 +349,8 @@ def _run(model_dir: Path, features_dir: Path, out_dir: Path, curve_path: Path, v
 
     clip = model_dir / CLIP_SUBDIR
     model.save(out_dir, clip_dir=clip if clip.is_dir() else None)
-    write_curve(curve_path, prog.curve, REWARD_FIELDS)
-    write_curve(val_curve_path, prog.val_curve, VAL_FIELDS)
+    write_csv(curve_path, REWARD_FIELDS, prog.curve)
+    write_csv(val_curve_path, VAL_FIELDS, prog.val_curve)
     seconds = time.perf_counter() - started
     metrics = {
         "epochs": params.epochs,
@@ -440,16 +438,6 @@ def _pass_through(model_dir: Path, out_dir: Path) -> None:
     shutil.rmtree(tmp)
     shutil.copytree(model_dir, tmp)
     replace_dir(tmp, out_dir)
-
-
-def write_curve(path: str | Path, rows: list[dict], fields: tuple[str, ...]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
-                    for k in fields})
-    write_atomic(path, buf.getvalue())
 
 
 def _round(x: Optional[float]) -> Optional[float]:

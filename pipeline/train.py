@@ -26,8 +26,6 @@ identity, resume), ``run_epoch`` (steps, validation, checkpoints) and ``finish``
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import math
 import shutil
@@ -42,7 +40,7 @@ import torch
 
 from pipeline.checkpoint import Checkpoints, capture_rng, digest_files, load_checkpoint, restore_rng
 from pipeline.errors import CaplineError
-from pipeline.files import write_atomic, write_metrics
+from pipeline.files import write_csv, write_metrics
 from pipeline.models.captioner import ClipCaptioner, check_clip_folder
 from pipeline.models.mapper import count_parameters, mapper_class
 from pipeline.params import MapperParams, ParamsError, TrainParams
@@ -560,17 +558,6 @@ def _sum_across(value: int, device: torch.device) -> float:
 def write_curves(run: Run) -> None:
     write_csv(run.curve_path, CURVE_FIELDS, run.progress.curve)
     write_csv(run.val_curve_path, VAL_FIELDS, run.progress.val_curve)
-
-
-def write_csv(path: Path, fields: tuple, rows: list[dict]) -> None:
-    """A curve as CSV (x = step) for `dvc plots show`, written whole."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
-                    for k in fields})
-    write_atomic(path, buf.getvalue())
 
 
 def _fmt(x: Optional[float]) -> str:
