@@ -115,18 +115,20 @@ def run_evaluate(
     with Meteor(java=java) as meteor:
         model = score_tokenized(gts, res_tok, meteor=meteor, java=java)
         steps.update()
+
+        def score_other(name: str, results: Mapping, label: str) -> Scores:
+            """A second caption set (the control, the cross-entropy model) against its images' references."""
+            steps.set_postfix_str(label)
+            other_ids = list(results)
+            scores = score_tokenized({i: gts_all[i] for i in other_ids},
+                                     {i: [t] for i, t in zip(other_ids, cand[name])}, meteor=meteor)
+            steps.update()
+            return scores
+
         if ctl is not None:
-            steps.set_postfix_str("control")
-            cids = list(ctl)
-            control_scores = score_tokenized({i: gts_all[i] for i in cids},
-                                             {i: [t] for i, t in zip(cids, cand["control"])}, meteor=meteor)
-            steps.update()
+            control_scores = score_other("control", ctl, "control")
         if xe_res is not None:
-            steps.set_postfix_str("cross-entropy model")
-            xids = list(xe_res)
-            xe_scores = score_tokenized({i: gts_all[i] for i in xids},
-                                        {i: [t] for i, t in zip(xids, cand["xe"])}, meteor=meteor)
-            steps.update()
+            xe_scores = score_other("xe", xe_res, "cross-entropy model")
         if candidates:
             steps.set_postfix_str(f"baseline ({len(candidates)} candidates)")
             best = best_constant_caption(candidates, cand["baseline"], gts)
