@@ -314,13 +314,18 @@ def part_generate(cfg, args, tmp: Path, model_dir: Path, features: Path, report:
     return m
 
 
-def torchrun(stage: str, args: list[str], timeout: float) -> float:
-    """`capline STAGE ARGS` under a 2-process torchrun, as a user runs it; returns the wall time."""
+def torchrun(stage: str, args: list[str], workdir: Path, timeout: float) -> float:
+    """`capline STAGE ARGS` under a 2-process torchrun, as a user runs it; returns the wall time.
+
+    It runs in ``workdir`` (the check's own temporary folder), never in the project root:
+    a path the check forgot to pass then resolves to a default under ``workdir`` instead
+    of reading or writing the user's ``data/``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "stages.cli", stage, *args, "--no-progress"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun {stage} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return time.perf_counter() - start
@@ -340,15 +345,21 @@ def part_torchrun(cfg, args, tmp: Path, gpt_dir: Path, model_dir: Path, features
         "generate": {"split": "test", "batch_size": cfg["gen_batch"], "num_beams": cfg["beams"],
                      "max_new_tokens": cfg["new_tokens"], "precision": precision},
     }))
+    # Every output path explicit. The features' CLIP has no folder here: --clip is left at its
+    # default, which resolves inside the empty workdir, so train copies no CLIP in (it warns).
+    workdir = tmp / "torchrun-cwd"
     wall = torchrun("train", ["--params", str(params), "--features", str(features), "--gpt", str(gpt_dir),
-                              "--out", str(tmp / "model-ddp"), "--curve", str(tmp / "loss-ddp.csv"),
-                              "--metrics", str(tmp / "train-ddp.json")], timeout=300)
+                              "--out", str(tmp / "model-ddp"),
+                              "--curve", str(tmp / "loss-ddp.csv"), "--val-curve", str(tmp / "val-ddp.csv"),
+                              "--checkpoints", str(tmp / "checkpoints-ddp"),
+                              "--metrics", str(tmp / "train-ddp.json")], workdir, timeout=300)
     m = json.loads((tmp / "train-ddp.json").read_text())
     report.row("torchrun", "capline train, 2 processes (DDP)", samples_per_s=m["samples_per_s"],
                world_size=m["world_size"], steps=m["steps"], wall_s=round(wall, 1))
     out = tmp / "captions-torchrun"
     wall = torchrun("generate", ["--params", str(params), "--model", str(model_dir), "--features", str(features),
-                                 "--out", str(out), "--metrics", str(tmp / "generate-torchrun.json")], timeout=300)
+                                 "--out", str(out), "--metrics", str(tmp / "generate-torchrun.json")], workdir,
+                     timeout=300)
     one = json.loads((tmp / "captions" / "results.json").read_text())
     two = json.loads((out / "results.json").read_text())
     same = sum(a == b for a, b in zip(one, two))

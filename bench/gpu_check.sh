@@ -28,7 +28,8 @@
 #       --platform manylinux2014_x86_64 --platform manylinux2014_aarch64 -d .whl pydantic; done
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ROOT="$PWD"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY="${PYTHON:-python3}"
 
@@ -41,10 +42,11 @@ if missing:
 EOF
 
 SITE=""
+WORK="$(mktemp -d)"
+trap 'rm -rf "$SITE" "$WORK"' EXIT
 if ! "$PY" -c "import pydantic" 2>/dev/null; then
   if compgen -G ".whl/pydantic-*.whl" >/dev/null; then
     SITE="$(mktemp -d)"
-    trap 'rm -rf "$SITE"' EXIT
     if "$PY" -m pip install --quiet --disable-pip-version-check --no-index --find-links .whl --target "$SITE" \
          pydantic >/dev/null 2>&1 && PYTHONPATH="$PYTHONPATH:$SITE" "$PY" -c "import pydantic" 2>/dev/null; then
       export PYTHONPATH="$PYTHONPATH:$SITE"
@@ -58,5 +60,8 @@ if ! "$PY" -c "import pydantic" 2>/dev/null; then
   fi
 fi
 
+# The check works in an empty folder of its own: a path it did not pass resolves there,
+# never to the project's data/ (a user's pipeline outputs).
+cd "$WORK"
 # 8 minutes in all: the parts get 450 s, the wrapper stops everything at 470 s.
-timeout --kill-after=10 470 "$PY" bench/_gpu_check.py "$@"
+timeout --kill-after=10 470 "$PY" "$ROOT/bench/_gpu_check.py" "$@"

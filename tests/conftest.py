@@ -9,6 +9,7 @@ that writes into one fails there instead of quietly changing what later tests se
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,6 +19,43 @@ from tests.helpers.features import scene_table, write_features
 from tests.helpers.loopback import LoopbackServer
 from tests.helpers.models import (folder_digest, make_tiny_clip, save_hub_like_clip, save_hub_like_gpt,
                                   save_tiny_gpt, torch_threads)
+from tests.helpers.project_guard import changes, message, snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------ the user's project
+@pytest.fixture(scope="session", autouse=True)
+def suite_workdir(tmp_path_factory) -> Iterator[Path]:
+    """The suite runs in an empty folder of its own, never in the project root: a default
+    path (``data/models/clip``, ``params.yaml``) a test forgot to pass resolves there, not to
+    the user's pipeline outputs. Subprocesses still import this checkout (PYTHONPATH). The
+    whole session is checked against a snapshot of the project, fixtures' set-up included."""
+    before = snapshot(ROOT)
+    workdir = tmp_path_factory.mktemp("cwd")
+    old_cwd, old_path = os.getcwd(), os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), old_path) if p)
+    os.chdir(workdir)
+    yield workdir
+    os.chdir(old_cwd)
+    if old_path is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old_path
+    diff = changes(before, snapshot(ROOT))
+    if diff:
+        raise AssertionError(message(ROOT, "the test session", diff))
+
+
+@pytest.fixture(autouse=True)
+def project_untouched(request) -> Iterator[None]:
+    """Each test leaves the project's files (data/, .dvc/tmp, dvc_plots/, git refs, ...) as it
+    found them; the failure names the test and the paths."""
+    before = snapshot(ROOT)
+    yield
+    diff = changes(before, snapshot(ROOT))
+    if diff:
+        pytest.fail(message(ROOT, request.node.nodeid, diff), pytrace=False)
 
 
 def _check_unchanged(folder: Path, digest: str) -> None:

@@ -23,7 +23,6 @@ from pipeline.records import Record
 from tests.helpers.images import jpeg, read_status
 from tests.helpers.loopback import LoopbackServer, Reply
 
-ROOT = Path(__file__).resolve().parents[1]
 N, PER_SHARD = 60, 10
 
 
@@ -52,10 +51,10 @@ def test_kill_and_resume_is_byte_identical(tmp_path, loopback):
            "--source", str(source), "--no-progress"]
     # Uninterrupted reference run.
     subprocess.run(cmd + ["--out", str(tmp_path / "ref"), "--metrics", str(tmp_path / "ref.json")],
-                   cwd=ROOT, check=True, capture_output=True)
+                   cwd=tmp_path, check=True, capture_output=True)
     # Interrupted run: SIGKILL once two shards are finished.
     out = tmp_path / "out"
-    proc = subprocess.Popen(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=ROOT,
+    proc = subprocess.Popen(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (out / "00001.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -65,7 +64,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, loopback):
     done = sorted(p.name for p in out.glob("*.tar"))
     assert 2 <= len(done) < N // PER_SHARD, done  # killed midway
     hits_before = dict(loopback.hits)
-    subprocess.run(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=ROOT, check=True,
+    subprocess.run(cmd + ["--out", str(out), "--metrics", str(tmp_path / "m.json")], cwd=tmp_path, check=True,
                    capture_output=True)
     assert _files(out) == _files(tmp_path / "ref")
     # Finished shards were kept, not fetched again.
@@ -126,7 +125,7 @@ def test_peak_memory_does_not_grow_with_records(tmp_path):
 
     def peak(n: int) -> int:
         out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(image), str(tmp_path / f"o{n}")],
-                             cwd=ROOT, check=True, capture_output=True, text=True)
+                             cwd=tmp_path, check=True, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
 
     small, large = peak(600), peak(6000)  # 6000 x 6 kB = 36 MB if the input were held
@@ -348,7 +347,7 @@ def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(t
     gate.clear()
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "download", "--params", str(params),
                              "--source", str(source), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
-                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "out.partial"
     deadline = time.monotonic() + 120
     while not (list(partial.glob("00001@*.tar")) and loopback.hits["/10.jpg"]):

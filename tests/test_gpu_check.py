@@ -19,7 +19,7 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 def _run(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     env = dict(env or os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True,
                           timeout=600)
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
     return proc, json.loads(last) if last.startswith("{") else {}
