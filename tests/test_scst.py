@@ -203,6 +203,20 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(xe, tmp_path, cap
     assert f"scst: resumed from {ckpt / 'step-000000001'}" in caplog.text and "ignored" not in caplog.text
 
 
+def test_scst_refuses_more_than_one_process(xe, tmp_path, monkeypatch):
+    """SCST runs in one process: its checkpoints hold one process's RNG state and its
+    checkpoint identity has no world size. Started by torchrun (WORLD_SIZE 2) it stops
+    before anything is read or written."""
+    from pipeline.errors import CaplineError
+
+    root, feats = xe
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(CaplineError, match="runs in one process"):
+        run(root, feats, "two_processes", SCST.model_copy(update={"epochs": 1}), checkpoint_dir=tmp_path / "ck")
+    assert not (root / "two_processes").exists() and not (tmp_path / "ck").exists()
+
+
 @needs_java
 def test_reward_is_cider_d_with_the_training_splits_document_frequencies(xe, tmp_path):
     """The reward SCST hands the policy is CIDEr-D against the image's training references
