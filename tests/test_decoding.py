@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models.decoding import decoding_from_config, generation_config, row_seed
-from pipeline.params import Decoding, ParamsError, parse_params
+from pipeline.text.decoding import decoding_from_config, generation_config, row_seed
+from pipeline.core.params import Decoding, ParamsError, parse_params
 
 VALID = [
     {},
@@ -59,8 +59,8 @@ def test_bf16_weights_keep_an_fp32_lm_head(tiny_gpt_dir):
     import torch
 
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.models.decoding import prepare_for_inference
-    from pipeline.params import MapperParams
+    from pipeline.text.decoding import prepare_for_inference
+    from pipeline.core.params import MapperParams
     from tests.helpers.models import load_tiny_gpt, torch_threads
 
     with torch_threads(1):
@@ -91,7 +91,7 @@ def untrained(tiny_gpt_dir):
     import torch
 
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.params import MapperParams
+    from pipeline.core.params import MapperParams
     from tests.helpers.models import load_tiny_gpt, torch_threads
 
     with torch_threads(1):
@@ -103,7 +103,7 @@ def untrained(tiny_gpt_dir):
 
 
 def _decode(untrained, **settings) -> list[list[str]]:
-    from pipeline.models.decoding import decode_batch
+    from pipeline.text.decoding import decode_batch
     from tests.helpers.models import torch_threads
 
     model, vectors, keys = untrained

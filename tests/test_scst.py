@@ -15,7 +15,7 @@ import torch
 
 from tests.helpers.features import scene_table, write_features
 from tests.helpers.models import save_tiny_gpt
-from pipeline.params import MapperParams, ScstParams, TrainParams
+from pipeline.core.params import MapperParams, ScstParams, TrainParams
 
 needs_java = pytest.mark.skipif(
     subprocess.run(["java", "-version"], capture_output=True).returncode != 0, reason="needs Java")
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def xe(tmp_path_factory):
     """A cross-entropy model on a small learnable task (fine-tuned GPT-2), and one with GPT-2 frozen."""
-    from pipeline.train import train
+    from pipeline.train.run import train
 
     root = tmp_path_factory.mktemp("scst")
     gpt = save_tiny_gpt(root / "gpt")
@@ -43,7 +43,7 @@ def xe(tmp_path_factory):
 
 
 def run(root: Path, feats: Path, out: str, params: ScstParams, model: str = "xe", **kwargs) -> dict:
-    from pipeline.scst import scst
+    from pipeline.scst.run import scst
 
     return scst(root / model, feats, root / out / "model", root / out / "reward.csv", root / out / "val.csv",
                 root / out / "scst.json", params, progress=False, **kwargs)
@@ -56,7 +56,7 @@ def read_csv(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ pieces
 def test_advantages_mean_of_others_and_greedy():
-    from pipeline.scst import advantages
+    from pipeline.scst.run import advantages
 
     r = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two images, three samples each
     assert np.allclose(advantages(r, 3), [1 - 2.5, 2 - 2.0, 3 - 1.5, 0 - 3.0, 0 - 3.0, 6 - 0.0])
@@ -69,7 +69,7 @@ def test_advantages_mean_of_others_and_greedy():
 
 
 def test_caption_mask_stops_after_the_first_eos():
-    from pipeline.scst import caption_mask
+    from pipeline.scst.run import caption_mask
 
     ids = torch.tensor([[5, 6, 0, 0, 0], [5, 0, 7, 0, 0], [5, 6, 7, 8, 9]])
     assert caption_mask(ids, 0).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
@@ -78,9 +78,9 @@ def test_caption_mask_stops_after_the_first_eos():
 def test_scored_log_probabilities_are_the_sampling_policy(xe):
     """What the loss weighs, token_logprobs of the sampled ids, equals the log-probabilities
     generate sampled them with (transformers' own transition scores)."""
-    from pipeline.features import load_features
+    from pipeline.formats.features import load_features
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.scst import caption_mask
+    from pipeline.scst.run import caption_mask
 
     root, feats = xe
     model = ClipCaptioner.load(root / "xe")
@@ -157,7 +157,7 @@ def test_a_ruinous_run_keeps_the_cross_entropy_weights(xe):
 
 @needs_java
 def test_killed_run_resumes_to_the_same_bytes(xe, tmp_path):
-    from pipeline.scst import Stopped
+    from pipeline.scst.run import Stopped
 
     root, feats = xe
     params = SCST.model_copy(update={"epochs": 2, "checkpoint_every": 2})
@@ -179,8 +179,8 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(xe, tmp_path, cap
     """A checkpoint made with another scst.lr is not resumed: it is named with the
     difference and replaced by this run's. One made with another log_every (which does
     not change the trajectory) is resumed."""
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.scst import Stopped
+    from pipeline.core.checkpoint import load_checkpoint
+    from pipeline.scst.run import Stopped
 
     root, feats = xe
     params = SCST.model_copy(update={"epochs": 1, "checkpoint_every": 1})
@@ -207,7 +207,7 @@ def test_scst_refuses_more_than_one_process(xe, tmp_path, monkeypatch):
     """SCST runs in one process: its checkpoints hold one process's RNG state and its
     checkpoint identity has no world size. Started by torchrun (WORLD_SIZE 2) it stops
     before anything is read or written."""
-    from pipeline.errors import CaplineError
+    from pipeline.core.errors import CaplineError
 
     root, feats = xe
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -225,8 +225,8 @@ def test_reward_is_cider_d_with_the_training_splits_document_frequencies(xe, tmp
     weigh the captions' n-grams differently. One step over all 33 training images, greedy baseline: the step's
     baseline reward is the mean reward of the cross-entropy model's greedy captions,
     which the test computes itself."""
-    from pipeline.evaluate.cider import CiderD
-    from pipeline.evaluate.tokenizer import fast_ptb_tokenize, ptb_tokenize
+    from pipeline.text.cider import CiderD
+    from pipeline.text.tokenizer import fast_ptb_tokenize, ptb_tokenize
     from pipeline.models.captioner import ClipCaptioner
 
     root, _ = xe
@@ -242,7 +242,7 @@ def test_reward_is_cider_d_with_the_training_splits_document_frequencies(xe, tmp
     assert len(train_rows) == 33 and len(val_rows) == 3
     params = SCST.model_copy(update={"epochs": 1, "batch_size": 33, "samples": 2, "baseline": "greedy",
                                      "log_every": 1})
-    from pipeline.scst import scst
+    from pipeline.scst.run import scst
 
     out = tmp_path / "out"
     scst(root / "xe", feats, out / "model", out / "reward.csv", out / "val.csv", out / "scst.json", params,
@@ -284,7 +284,7 @@ def test_frozen_gpt_stays_frozen(xe):
 
 
 def test_params_refuse_mean_baseline_with_one_sample():
-    from pipeline.params import ParamsError, parse_params
+    from pipeline.core.params import ParamsError, parse_params
 
     with pytest.raises(ParamsError, match="scst.samples"):
         parse_params({"scst": {"samples": 1}})
