@@ -157,3 +157,21 @@ def test_formulas_on_known_vectors():
     refs = [np.array([[0.6, 0.8], [1.0, 0.0]]), np.array([[-1.0, 0.0]]), np.array([[1.0, 0.0]])]
     r = refclip_s(s, cap, refs)
     assert np.allclose(r, [2 * 1.5 * 1.0 / 2.5, 0.0, 0.0])
+
+
+def test_negative_cosines_are_clipped_to_zero():
+    """CLIP-S is 2.5 * max(cos, 0): a caption pointing away from its image scores 0, not
+    below; RefCLIP-S's reference term is clipped the same way, so a caption whose every
+    reference points away from it has RefCLIP-S 0 however well it fits the image."""
+    from pipeline.evaluate.clipscore import clip_s, refclip_s
+
+    img = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])
+    cap = np.array([[-0.6, 0.8], [0.0, -1.0], [0.6, 0.8], [0.8, 0.6]])  # cos -0.6, -1, 1, 0.8
+    s = clip_s(img, cap)
+    assert np.allclose(s, [0.0, 0.0, 2.5, 2.0]) and (s >= 0).all()
+    refs = [np.array([[-0.6, 0.8]]),  # cos 1 to its caption, but CLIP-S is 0
+            np.array([[0.0, 1.0]]),  # cos -1
+            np.array([[-0.6, -0.8], [0.8, -0.6]]),  # cos -1 and 0 (the best: 0)
+            np.array([[-0.8, -0.6], [-0.6, 0.8]])]  # cos -1 and -0.12: every reference points away
+    r = refclip_s(s, cap, refs)
+    assert np.allclose(r, [0.0, 0.0, 0.0, 0.0]) and (r >= 0).all()

@@ -110,6 +110,33 @@ def test_prepare_stops_on_a_bad_spec_and_keeps_the_old_output(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.parametrize("source", ["tsv", "csv", "jsonl"])
+def test_an_image_listed_on_several_lines_stays_in_one_split(tmp_path, source):
+    """List sources give one record per line; an image (its URL) listed again with another
+    caption gets a record of its own, in the same split: no image is in two splits, so
+    none of val's or test's images is trained on. 30 images, 3 lines each, interleaved."""
+    from collections import defaultdict
+
+    lines = [(f"caption {n} of image {i}", f"http://x/{i}.jpg") for n in range(3) for i in range(30)]
+    if source == "tsv":
+        text = "".join(f"{c}\t{u}\n" for c, u in lines)
+    elif source == "csv":
+        text = "url,caption\n" + "".join(f"{u},{c}\n" for c, u in lines)
+    else:
+        text = "".join(json.dumps({"url": u, "caption": c}) + "\n" for c, u in lines)
+    (tmp_path / f"l.{source}").write_text(text)
+    prepare(tmp_path / "src", DataParams(source=source, annotations=str(tmp_path / f"l.{source}"),
+                                         val_fraction=0.3, test_fraction=0.3))
+    records = list(iter_records(tmp_path / "src"))
+    assert len(records) == 90 and len({r.key for r in records}) == 90
+    splits = defaultdict(set)
+    for r in records:
+        splits[r.url].add(r.split)
+    assert len(splits) == 30
+    assert {u: s for u, s in splits.items() if len(s) > 1} == {}
+    assert set.union(*splits.values()) == {"train", "val", "test"}  # every split is used
+
+
 def test_prepare_duplicate_keys_refused(tmp_path):
     (tmp_path / "l.jsonl").write_text('{"url": "http://x/1", "key": "a"}\n{"url": "http://x/2", "key": "a"}\n')
     with pytest.raises(DatasetError, match="'a' appears twice"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline.text.decoding import decoding_from_config, generation_config, row_seed
 from pipeline.core.params import Decoding, ParamsError, parse_params
@@ -75,3 +76,115 @@ def test_bf16_weights_keep_an_fp32_lm_head(tiny_gpt_dir):
         assert logits.dtype == torch.float32
         # Rounded to bf16 and back, almost every logit would change: they were not bf16.
         assert (logits != logits.bfloat16().float()).float().mean() > 0.9
+
+
+# ------------------------------------------- what the settings do to the captions
+# An untrained captioner (random MLP mapper on the scene-word GPT-2, 12 tokens) repeats
+# itself and spreads its probability over several tokens: without the settings below its
+# captions repeat bigrams and its samples leave the top-k and the nucleus, so each test
+# can fail. Every check first shows that the setting has something to change.
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_gpt_dir):
+    import torch
+
+    from pipeline.models.captioner import ClipCaptioner
+    from pipeline.core.params import MapperParams
+    from tests.helpers.models import load_tiny_gpt, torch_threads
+
+    with torch_threads(1):
+        gpt, tok = load_tiny_gpt(tiny_gpt_dir)
+        torch.manual_seed(0)
+        model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok)
+        vectors = torch.randn(8, 16)
+        yield model.eval(), vectors, [f"img-{i}" for i in range(len(vectors))]
+
+
+def _decode(untrained, **settings) -> list[list[str]]:
+    from pipeline.text.decoding import decode_batch
+    from tests.helpers.models import torch_threads
+
+    model, vectors, keys = untrained
+    with torch_threads(1):
+        nbest = decode_batch(model, vectors, Decoding(max_new_tokens=MAX_TOKENS, **settings), keys)
+    return nbest
+
+
+def _repeats(text: str, n: int) -> bool:
+    words = text.split()  # the tokenizer is word-level: a word is a token
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("mode, sizes", [({"num_beams": 1}, (2, 3)), ({"num_beams": 3}, (2, 3)),
+                                         ({"num_beams": 1, "do_sample": True, "num_return_sequences": 3}, (2,))],
+                         ids=["greedy", "beam", "sample"])
+def test_no_repeat_ngram_size_applies_when_decoding(untrained, mode, sizes):
+    """The decode call itself honours no_repeat_ngram_size (not only the written config)."""
+    for n in sizes:  # the sizes at which this mode's captions repeat without the setting
+        free = [c.text for caps in _decode(untrained, **mode) for c in caps]
+        assert any(_repeats(t, n) for t in free), free  # without it, captions repeat n-grams
+        held = [c.text for caps in _decode(untrained, no_repeat_ngram_size=n, **mode) for c in caps]
+        assert not [t for t in held if _repeats(t, n)], held
+        assert sum(len(t.split()) > n for t in held) >= len(held) // 2  # long enough to repeat
+
+
+def _sampled_tokens(untrained, nbest) -> list[tuple[torch.Tensor, int]]:
+    """(the model's next-token probabilities, the sampled token) at every step of the sampled
+    captions whose tokens are known exactly: re-encoding the text gives back the caption's
+    own score (its mean token log-probability). A caption holding ``<unk>``, which decoding
+    drops from the text, does not, and is left out."""
+    import torch
+
+    model, vectors, _ = untrained
+    out = []
+    for i, caps in enumerate(nbest):
+        for cap in caps:
+            ids = model.tokenizer(cap.text, add_special_tokens=False)["input_ids"]
+            if len(ids) < MAX_TOKENS:
+                ids = ids + [model.eos_token_id]
+            ids_t = torch.tensor([ids])
+            with torch.no_grad():
+                logp = model.token_logprobs(vectors[i:i + 1], ids_t, torch.ones_like(ids_t))[0]
+                probs = model.gpt(inputs_embeds=torch.cat(
+                    [model.prefix(vectors[i:i + 1]), model.gpt.get_input_embeddings()(ids_t)], dim=1)
+                ).logits[0, model.prefix_length - 1:-1].float().softmax(-1)
+            if abs(float(logp.mean()) - cap.score) < 1e-4:
+                out += list(zip(probs, ids))
+    return out
+
+
+def _ahead(probs, token):
+    """The probability of the tokens more likely than ``token``, and how many they are."""
+    above = probs[probs > probs[token]]
+    return float(above.sum()), len(above)
+
+
+SAMPLE = {"num_beams": 1, "do_sample": True, "num_return_sequences": 4}
+
+
+def test_top_k_applies_when_sampling(untrained):
+    greedy = _decode(untrained, num_beams=1)
+    assert _decode(untrained, do_sample=True, num_beams=1) != greedy  # plain samples differ
+    assert _decode(untrained, do_sample=True, num_beams=1, top_k=1) == greedy
+    for k in (2, 3):
+        free = _sampled_tokens(untrained, _decode(untrained, **SAMPLE))
+        assert any(_ahead(p, t)[1] >= k for p, t in free)  # without top_k, samples leave the top k
+        kept = _sampled_tokens(untrained, _decode(untrained, top_k=k, **SAMPLE))
+        assert len(kept) >= 50 and any(_ahead(p, t)[1] > 0 for p, t in kept)  # not greedy either
+        assert all(_ahead(p, t)[1] < k for p, t in kept)
+
+
+def test_top_p_applies_when_sampling(untrained):
+    greedy = _decode(untrained, num_beams=1)
+    assert _decode(untrained, do_sample=True, num_beams=1) != greedy
+    assert _decode(untrained, do_sample=True, num_beams=1, top_p=1e-6) == greedy
+    for p_top in (0.5, 0.7):
+        free = _sampled_tokens(untrained, _decode(untrained, **SAMPLE))
+        assert any(_ahead(p, t)[0] >= p_top for p, t in free)  # without top_p, samples leave the nucleus
+        kept = _sampled_tokens(untrained, _decode(untrained, top_p=p_top, **SAMPLE))
+        assert len(kept) >= 50 and any(_ahead(p, t)[1] > 0 for p, t in kept)
+        # In the nucleus: the tokens more likely than the sampled one hold less than top_p.
+        assert all(_ahead(p, t)[0] < p_top for p, t in kept)

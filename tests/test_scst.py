@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -171,6 +172,100 @@ def test_killed_run_resumes_to_the_same_bytes(xe, tmp_path):
         assert (root / "whole" / name).read_bytes() == (root / "resumed" / name).read_bytes(), name
     assert metrics["steps"] == 2 * steps_per_epoch
     assert not [p for p in ckpt.iterdir() if p.name.startswith("step-")]  # removed when done
+
+
+@needs_java
+def test_checkpoint_of_other_params_is_ignored_with_the_reason(xe, tmp_path, caplog):
+    """A checkpoint made with another scst.lr is not resumed: it is named with the
+    difference and replaced by this run's. One made with another log_every (which does
+    not change the trajectory) is resumed."""
+    from pipeline.core.checkpoint import load_checkpoint
+    from pipeline.scst.run import Stopped
+
+    root, feats = xe
+    params = SCST.model_copy(update={"epochs": 1, "checkpoint_every": 1})
+    ckpt = tmp_path / "ckpt"
+    steps = lambda: sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-"))  # noqa: E731
+    with pytest.raises(Stopped):
+        run(root, feats, "first", params, checkpoint_dir=ckpt, stop_after=2)
+    assert steps() == ["step-000000001", "step-000000002"]
+    other = params.model_copy(update={"lr": 4e-3})
+    with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(Stopped):
+        run(root, feats, "other", other, checkpoint_dir=ckpt, stop_after=1)
+    assert "step-000000002 ignored: made by another run (scst.lr: 0.002 there, 0.004 here)" in caplog.text
+    assert "resumed from" not in caplog.text
+    # It started over: one step done, its own checkpoint in place of the other run's.
+    assert steps() == ["step-000000001"]
+    assert load_checkpoint(ckpt / "step-000000001").identity["scst"]["lr"] == 4e-3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(Stopped):
+        run(root, feats, "other", other.model_copy(update={"log_every": 3}), checkpoint_dir=ckpt, stop_after=2)
+    assert f"scst: resumed from {ckpt / 'step-000000001'}" in caplog.text and "ignored" not in caplog.text
+
+
+def test_scst_refuses_more_than_one_process(xe, tmp_path, monkeypatch):
+    """SCST runs in one process: its checkpoints hold one process's RNG state and its
+    checkpoint identity has no world size. Started by torchrun (WORLD_SIZE 2) it stops
+    before anything is read or written."""
+    from pipeline.core.errors import CaplineError
+
+    root, feats = xe
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(CaplineError, match="runs in one process"):
+        run(root, feats, "two_processes", SCST.model_copy(update={"epochs": 1}), checkpoint_dir=tmp_path / "ck")
+    assert not (root / "two_processes").exists() and not (tmp_path / "ck").exists()
+
+
+@needs_java
+def test_reward_is_cider_d_with_the_training_splits_document_frequencies(xe, tmp_path):
+    """The reward SCST hands the policy is CIDEr-D against the image's training references
+    with document frequencies from the training split, not from the val references (nor
+    both). Here the val references share no word with the training ones, so the corpora
+    weigh the captions' n-grams differently. One step over all 33 training images, greedy baseline: the step's
+    baseline reward is the mean reward of the cross-entropy model's greedy captions,
+    which the test computes itself."""
+    from pipeline.text.cider import CiderD
+    from pipeline.text.tokenizer import fast_ptb_tokenize, ptb_tokenize
+    from pipeline.models.captioner import ClipCaptioner
+
+    root, _ = xe
+    table = scene_table(n_per_class=3, splits=("train",))
+    table.splits = ["val" if key.endswith("_00") and caps[0].split()[1] == "red" else "train"
+                    for key, caps in zip(table.keys, table.captions)]
+    for i, split in enumerate(table.splits):  # val words: none of the captions' words
+        if split == "val":
+            table.captions[i] = ["the scarlet thing", "something scarlet there"]
+    feats = write_features(tmp_path / "features", table)
+    train_rows = [i for i, s in enumerate(table.splits) if s == "train"]
+    val_rows = [i for i, s in enumerate(table.splits) if s == "val"]
+    assert len(train_rows) == 33 and len(val_rows) == 3
+    params = SCST.model_copy(update={"epochs": 1, "batch_size": 33, "samples": 2, "baseline": "greedy",
+                                     "log_every": 1})
+    from pipeline.scst.run import scst
+
+    out = tmp_path / "out"
+    scst(root / "xe", feats, out / "model", out / "reward.csv", out / "val.csv", out / "scst.json", params,
+         progress=False)
+    (row,) = read_csv(out / "reward.csv")
+    assert int(row["step"]) == 1
+
+    model = ClipCaptioner.load(root / "xe").eval()
+    vectors = torch.from_numpy(table.embeddings[train_rows])
+    greedy = [fast_ptb_tokenize(c) for c in model.caption(vectors, num_beams=1, max_new_tokens=params.max_tokens)]
+    flat = ptb_tokenize([c for i in train_rows + val_rows for c in table.captions[i]])
+    refs = [flat[2 * j:2 * j + 2] for j in range(len(train_rows) + len(val_rows))]  # two captions an image
+    train_refs, val_refs = refs[:len(train_rows)], refs[len(train_rows):]
+
+    def mean_reward(corpus):
+        cider = CiderD(corpus)
+        return float(np.mean([cider.score(c, cider.vectors(r)) for c, r in zip(greedy, train_refs)]))
+
+    expected = mean_reward(train_refs)
+    assert float(row["baseline_reward"]) == pytest.approx(expected, rel=1e-5)
+    for wrong in (val_refs, train_refs + val_refs):  # what the test tells apart
+        # 8% (val) and 0.2% (train and val) apart here; the curve keeps 6 significant digits.
+        assert abs(mean_reward(wrong) - expected) > 1e-3 * expected
 
 
 @needs_java

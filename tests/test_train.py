@@ -287,6 +287,46 @@ def test_streamed_features_train_like_loaded_ones(data, tmp_path):
     assert d.vectors.capacity == 2
 
 
+@pytest.mark.parametrize("max_memory_gb", [1.0, 1000 / 2**30], ids=["in-memory", "streamed"])
+def test_feature_shards_of_mixed_encoders_are_refused(data, tmp_path, max_memory_gb):
+    """A feature folder whose last shard was made by another CLIP is refused before
+    training, whether the vectors are loaded (they fit train.max_memory_gb) or streamed."""
+    from pipeline.formats.features import read_feature_shard, write_feature_shard
+
+    root, gpt, _ = data
+    feats = write_features(tmp_path / "f", scene_table(n_per_class=4), shards=3)
+    last = read_feature_shard(feats / "00002.h5")
+    last.attrs = {**last.attrs, "model_id": "another/clip"}
+    write_feature_shard(feats / "00002.h5", last)
+    params = TRAIN.model_copy(update={"epochs": 1, "max_memory_gb": max_memory_gb})
+    with pytest.raises(FeatureShardError, match=r"00002.h5: attribute 'model_id' is 'another/clip', but "
+                                                r"00000.h5 has 'test/clip'"):
+        train(feats, gpt, tmp_path / "m", tmp_path / "c.csv", tmp_path / "t.json", MAPPER, params, progress=False)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c.csv").exists()
+
+
+def test_grad_accum_gives_the_weights_of_one_batch(data, tmp_path):
+    """One process, the same global batch of 8 taken whole and as 2 micro-batches of 4
+    (of different token counts: micro-batches are cut after sorting by length): the same
+    weights and curves to float tolerance. The micro-batches' summed token losses must
+    be divided by the global batch's token count, not each by its own. Nothing random:
+    no dropout (GPT-2 frozen, in eval mode)."""
+    params = TRAIN.model_copy(update={"epochs": 2, "finetune_gpt": False, "keep": "last", "log_every": 1})
+    # An MLP mapper: every weight has a gradient (an attention key bias has none, so Adam
+    # would turn its rounding noise into steps of lr).
+    mlp = MapperParams(type="mlp", prefix_length=3)
+    one = _run(data, tmp_path / "one", mapper=mlp, params=params)
+    two = _run(data, tmp_path / "two", mapper=mlp, params=params.model_copy(update={"grad_accum": 2}))
+    assert one["steps"] == two["steps"] == 12 and two["grad_accum"] == 2
+    a, b = _weights(tmp_path / "one/model"), _weights(tmp_path / "two/model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (k, float((a[k] - b[k]).abs().max()))
+    for x, y in zip(read_curve(tmp_path / "one/train/loss.csv"), read_curve(tmp_path / "two/train/loss.csv")):
+        assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-4)
+    assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4)
+
+
 def test_peak_rss_does_not_grow_with_the_number_of_shards(tmp_path):
     """Streamed training of 4 and of 12 shards (16 MiB of vectors each): the same peak memory."""
     peaks = {}
@@ -313,6 +353,7 @@ def _torchrun(tmp_path: Path, feats, gpt, name: str, params_yaml: str, nproc: in
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "stderr.txt").write_text(proc.stderr)
     return out
 
 
@@ -334,6 +375,33 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
     assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
     assert len(read_curve(two / "loss.csv")) == 12
+
+
+def test_checkpoint_of_another_world_size_is_ignored(data, tmp_path):
+    """A 2-process rerun finds the checkpoint of a 1-process run with the same params:
+    it holds one rank's RNG states and sums, so it is not resumed (named as made with
+    another world size) and the run starts over."""
+    from pipeline.core.params import load_params
+
+    root, gpt, feats = data
+    yaml = ("mapper: {type: transformer, prefix_length: 3, clip_length: 2, layers: 1, heads: 2}\n"
+            "train: {epochs: 1, batch_size: 8, lr: 0.01, warmup_steps: 1, precision: fp32, log_every: 1, "
+            "keep: last, finetune_gpt: false, checkpoint_every: 2}\n")
+    (tmp_path / "one.yaml").write_text(yaml)
+    p = load_params(tmp_path / "one.yaml")
+    with pytest.raises(_StopForTest):  # the same params as the CLI reads, in one process
+        train(feats, gpt, tmp_path / "one/model", tmp_path / "one/loss.csv", tmp_path / "one/train.json",
+              p.mapper, p.train, progress=False, checkpoint_dir=tmp_path / "two" / "ck", stop_after=4,
+              device=p.device)
+    assert [c.name for c in sorted((tmp_path / "two" / "ck").glob("step-*"))][-1] == "step-000000004"
+    two = _torchrun(tmp_path, feats, gpt, "two", yaml, 2)
+    stderr = (two / "stderr.txt").read_text()
+    # The only difference is the world size: everything else of the identity agrees.
+    assert "step-000000004 ignored: made by another run (world_size: 1 there, 2 here)" in stderr
+    assert "resuming from" not in stderr
+    metrics = json.loads((two / "train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
+    assert len(read_curve(two / "loss.csv")) == 6
 
 
 # ------------------------------------------------------------ a real kill
