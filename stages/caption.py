@@ -34,7 +34,8 @@ def decoding_options(command):
 @click.command("caption")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_dir", default="data/model", show_default=True, type=click.Path(file_okay=False),
-              help="trained model folder (from `capline train`); it holds its CLIP and decoding defaults")
+              help="captioner folder (the final model from `capline scst`, or `capline train`'s); it holds its CLIP "
+                   "and decoding defaults")
 @click.option("--clip", "clip_dir", default=None, type=click.Path(file_okay=False),
               help="CLIP folder, for a model folder trained without one [default: the model folder's clip/]")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
