@@ -8,7 +8,8 @@ README.md and docs/*.md are read as text and checked against the real code:
   it names in dvc.yaml (or inside one);
 * every ``dvc exp run -S key=value`` names a key of the params schema, and its
   values pass validation (a transcript that shows the refusal must show the
-  message the code gives);
+  message the code gives); a comment "reruns a, b and c only" names exactly the
+  stages that read the key and those after them in dvc.yaml;
 * every relative link and every repository path named (``bench/train.py``,
   ``docs/model.md#anchor``, ...) exists;
 * the path defaults of the stage commands are the paths dvc.yaml's commands pass,
@@ -302,6 +303,37 @@ def test_documented_experiments_set_real_params(doc, settings, shown):
             assert shown == f"params.yaml: {err}", f"{doc}: `-S {' -S '.join(settings)}` is refused: {err}"
         else:
             assert not shown.startswith("params.yaml:"), f"{doc}: shows a refusal the params do not give: {shown}"
+
+
+def stages_rerun_by(keys: list[str]) -> set[str]:
+    """The stages that read one of ``keys`` (params lists a key or a section above it), and all after them."""
+    reads = {stage for stage, spec in DVC["stages"].items() for key in keys
+             for listed in spec.get("params", []) if key == listed or key.startswith(listed + ".")}
+    changed = True
+    while changed:
+        outs = [o for stage in reads for o in stage_outputs(stage)]
+        after = {stage for stage, spec in DVC["stages"].items()
+                 if any(dep == o or dep.startswith(o + "/") for dep in spec.get("deps", []) for o in outs)}
+        changed = not after <= reads
+        reads |= after
+    return reads
+
+
+def test_documented_reruns_are_the_dags():
+    """`dvc exp run -S key=value   # reruns a, b and c only` names exactly what dvc.yaml reruns."""
+    claims = 0
+    for doc in DOCS:
+        for block in CODE_BLOCK.findall(doc.read_text()):
+            for line in block.splitlines():
+                said = re.search(r"#\s*reruns (.+?) only", line)
+                if "dvc exp run" not in line or said is None:
+                    continue
+                claims += 1
+                keys = [s.split("=")[0] for c in commands(line.split("#")[0]) for s in set_params(c)]
+                named = set(re.split(r",\s*|\s+and\s+", said.group(1)))
+                assert named == stages_rerun_by(keys), \
+                    f"{doc_id(doc)}: `{line.strip()}`: dvc.yaml reruns {sorted(stages_rerun_by(keys))}"
+    assert claims >= 3
 
 
 # ------------------------------------------------------------------ paths and links
