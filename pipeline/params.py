@@ -26,7 +26,6 @@ DEMO = "demo"
 # Real-size architectures with random weights (ViT-B/32, GPT-2 small + a byte-level
 # BPE tokenizer trained on the captions): the compute of the hub models, no download.
 REALSIZE = "realsize"
-BUILT_MODELS = (DEMO, REALSIZE)
 GPT2_SMALL_WIDTH = 768
 # auto | cpu | mps | cuda | cuda:N (checked here without torch; runtime.choose_device
 # resolves it on the machine).
