@@ -13,7 +13,8 @@ README.md and docs/*.md are read as text and checked against the real code:
 * every relative link and every repository path named (``bench/train.py``,
   ``docs/model.md#anchor``, ...) exists;
 * the path defaults of the stage commands are the paths dvc.yaml's commands pass,
-  so the stages run by hand with no path options chain as ``dvc repro`` runs them.
+  so the stages run by hand with no path options chain as ``dvc repro`` runs them;
+* no paragraph is repeated, and the README's demo table is docs/demo.md's.
 """
 from __future__ import annotations
 
@@ -396,3 +397,25 @@ def test_stage_path_defaults_are_the_dags_paths(parse):
         dag, plain = resolved(name, dag), resolved(name, plain)
         assert dag == plain, f"dvc.yaml stage {stage}: `{spec['cmd']}` differs from the defaults: " + \
             ", ".join(f"{k} {plain[k]!r} (dvc.yaml: {dag[k]!r})" for k in dag if dag[k] != plain[k])
+
+
+# ------------------------------------------------------------------ one home per fact
+def test_no_paragraph_is_repeated():
+    seen: dict[str, str] = {}
+    for doc in DOCS:
+        for paragraph in CODE_BLOCK.sub("", doc.read_text()).split("\n\n"):
+            text = " ".join(paragraph.split())
+            if len(text) < 150 or text.startswith("|"):
+                continue
+            assert text not in seen, f"{doc_id(doc)} repeats a paragraph of {seen[text]}: {text[:80]}..."
+            seen[text] = doc_id(doc)
+
+
+def test_the_readmes_demo_table_is_docs_demos():
+    def table(text: str, heading: str) -> list[str]:
+        section = text.split(heading, 1)[1]
+        return [line for line in section.split("\n\n|", 1)[1].split("\n\n", 1)[0].splitlines()]
+
+    readme = table((ROOT / "README.md").read_text(), "\n## The demo\n")
+    demo = table((ROOT / "docs" / "demo.md").read_text(), "\n## The demo's scores\n")
+    assert readme == demo and len(readme) == 6  # header, rule, four rows
