@@ -14,7 +14,8 @@ README.md and docs/*.md are read as text and checked against the real code:
   ``docs/model.md#anchor``, ...) exists;
 * the path defaults of the stage commands are the paths dvc.yaml's commands pass,
   so the stages run by hand with no path options chain as ``dvc repro`` runs them;
-* no paragraph is repeated, and the README's demo table is docs/demo.md's.
+* no paragraph is repeated, no HTML marker comment is left, and the README's demo
+  table is docs/demo.md's.
 """
 from __future__ import annotations
 
@@ -409,6 +410,12 @@ def test_no_paragraph_is_repeated():
                 continue
             assert text not in seen, f"{doc_id(doc)} repeats a paragraph of {seen[text]}: {text[:80]}..."
             seen[text] = doc_id(doc)
+
+
+def test_no_html_markers():
+    """Nothing reads marker comments (<!-- x: begin -->), so the docs hold none."""
+    for doc in DOCS:
+        assert "<!--" not in doc.read_text(), f"{doc_id(doc)} holds an HTML comment"
 
 
 def test_the_readmes_demo_table_is_docs_demos():
