@@ -412,6 +412,11 @@ def test_no_paragraph_is_repeated():
             seen[text] = doc_id(doc)
 
 
+def test_the_readme_stays_short():
+    """Details live in docs/; the README names what there is and links to them."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
 def test_no_html_markers():
     """Nothing reads marker comments (<!-- x: begin -->), so the docs hold none."""
     for doc in DOCS:
