@@ -3,7 +3,8 @@
 Every section of params.yaml is a pydantic model that forbids unknown keys, so a
 typo such as ``mapper.layer`` stops the run before any work starts. ``load_params``
 turns pydantic's errors into one ``ParamsError`` whose message names each bad key
-(``mapper.layers: must be >= 1``).
+(``mapper.layers: Input should be greater than or equal to 1 (got 0)``), formatted by
+``pipeline.vocabulary.format_errors``.
 
 Each DVC stage reads only its own sections; dvc.yaml lists exactly those, so
 ``dvc exp run -S mapper.layers=8`` reruns train and what follows, nothing before.
