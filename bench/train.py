@@ -5,7 +5,7 @@ vectors) in front of a frozen GPT-2 small built from its default config (random
 weights: the same compute as trained ones), batch 40, on captions whose lengths
 are drawn to match COCO's (GPT-2 tokens: mean 11, sd 3, plus EOS).
 
-  ours:          pipeline.train.optimizer_step on batches from pipeline.train_data
+  ours:          pipeline.train.run.optimizer_step on batches from pipeline.train.data
                  (collate: padded to the batch's longest caption; length bucketing
                  as in configs/coco-karpathy.yaml; precision "auto" as the train stage
                  resolves it; LM head only on caption positions; no GPT-2 weight
@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.params import MapperParams, TrainParams
-from pipeline.runtime import choose_precision
-from pipeline.train import make_optimizer, optimizer_step
-from pipeline.train_data import BUCKET_BATCHES, Captions, MemoryVectors, collate
+from pipeline.core.params import MapperParams, TrainParams
+from pipeline.core.runtime import choose_precision
+from pipeline.train.run import make_optimizer, optimizer_step
+from pipeline.train.data import BUCKET_BATCHES, Captions, MemoryVectors, collate
 
 CLIP_DIM, FIXED_LEN, PREFIX = 512, 40, 10
 MAPPER = MapperParams(type="transformer", prefix_length=PREFIX, clip_length=10, layers=8, heads=8)

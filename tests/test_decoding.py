@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.models.decoding import decoding_from_config, generation_config, row_seed
-from pipeline.params import Decoding, ParamsError, parse_params
+from pipeline.text.decoding import decoding_from_config, generation_config, row_seed
+from pipeline.core.params import Decoding, ParamsError, parse_params
 
 VALID = [
     {},
@@ -58,8 +58,8 @@ def test_bf16_weights_keep_an_fp32_lm_head(tiny_gpt_dir):
     import torch
 
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.models.decoding import prepare_for_inference
-    from pipeline.params import MapperParams
+    from pipeline.text.decoding import prepare_for_inference
+    from pipeline.core.params import MapperParams
     from tests.helpers.models import load_tiny_gpt, torch_threads
 
     with torch_threads(1):

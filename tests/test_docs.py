@@ -27,8 +27,8 @@ import click
 import pytest
 import yaml
 
-from pipeline.errors import ParamsError
-from pipeline.params import Params, parse_params
+from pipeline.core.errors import ParamsError
+from pipeline.core.params import Params, parse_params
 from stages.cli import capline
 
 ROOT = Path(__file__).resolve().parents[1]

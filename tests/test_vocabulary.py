@@ -6,9 +6,9 @@ import typing
 import click
 import pytest
 
-from pipeline.errors import ParamsError
-from pipeline.params import Decoding, Params, validated
-from pipeline.vocabulary import NOT_APPLICABLE, PRECISIONS, Precision
+from pipeline.core.errors import ParamsError
+from pipeline.core.params import Decoding, Params, validated
+from pipeline.core.vocabulary import NOT_APPLICABLE, PRECISIONS, Precision
 
 
 def test_every_precision_choice_is_the_one_vocabulary():

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.features import attr_value
-from pipeline.files import replace_dir, temp_dir_for
+from pipeline.formats.features import attr_value
+from pipeline.core.files import replace_dir, temp_dir_for
 from pipeline.models import mapper as mappers
 from pipeline.models.mapper import count_parameters
 from pipeline.models.pretrained import PIN_FILE, ModelError
@@ -157,7 +157,7 @@ class ClipCaptioner(nn.Module):
     def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:
         """Token ids continuing each prefix (transformers' generate, KV cache).
 
-        With ``generation_config`` (what the stages use, see pipeline/models/decoding.py) that
+        With ``generation_config`` (what the stages use, see pipeline/text/decoding.py) that
         config alone decides; other keyword arguments (``logits_processor``) go to
         ``generate``. Without it, keyword arguments are generation settings
         (num_beams, max_new_tokens, ...), ``max_new_tokens`` capped by GPT-2's positions.
@@ -220,7 +220,7 @@ class ClipCaptioner(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from pipeline.models.decoding import generation_config, model_defaults, save_generation_config
+        from pipeline.text.decoding import generation_config, model_defaults, save_generation_config
 
         model_dir = Path(model_dir)
         if model_dir.exists() and any(model_dir.iterdir()) and not (model_dir / CONFIG_NAME).exists():
@@ -257,7 +257,7 @@ class ClipCaptioner(nn.Module):
         """Load a folder written by ``save`` (safetensors only, no remote code)."""
         from safetensors.torch import load_file
 
-        from pipeline.models.decoding import default_generation_config
+        from pipeline.text.decoding import default_generation_config
         from pipeline.models.pretrained import load_gpt
 
         model_dir = Path(model_dir)
@@ -294,7 +294,7 @@ class ClipCaptioner(nn.Module):
 
     def check_features(self, attrs: dict, dim: int, source: str) -> None:
         """Refuse features from another encoder than the one this model was trained on."""
-        from pipeline.features import FeatureShardError
+        from pipeline.formats.features import FeatureShardError
 
         if dim != self.clip_dim:
             raise FeatureShardError(f"{source}: feature dim {dim} but the model was trained on dim {self.clip_dim}")
