@@ -18,8 +18,8 @@ are drawn to match COCO's (GPT-2 tokens: mean 11, sd 3, plus EOS).
 
 It first checks that both losses agree on a batch where no padding is needed (every
 caption 40 tokens, no token id 0), then times steps of each, alternating, and
-reports samples/s, tokens/s and the fraction of this machine's measured bf16 matmul
-rate that our step reaches. The last line printed is a JSON object.
+reports samples/s, tokens/s and the fraction of this machine's measured matmul rate,
+in the precision our step runs in (bf16 or fp32), that our step reaches. The last line printed is a JSON object.
 
     python bench/train.py [--steps 4] [--rounds 2] [--batch-size 40] [--threads N]
 """
@@ -252,6 +252,7 @@ def main() -> None:
     ours, ref = statistics.median(ours_rates), statistics.median(cc_rates)
     bf16_rate = matmul_rate(torch.bfloat16)
     fp32_rate = matmul_rate(torch.float32)
+    used_rate = {"bf16": bf16_rate, "fp32": fp32_rate}[amp]  # the matmuls our step runs
     flops = step_flops(model, statistics.mean(ours_tokens), bs)
     achieved = flops * ours / bs
     result = {
@@ -268,7 +269,8 @@ def main() -> None:
         "ours_tflops": round(achieved / 1e12, 3),
         "bf16_matmul_tflops": round(bf16_rate / 1e12, 3),
         "fp32_matmul_tflops": round(fp32_rate / 1e12, 3),
-        "fraction_of_bf16_matmul": round(achieved / bf16_rate, 3),
+        "matmul_precision": amp,
+        "fraction_of_matmul_rate": round(achieved / used_rate, 3) if used_rate > 0 else None,
         "rounds": {"ours": [round(x, 2) for x in ours_rates], "clipcap_loop": [round(x, 2) for x in cc_rates]},
         "threads": torch.get_num_threads(),
         "losses_agree_unpadded": agree,

@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from pipeline.core.vocabulary import PRECISIONS
+
 # Decoding options: (field, click type, help). Unset options take the model folder's defaults.
 DECODING_OPTIONS = [
     ("num_beams", click.IntRange(min=1), "beam width; 1 = greedy"),
@@ -32,7 +34,8 @@ def decoding_options(command):
 @click.command("caption")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_dir", default="data/model", show_default=True, type=click.Path(file_okay=False),
-              help="trained model folder (from `capline train`); it holds its CLIP and decoding defaults")
+              help="captioner folder (the final model from `capline scst`, or `capline train`'s); it holds its CLIP "
+                   "and decoding defaults")
 @click.option("--clip", "clip_dir", default=None, type=click.Path(file_okay=False),
               help="CLIP folder, for a model folder trained without one [default: the model folder's clip/]")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
@@ -41,7 +44,7 @@ def decoding_options(command):
               help="jsonl (every caption, scores, errors), coco (COCO results: first caption per image) or tsv "
                    "(input<TAB>caption) [default: from --out's suffix .jsonl/.json/.tsv, else tsv]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True, help="auto: bf16 weights where the device runs bf16 fast, else fp32")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="images per batch")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr when there are many images")

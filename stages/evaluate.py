@@ -9,6 +9,19 @@ from stages.common import load, params_option
 
 _file = click.Path(dir_okay=False, path_type=Path)
 _dir = click.Path(file_okay=False, path_type=Path)
+DEFAULT_OUT = Path("data/metrics/eval.json")
+DEFAULT_REPORT_DIR = Path("data/eval")
+
+
+def report_folder(out: Path, report_dir: Path | None) -> Path:
+    """``report_dir`` if given; else the DAG's data/eval for the DAG's metrics file, else the folder of ``out``.
+
+    A run outside DVC that names its own --out must not write into a data/eval/ of
+    whatever folder it was started from.
+    """
+    if report_dir is not None:
+        return report_dir
+    return DEFAULT_REPORT_DIR if out == DEFAULT_OUT else out.parent
 
 
 @click.command("evaluate")
@@ -28,10 +41,11 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--clip", type=_dir, default=Path("data/models/clip"), show_default=True,
               help="whole CLIP (vision and text towers) for CLIPScore, unless evaluate.clipscore_model names "
                    "another; skipped if absent or vision-only")
-@click.option("--out", type=_file, default=Path("data/metrics/eval.json"), show_default=True,
+@click.option("--out", type=_file, default=DEFAULT_OUT, show_default=True,
               help="metrics JSON to write (flat: bleu_1..bleu_4, meteor, rouge_l, cider, baseline_*, control_*)")
 @click.option("--report-dir", type=_dir, default=None,
-              help="folder for per_image.jsonl, report.html and metrics.png  [default: the folder of --out]")
+              help="folder for per_image.jsonl, report.html and metrics.png  [default: data/eval with the default "
+                   "--out, else the folder of --out]")
 def evaluate(params_path: str, results: Path, references: Path, control: Path, features: Path,
              images: Path, xe: Path, clip: Path, out: Path, report_dir: Path | None) -> None:
     """Score generated captions against references, exactly as pycocoevalcap's COCOEvalCap.
@@ -41,8 +55,9 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     are there) with the cross-entropy model, the constant-caption baseline and the
     shuffled-image control, per-image scores, an HTML report and a chart. Needs Java.
 
-    Outside DVC, any COCO pair works; the report goes beside METRICS.json unless
-    --report-dir names a folder (the DVC stage passes --report-dir data/eval):
+    With no options it scores the DAG's files and writes the report to data/eval, as
+    the DVC stage does. Outside DVC, any COCO pair works; with --out the report goes
+    beside METRICS.json unless --report-dir names a folder:
 
     \b
     capline evaluate --results RES.json --references REFS.json --out METRICS.json
@@ -58,9 +73,7 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
         from pipeline.core.params import EvaluateParams
 
         section = EvaluateParams()
-    # Beside the metrics unless told otherwise: a run outside DVC must not write into
-    # a data/eval/ of whatever folder it was started from.
-    report_dir = report_dir if report_dir is not None else out.parent
+    report_dir = report_folder(out, report_dir)
     metrics = run_evaluate(section, results=results, references=references, out=out,
                            report_dir=report_dir, control=control, features=features, images=images,
                            xe=xe, clip=clip)

@@ -9,7 +9,7 @@ from stages.common import load, params_option
 @click.command("generate")
 @params_option
 @click.option("--model", "model_dir", default="data/model", show_default=True,
-              type=click.Path(file_okay=False), help="trained captioner folder (from `capline train`)")
+              type=click.Path(file_okay=False), help="captioner folder: the final model from `capline scst` (or `capline train`'s data/model_xe)")
 @click.option("--features", "features_dir", default="data/features", show_default=True,
               type=click.Path(file_okay=False), help="folder of HDF5 feature shards")
 @click.option("--out", "out_dir", default="data/captions", show_default=True,

@@ -8,6 +8,11 @@ import click
 from stages.common import load, params_option
 
 
+def out_folder(kind: str, out_dir: Optional[str]) -> str:
+    """``out_dir``, or the DAG's folder of the KIND model (data/models/KIND)."""
+    return out_dir or f"data/models/{kind}"
+
+
 @click.command("models")
 @click.argument("kind", type=click.Choice(["clip", "gpt"]), metavar="KIND")
 @params_option
@@ -32,6 +37,6 @@ def models(kind: str, params_path: str, out_dir: Optional[str], source_dir: str)
     from pipeline.pin.run import pin_model
 
     params = load(params_path)
-    pin = pin_model(kind, params, out_dir or f"data/models/{kind}", source_dir)
-    click.echo(f"{kind}: {pin['model_id']} @ {pin['revision']} sha256 {pin['sha256'][:12]} -> "
-               f"{out_dir or f'data/models/{kind}'}")
+    out_dir = out_folder(kind, out_dir)
+    pin = pin_model(kind, params, out_dir, source_dir)
+    click.echo(f"{kind}: {pin['model_id']} @ {pin['revision']} sha256 {pin['sha256'][:12]} -> {out_dir}")

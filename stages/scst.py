@@ -9,11 +9,11 @@ from stages.common import load, params_option
 @click.command("scst")
 @params_option
 @click.option("--model", "model_dir", default="data/model_xe", show_default=True,
-              type=click.Path(file_okay=False), help="cross-entropy captioner folder (from `capline train`)")
+              type=click.Path(file_okay=False), help="cross-entropy captioner folder (from `capline train --out`)")
 @click.option("--features", "features_dir", default="data/features", show_default=True,
               type=click.Path(file_okay=False), help="folder of HDF5 feature shards (train and val splits are used)")
 @click.option("--out", "out_dir", default="data/model", show_default=True,
-              type=click.Path(file_okay=False), help="captioner folder to write: the best epoch on val CIDEr")
+              type=click.Path(file_okay=False), help="final captioner folder to write: the epoch with the best validation CIDEr-D (epoch 0: --model)")
 @click.option("--curve", "curve_path", default="data/scst/reward.csv", show_default=True,
               type=click.Path(dir_okay=False), help="reward curve CSV (step, epoch, reward, baseline_reward, loss)")
 @click.option("--val-curve", "val_curve_path", default="data/scst/val_cider.csv", show_default=True,

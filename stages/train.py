@@ -18,8 +18,9 @@ from stages.common import load, params_option
               type=click.Path(file_okay=False),
               help="the pinned CLIP folder that made the features; copied into the model folder (without it, "
                    "`capline caption` needs --clip)")
-@click.option("--out", "out_dir", default="data/model", show_default=True,
-              type=click.Path(file_okay=False), help="trained captioner folder to write (replaced when whole)")
+@click.option("--out", "out_dir", default="data/model_xe", show_default=True,
+              type=click.Path(file_okay=False),
+              help="cross-entropy captioner folder to write (replaced when whole); `capline scst` reads it")
 @click.option("--curve", "curve_path", default="data/train/loss.csv", show_default=True,
               type=click.Path(dir_okay=False), help="training curve CSV (step, epoch, train_loss, lr)")
 @click.option("--val-curve", "val_curve_path", default="data/train/val.csv", show_default=True,

@@ -3,6 +3,9 @@ features were, captioned with the model folder's own CLIP and decoding defaults,
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,3 +255,14 @@ def test_caption_command_errors(setup, tmp_path):
     res = runner.invoke(capline, ["caption", "--model", str(root / "model"), "--num-beams", "2",
                                   "--num-return-sequences", "3", str(images[0])])
     assert res.exit_code == 1 and "--num-return-sequences" in res.stderr and "--num-beams" in res.stderr
+
+
+def test_caption_command_prints_no_library_loading_bars(setup):
+    """transformers' "Loading weights" bars do not reach the user's terminal; the caption does."""
+    root, clip_dir, images = setup
+    proc = subprocess.run([sys.executable, "-m", "stages.cli", "caption", "--model", str(root / "model"),
+                           "--device", "cpu", str(images[0])],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{images[0]}\t")
+    assert "Loading weights" not in proc.stderr, proc.stderr

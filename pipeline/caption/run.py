@@ -20,12 +20,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from pipeline.caption.inputs import Entry, Failure, Item, count_known, iter_inputs
-from pipeline.text.decoding import Caption, check_room, decode_batch, load_decoding, prepare_for_inference, \
-    validated_decoding
+from pipeline.text.decoding import Caption, check_room, decode_batch, load_decoding, prepare_for_inference
 from pipeline.core.errors import CaplineError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.models.pretrained import ModelError
-from pipeline.core.params import Decoding, DownloadParams
+from pipeline.core.params import Decoding, DownloadParams, validated
 from pipeline.core.runtime import PRECISION_OF_DTYPE_NAME, choose_device, choose_precision
 
 FORMATS = ("jsonl", "coco", "tsv")
@@ -104,7 +103,7 @@ def resolve_decoding(model_dir: Path, overrides: Mapping[str, object],
     """The model folder's decoding defaults with ``overrides`` (None values ignored), validated."""
     saved = load_decoding(Path(model_dir)) or Decoding()
     values = {**saved.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
-    return validated_decoding(values, name)
+    return validated(Decoding, values, name)
 
 
 def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optional[Decoding] = None,

@@ -3,7 +3,8 @@
 Every section of params.yaml is a pydantic model that forbids unknown keys, so a
 typo such as ``mapper.layer`` stops the run before any work starts. ``load_params``
 turns pydantic's errors into one ``ParamsError`` whose message names each bad key
-(``mapper.layers: must be >= 1``).
+(``mapper.layers: Input should be greater than or equal to 1 (got 0)``), formatted by
+``pipeline.core.vocabulary.format_errors``.
 
 Each DVC stage reads only its own sections; dvc.yaml lists exactly those, so
 ``dvc exp run -S mapper.layers=8`` reruns train and what follows, nothing before.
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import ParamsError
+from pipeline.core.vocabulary import BEAM_SEARCH, NOT_APPLICABLE, SAMPLING, Precision, format_errors
 
 __all__ = ["ParamsError", "Params", "load_params", "parse_params"]
 
@@ -25,7 +27,6 @@ DEMO = "demo"
 # Real-size architectures with random weights (ViT-B/32, GPT-2 small + a byte-level
 # BPE tokenizer trained on the captions): the compute of the hub models, no download.
 REALSIZE = "realsize"
-BUILT_MODELS = (DEMO, REALSIZE)
 GPT2_SMALL_WIDTH = 768
 # auto | cpu | mps | cuda | cuda:N (checked here without torch; runtime.choose_device
 # resolves it on the machine).
@@ -133,7 +134,7 @@ class ClipParams(Section):
     revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
     output: Literal["image_embeds", "pooler_output"] = Field("image_embeds", description="image_embeds (the projected CLIP embedding) or pooler_output (the vision tower's pooled output)")
     normalize: bool = Field(True, description="L2-normalise the vectors")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (bf16 on CUDA with bf16 and on CPUs with avx512_bf16/AMX, fp16 on older CUDA, else fp32), fp32, bf16, fp16")
+    precision: Precision = Field("auto", description="auto (bf16 on CUDA with bf16 and on CPUs with avx512_bf16/AMX, fp16 on older CUDA, else fp32), fp32, bf16, fp16")
     batch_size: int = Field(64, ge=1, description="images per model call")
     workers: int = Field(2, ge=0, description="DataLoader decode processes")
     preprocess: Literal["processor", "fast"] = Field("processor", description="processor: exactly CLIPImageProcessor; fast: JPEG draft decoding (see docs/embed.md)")
@@ -195,7 +196,7 @@ class TrainParams(Section):
     grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
     finetune_gpt: bool = Field(True, description="train GPT-2 too (ClipCap's MLP variant); false keeps it frozen (no gradients for its weights)")
     max_caption_tokens: int = Field(40, ge=1, description="longer captions are cut (EOS kept)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (the runtime's policy: bf16 where native), fp32, bf16, fp16 (with loss scaling)")
+    precision: Precision = Field("auto", description="auto (the runtime's policy: bf16 where native), fp32, bf16, fp16 (with loss scaling)")
     log_every: int = Field(10, ge=1, description="steps between loss-curve points")
     seed: int = Field(0, description="seed of the mapper's initialisation and the order of the pairs")
     checkpoint_every: Optional[int] = Field(500, ge=1, description="steps between checkpoints (and at each epoch end)")
@@ -219,7 +220,7 @@ class ScstParams(Section):
     max_tokens: int = Field(30, ge=2, description="longest sampled caption, tokens (EOS included)")
     finetune_gpt: bool = Field(True, description="update GPT-2 too; applies only when training fine-tuned it")
     grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (the runtime's policy), fp32, bf16, fp16")
+    precision: Precision = Field("auto", description="auto (the runtime's policy), fp32, bf16, fp16")
     log_every: int = Field(5, ge=1, description="steps between reward-curve points")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints besides each epoch's end; 0: epoch ends only")
     seed: int = Field(0, description="seed of the sampling and the order of the images")
@@ -261,10 +262,6 @@ class Decoding(Section):
         return self
 
 
-# Sampling-only knobs and the value that means "off".
-SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-
-
 def check_decoding(d: "Decoding") -> None:
     """Refuse combinations that cannot mean what they say; messages start with the key."""
     if d.min_new_tokens > d.max_new_tokens:
@@ -275,13 +272,14 @@ def check_decoding(d: "Decoding") -> None:
     if d.num_beams == 1 and not d.do_sample and d.num_return_sequences > 1:
         raise ValueError(f"num_return_sequences: {d.num_return_sequences} captions per image need do_sample "
                          "or num_beams >= num_return_sequences; greedy decoding makes one")
-    if not d.do_sample:
-        for key, off in SAMPLING_OFF.items():
-            if getattr(d, key) != off:
-                raise ValueError(f"{key}: {getattr(d, key)} applies only when sampling (do_sample); "
-                                 f"leave it at {off} otherwise")
-    if d.num_beams == 1 and d.length_penalty != 1.0:
-        raise ValueError(f"length_penalty: {d.length_penalty} applies only to beam search; num_beams is 1")
+    for key, (off, mode) in NOT_APPLICABLE.items():
+        value = getattr(d, key)
+        if value == off:
+            continue
+        if mode == SAMPLING and not d.do_sample:
+            raise ValueError(f"{key}: {value} applies only when sampling (do_sample); leave it at {off} otherwise")
+        if mode == BEAM_SEARCH and d.num_beams == 1:
+            raise ValueError(f"{key}: {value} applies only to beam search; num_beams is 1")
 
 
 class GenerateParams(Decoding):
@@ -289,7 +287,7 @@ class GenerateParams(Decoding):
 
     split: Literal["train", "val", "test"] = Field("test", description="which split to caption")
     batch_size: int = Field(32, ge=1, description="images per generate call (the captions do not depend on it)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto", description="auto: bf16 weights (the LM head stays fp32) where the device runs bf16 fast, else "
                             "fp32; fp16 on a GPU only")
 
@@ -348,38 +346,12 @@ def check_against_gpt(mapper: MapperParams, n_embd: int) -> None:
         raise ParamsError(f"mapper.heads: {mapper.heads} does not divide GPT-2's n_embd {n_embd}")
 
 
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-            # A section validator names a key inside its message ("heads: ...").
-            if ":" in msg.split(" ")[0]:
-                key = f"{key}.{msg.split(':', 1)[0]}" if key else msg.split(":", 1)[0]
-                msg = _qualify(msg.split(":", 1)[1].strip(), e["loc"])
-        if isinstance(e.get("input"), (str, int, float, bool)) and e["type"] != "extra_forbidden":
-            msg += f" (got {e['input']!r})"
-        lines.append(f"{key or '<root>'}: {msg}")
-    return "invalid params: " + "; ".join(lines)
-
-
-def _qualify(msg: str, loc: tuple) -> str:
-    """Name the other keys of a section's message in full (``num_beams`` -> ``generate.num_beams``)."""
-    import re
-
-    model: Any = Params
-    for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
-        model = field.annotation if field is not None else None
-    if not (isinstance(model, type) and issubclass(model, BaseModel)) or not loc:
-        return msg
-    prefix = ".".join(str(p) for p in loc)
-    names = "|".join(sorted(model.model_fields, key=len, reverse=True))
-    return re.sub(rf"(?<![\w.])({names})(?![\w])", rf"{prefix}.\1", msg)
+def validated(model: type[BaseModel], values: dict[str, Any], name: Callable[[str], str] = lambda key: key):
+    """``model(**values)``; a bad value or combination is a ParamsError naming each key as ``name(key)``."""
+    try:
+        return model(**values)
+    except ValidationError as err:
+        raise ParamsError(format_errors(err, model, name)) from None
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
@@ -389,11 +361,13 @@ def parse_params(raw: dict[str, Any]) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_format_errors(err)) from None
+        raise ParamsError("invalid params: " + format_errors(err, Params)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml (a missing file gives every default)."""
+    """Read and validate params.yaml; a missing file, invalid YAML or a bad key is a ParamsError naming the file.
+
+    An empty file gives every default."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from pipeline.core.errors import ParamsError
+from pipeline.core.vocabulary import PRECISIONS
 
 if TYPE_CHECKING:
     import torch
 
 # torch is imported where it is used: the download stage needs ranks, not torch.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 # Names written to feature shard attributes and metrics.
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISION_OF_DTYPE_NAME = {v: k for k, v in DTYPE_NAMES.items()}

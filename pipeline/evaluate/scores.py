@@ -72,19 +72,3 @@ def score_tokenized(
     put("rouge_l", *Rouge().compute_score(gts, res))
     put("cider", *Cider().compute_score(gts, res))
     return Scores(corpus=corpus, per_image=per_image)
-
-
-def score_captions(
-    references: Mapping[Hashable, list[str]],
-    candidates: Mapping[Hashable, str],
-    meteor: Optional[Meteor] = None,
-    java: str = "java",
-) -> Scores:
-    """Tokenize and score raw captions: candidates' images, in the references' order."""
-    ids = [i for i in references if i in candidates]
-    missing = [i for i in candidates if i not in references]
-    if missing:
-        raise ValueError(f"candidates for images without references: {missing[:5]!r}")
-    gts = tokenize_groups({i: list(references[i]) for i in ids}, java=java)
-    res = tokenize_groups({i: [candidates[i]] for i in ids}, java=java)
-    return score_tokenized(gts, res, meteor=meteor, java=java)

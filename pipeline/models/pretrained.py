@@ -4,15 +4,17 @@ Folders are written by ``save_pretrained`` (safetensors) with a ``pin.json``
 recording what they are (``{"model_id", "revision", "sha256", "kind"}``; see
 ``pipeline/pin/run.py``, which makes them). Every stage loads CLIP and GPT-2
 through ``load_clip`` (CLIP's vision side), ``load_clip_text`` (its text side, for
-CLIPScore) and ``load_gpt``: ``trust_remote_code=False`` and never through pickle.
+CLIPScore) and ``load_gpt``: ``trust_remote_code=False`` and never through pickle,
+and without transformers' "Loading weights" progress bars (the stages' own bars stay).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from pipeline.core.errors import CaplineError
 
@@ -79,6 +81,20 @@ _TOWER_PREFIXES = {"vision": ("vision_model.", "visual_projection."),
                    "text": ("text_model.", "text_projection.")}
 
 
+@contextlib.contextmanager
+def _no_load_bars() -> Iterator[None]:
+    """transformers' progress bars off while a local folder loads (a bar per load says nothing to a user)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 class _DropLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
@@ -93,8 +109,9 @@ def _load_tower(cls: Any, model_dir: Path, tower: str) -> Any:
     report_filter = _DropLoadReport()
     hf_log.addFilter(report_filter)
     try:
-        model, info = cls.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False,
-                                          output_loading_info=True)
+        with _no_load_bars():
+            model, info = cls.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False,
+                                              output_loading_info=True)
     finally:
         hf_log.removeFilter(report_filter)
     foreign = tuple(p for t, ps in _TOWER_PREFIXES.items() if t != tower for p in ps) + ("logit_scale",)
@@ -170,7 +187,8 @@ def load_gpt(model_dir: Path):
 
     model_dir = _check_dir(model_dir, "gpt")
     try:
-        model = GPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).eval()
+        with _no_load_bars():
+            model = GPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:
         raise ModelError(f"gpt model folder {model_dir}: cannot load ({type(err).__name__}: {err})") from err

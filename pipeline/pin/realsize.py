@@ -38,17 +38,9 @@ VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, n
                patch_size=14, projection_dim=768)
 
 
-def vit_config(**overrides):
-    """openai/clip-vit-base-patch32's vision tower (transformers' defaults, projection 512),
-    with ``overrides`` (``VIT_L14``, or small sizes for tests)."""
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(**{"projection_dim": VIT_B32_PROJECTION, **overrides})
-
-
 def clip_config(tokenizer: Any, text: Optional[dict] = None, **overrides):
-    """openai/clip-vit-base-patch32's whole CLIP: the vision tower of ``vit_config`` (with
-    ``overrides``) and CLIPTextConfig's defaults (hidden 512, 12 layers, 8 heads,
+    """openai/clip-vit-base-patch32's whole CLIP: CLIPVisionConfig's defaults (ViT-B/32) with
+    ``overrides`` (``VIT_L14``, or small sizes for tests) and CLIPTextConfig's defaults (hidden 512, 12 layers, 8 heads,
     49,408 rows, 77 positions) with ``text`` overrides; one projection size for both
     towers, and the special token ids of ``tokenizer``."""
     from transformers import CLIPConfig
