@@ -8,7 +8,7 @@ generate at real size through the stage code, each beside its model-only bound.
   tokenizer, bf16: ``pipeline.train.run.train`` end to end (load, train, validate,
   save), and the steady-state training step alone: samples/s, tokens/s, and MFU from
   the step's FLOPs counted by torch (FlopCounterMode) against the peak.
-* generate: beam 5 in large batches through ``pipeline.generate.run.generate``.
+* generate: beam 5 in large batches through ``pipeline.generate.run.run``.
 * torchrun: with two or more GPUs, ``capline train`` (DDP, NCCL) and ``capline
   generate`` under a 2-process torchrun; generate's captions must equal the
   single-process ones.
@@ -301,14 +301,14 @@ def part_train_stage(cfg, args, tmp: Path, gpt_dir: Path, features: Path, report
 
 # ---------------------------------------------------------------------- generate
 def part_generate(cfg, args, tmp: Path, model_dir: Path, features: Path, report: Report, precision: str) -> dict:
-    from pipeline.generate.run import generate
+    from pipeline.generate.run import run as generate
     from pipeline.core.params import GenerateParams
 
     params = GenerateParams(split="test", batch_size=cfg["gen_batch"], num_beams=cfg["beams"],
                             max_new_tokens=cfg["new_tokens"], precision=precision)
     m = generate(model_dir, features, tmp / "captions", params, metrics_path=tmp / "generate.json",
                  progress=False, device=args.device)
-    report.row("generate", f"pipeline.generate.run.generate, beam {cfg['beams']}, batch {cfg['gen_batch']}, "
+    report.row("generate", f"pipeline.generate.run.run, beam {cfg['beams']}, batch {cfg['gen_batch']}, "
                f"{cfg['new_tokens']} new tokens", captions_per_s=m["captions_per_s"], captions=m["captions"],
                mean_words=m["mean_words"], device=m["device"])
     return m

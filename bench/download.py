@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
 
     i2d_python = ensure_img2dataset()
-    from pipeline.prepare.run import prepare
+    from pipeline.prepare.run import run as prepare
     from pipeline.core.params import DataParams
 
     with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:

@@ -8,7 +8,7 @@
 #             pipeline.train.run.train end to end, and the training step alone:
 #             samples/s, tokens/s, MFU (FLOPs counted by torch; peak 790 TFLOP/s
 #             bf16 on an H200, --peak-tflops otherwise)
-#   generate  beam 5, batches of 256, through pipeline.generate.run.generate
+#   generate  beam 5, batches of 256, through pipeline.generate.run.run
 #   torchrun  with 2+ GPUs: `capline train` (DDP) and `capline generate` in 2
 #             processes; generate must equal 1 process
 #

@@ -30,7 +30,7 @@ def download(params_path: str, source_dir: str, out_dir: str, metrics_path: str,
     result is byte-identical to an uninterrupted run. Every record gets a status
     line: ok or a named failure.
     """
-    from pipeline.download.run import download as run
+    from pipeline.download.run import run
 
     params = load(params_path)
     who = resolve_rank(rank, world_size)

@@ -64,7 +64,7 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     """
     import os
 
-    from pipeline.evaluate.run import run_evaluate
+    from pipeline.evaluate.run import run
 
     # Outside DVC the default params file may be absent: then every evaluate default applies.
     if os.path.exists(params_path) or params_path != "params.yaml":
@@ -74,7 +74,7 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
 
         section = EvaluateParams()
     report_dir = report_folder(out, report_dir)
-    metrics = run_evaluate(section, results=results, references=references, out=out,
+    metrics = run(section, results=results, references=references, out=out,
                            report_dir=report_dir, control=control, features=features, images=images,
                            xe=xe, clip=clip)
     shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider", "clip_s", "refclip_s")

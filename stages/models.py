@@ -34,9 +34,9 @@ def models(kind: str, params_path: str, out_dir: Optional[str], source_dir: str)
     `realsize` the hub models' shapes with random weights. The folder gets pin.json
     with the model id, resolved revision and the sha256 of the weights.
     """
-    from pipeline.pin.run import pin_model
+    from pipeline.pin.run import run
 
     params = load(params_path)
     out_dir = out_folder(kind, out_dir)
-    pin = pin_model(kind, params, out_dir, source_dir)
+    pin = run(kind, params, out_dir, source_dir)
     click.echo(f"{kind}: {pin['model_id']} @ {pin['revision']} sha256 {pin['sha256'][:12]} -> {out_dir}")

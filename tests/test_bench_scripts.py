@@ -16,7 +16,7 @@ def test_pipeline_imports_resolve(script):
     found = IMPORT.findall(script.read_text())
     for module, names in found:
         mod = importlib.import_module(module)
-        for name in filter(None, (n.strip() for n in names.split(","))):
+        for name in filter(None, (n.strip().split(" as ")[0].strip() for n in names.split(","))):
             assert hasattr(mod, name), f"{script.name}: {module} has no {name}"
 
 

@@ -29,7 +29,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    from pipeline.evaluate.run import run_evaluate
+    from pipeline.evaluate.run import run as run_evaluate
     from pipeline.pin.demo import build_demo_clip
     from pipeline.core.params import EvaluateParams
 
@@ -121,7 +121,7 @@ def test_blank_and_html_captions(scored):
 def test_vision_only_clip_is_skipped_with_a_reason(tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from pipeline.evaluate.run import run_evaluate
+    from pipeline.evaluate.run import run as run_evaluate
     from pipeline.pin.demo import build_demo_clip
     from pipeline.core.params import EvaluateParams
 

@@ -10,7 +10,7 @@ import pytest
 from pipeline.prepare.manifest import read_manifest
 from pipeline.prepare.source import iter_records
 from pipeline.prepare.errors import DatasetError
-from pipeline.prepare.run import prepare
+from pipeline.prepare.run import run as prepare
 from pipeline.prepare.readers import read_coco, read_jsonl, read_karpathy, read_table
 from pipeline.core.params import DataParams
 from pipeline.formats.records import split_for

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.prepare.run import prepare
+from pipeline.prepare.run import run as prepare
 from pipeline.core.runtime import Rank
-from pipeline.download.run import download, download_records
+from pipeline.download.run import download_records, run as download
 from pipeline.download.errors import DownloadIncomplete
 from pipeline.core.params import DataParams, DownloadParams
 from pipeline.formats.records import Record

@@ -237,7 +237,7 @@ def test_feature_folder_without_shards_is_a_clean_error(tmp_path, monkeypatch):
 ])
 def test_bad_results_name_the_record_and_keep_old_outputs(tmp_path, results, message):
     from pipeline.evaluate.cocofiles import EvaluationInputError
-    from pipeline.evaluate.run import run_evaluate
+    from pipeline.evaluate.run import run as run_evaluate
     from pipeline.core.params import EvaluateParams
 
     refs, res, _ = write_coco_pair(tmp_path)

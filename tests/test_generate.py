@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.text.decoding import prepare_for_inference
-from pipeline.generate.run import caption_vectors, derangement, generate
+from pipeline.generate.run import caption_vectors, derangement, run as generate
 from pipeline.formats.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.core.params import GenerateParams, MapperParams, TrainParams

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.pin.demo import EOS, build_demo_clip, build_demo_gpt
 from pipeline.core.params import ParamsError
-from pipeline.pin.run import pin_model
+from pipeline.pin.run import run as pin_model
 from pipeline.models.pretrained import ModelError, image_processor_class, load_clip, load_gpt, read_pin, weights_sha256
 from tests.helpers.models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, tiny_params
 

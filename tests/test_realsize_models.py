@@ -149,7 +149,7 @@ def test_clipscore_runs_on_the_realsize_clip(small_clip, tmp_path):
 
 
 def test_pinning_the_realsize_clip_needs_the_captions(tmp_path):
-    from pipeline.pin.run import pin_model
+    from pipeline.pin.run import run as pin_model
     from pipeline.models.pretrained import ModelError
     from tests.helpers.models import tiny_params
 

@@ -339,7 +339,7 @@ def download_records(
     return summary
 
 
-def download(
+def run(
     source_dir: str | Path,
     out_dir: str | Path,
     params: DownloadParams,

@@ -40,7 +40,7 @@ def combine(summaries: list[dict]) -> dict:
     return out
 
 
-def run_embed(params: Params, images: Path, model: Path, out: Path, metrics: Path, rank: Rank) -> dict:
+def run(params: Params, images: Path, model: Path, out: Path, metrics: Path, rank: Rank) -> dict:
     """Embed, then write the metrics file (rank 0, or one per rank without torchrun)."""
     summary = embed_shards(images, model, out, params.clip, rank, params.data, device=params.device)
     with process_group(rank, choose_device(params.device, rank, key="device"), timeout=GATHER_TIMEOUT) as grouped:

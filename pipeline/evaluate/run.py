@@ -37,7 +37,7 @@ def training_captions(features: Path) -> list[str]:
     return [c for caps in table.captions for c in caps]
 
 
-def run_evaluate(
+def run(
     params: EvaluateParams,
     results: Path,
     references: Path,

@@ -65,7 +65,7 @@ def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateP
     return captions
 
 
-def generate(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, params: GenerateParams,
+def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, params: GenerateParams,
              metrics_path: str | Path | None = None, progress: bool = True, device: str = "auto") -> dict:
     """Caption the ``params.split`` images of ``features_dir`` on ``device``; return (and write) metrics."""
     from pipeline.formats.features import load_features

@@ -133,7 +133,7 @@ def _save_hub_gpt(model_id: str, revision: str, out: Path) -> Optional[str]:
     return _commit_hash(model)
 
 
-def pin_model(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path]) -> dict[str, Any]:
+def run(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path]) -> dict[str, Any]:
     """Pin (or build, for ``demo``) the CLIP or GPT-2 of ``params`` into ``out_dir``.
 
     The folder is written under a temporary name and renamed when whole, with

@@ -49,7 +49,7 @@ def _count(folder: Path, manifest: Manifest) -> int:
     return n
 
 
-def prepare(
+def run(
     out_dir: str | Path,
     data: DataParams,
     cache_dir: str | Path = "data/cache/annotations",
