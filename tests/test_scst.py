@@ -156,7 +156,7 @@ def test_a_ruinous_run_keeps_the_cross_entropy_weights(xe):
 
 @needs_java
 def test_killed_run_resumes_to_the_same_bytes(xe, tmp_path):
-    from pipeline.scst import Stopped
+    from pipeline.loop import Stopped
 
     root, feats = xe
     params = SCST.model_copy(update={"epochs": 2, "checkpoint_every": 2})

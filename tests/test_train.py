@@ -21,7 +21,8 @@ from pipeline.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.models.pretrained import ModelError
 from pipeline.params import MapperParams, ParamsError, TrainParams
-from pipeline.train import _StopForTest, train
+from pipeline.loop import Stopped
+from pipeline.train import train
 from pipeline.train_data import build_captions, epoch_batches, load_training_data, tokenize
 from tests.helpers.features import FEATURE_ATTRS, scene_table, write_features
 
@@ -144,7 +145,7 @@ def uninterrupted(data, tmp_path_factory):
 def test_killed_run_resumes_to_identical_weights(data, uninterrupted, tmp_path, stops, caplog):
     whole, expected = uninterrupted
     for stop in stops:
-        with pytest.raises(_StopForTest):
+        with pytest.raises(Stopped):
             _run(data, tmp_path, mapper=DROPOUT, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=stop)
         assert not (tmp_path / "model").exists()
     with caplog.at_level(logging.INFO, logger="pipeline"):
@@ -164,7 +165,7 @@ def test_killed_run_resumes_to_identical_weights(data, uninterrupted, tmp_path, 
 
 
 def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, caplog):
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
     other = RESUME.model_copy(update={"lr": 0.02})
     with caplog.at_level(logging.INFO, logger="pipeline"):
@@ -172,7 +173,7 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, c
     assert "step-000000004 ignored: made by another run (params.train.lr: 0.01 there, 0.02 here)" in caplog.text
     assert metrics["resumed_from_step"] == 0
     # Other features: ignored too, named.
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
     root, gpt, feats = data
     feats2 = write_features(tmp_path / "f2", scene_table(n_per_class=4, seed=1))
@@ -185,14 +186,14 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, c
 
 def test_resume_with_keep_last(data, tmp_path):
     params = RESUME.model_copy(update={"keep": "last"})
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck", stop_after=7)
     metrics = _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck")
     assert metrics["resumed_from_step"] == 6 and metrics["kept"] == "last" and metrics["steps"] == 18
 
 
 def test_checkpoint_holds_the_whole_state(data, tmp_path):
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
     ck = load_checkpoint(tmp_path / "ck" / "step-000000004")
     assert sorted(ck.meta["modules"]) == ["gpt", "mapper"] and sorted(ck.meta["stateful"]) == \
@@ -210,16 +211,17 @@ def test_model_folder_holds_the_best_weights_and_early_stopping(data, tmp_path, 
     # Validation losses scripted: the best is the 5th validation (step 5), then worse.
     script = [3.0, 2.5, 2.0, 1.8, 1.5, 1.6, 1.7, 1.55, 1.9] + [2.0] * 100
 
-    def scripted(run):
-        return script[len(run.progress.val_curve)]
+    def scripted(job):  # the n-th validation of each run gets script[n]
+        job.validations = getattr(job, "validations", 0) + 1
+        return script[job.validations - 1]
 
-    monkeypatch.setattr(tr, "validate", scripted)
+    monkeypatch.setattr(tr, "validation_loss", scripted)
     params = TRAIN.model_copy(update={"epochs": 2, "eval_every": 1, "checkpoint_every": 1})
     metrics = _run(data, tmp_path / "a", params=params)
     assert metrics["best_step"] == 5 and metrics["best_val_loss"] == 1.5 and metrics["steps"] == 12
     assert [float(r["val_loss"]) for r in read_curve(tmp_path / "a/train/val.csv")][:6] == script[:6]
     # The same run stopped right after step 5: its checkpoint has the weights that were kept.
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path / "b", params=params.model_copy(update={"keep": "last"}),
              checkpoint_dir=tmp_path / "b/ck", stop_after=5)
     kept = ClipCaptioner.load(tmp_path / "a/model")

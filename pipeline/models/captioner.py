@@ -97,8 +97,7 @@ class ClipCaptioner(nn.Module):
 
     @property
     def max_positions(self) -> int:
-        cfg = self.gpt.config
-        return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024))
+        return gpt_positions(self.gpt.config)
 
     def train(self, mode: bool = True) -> "ClipCaptioner":
         super().train(mode)
@@ -123,8 +122,11 @@ class ClipCaptioner(nn.Module):
 
         ``input_ids`` [B, T] are right-padded; positions where ``attention_mask`` is 0
         are ignored whatever their ids. ``reduction="sum"`` gives the summed token loss
-        (for token-weighted means across batches and processes).
+        (for token-weighted means across batches and processes); ``"tokens"`` gives
+        ``token_logprobs`` instead (SCST: through ``forward``, so DDP sees the call).
         """
+        if reduction == "tokens":
+            return self.token_logprobs(clip_vectors, input_ids, attention_mask)
         real = attention_mask.bool()
         logits = self._real_token_logits(clip_vectors, input_ids, attention_mask)
         return F.cross_entropy(logits.float(), input_ids[real], reduction=reduction)
@@ -307,6 +309,15 @@ class ClipCaptioner(nn.Module):
         """The ``expect`` mapping for ``load_features``."""
         return {k: self.features[k] for k in FEATURE_KEYS if self.features.get(k) is not None}
 
+
+def gpt_positions(config: Any) -> int:
+    """GPT-2's positions (prefix + caption) from its config: the one place that reads them."""
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+
+
+def caption_room(config: Any, prefix_length: int) -> int:
+    """Caption tokens that fit GPT-2's positions after a prefix of ``prefix_length``."""
+    return gpt_positions(config) - prefix_length
 
 
 def check_clip_folder(clip_dir: Path, features: Mapping[str, Any]) -> dict:
