@@ -116,7 +116,6 @@ def run_job(job, rank: Rank, device: torch.device, checkpoint_dir, progress: boo
     try:
         while run.progress.epoch <= job.epochs and not run.progress.stopped_early:
             run_epoch(run)
-        run.bar.close()
         return finish(run)
     finally:
         run.bar.close()

@@ -36,7 +36,7 @@ import torch
 from pipeline.checkpoint import digest_files
 from pipeline.files import write_csv, write_metrics
 from pipeline.loop import check_batch_size, rounded, run_job, sum_across
-from pipeline.models.captioner import ClipCaptioner, caption_room, check_clip_folder
+from pipeline.models.captioner import ClipCaptioner, check_clip_folder, room_after_prefix
 from pipeline.models.mapper import count_parameters, mapper_class
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.runtime import Rank, all_reduce_sum, autocast, choose_device, choose_precision, current_rank, \
@@ -106,7 +106,7 @@ class XeJob:
 
         gpt, tokenizer = load_gpt(gpt_dir)
         # The caption room is known from GPT-2's config before anything is built.
-        room = caption_room(gpt.config, mapper.prefix_length)
+        room = room_after_prefix(gpt.config, mapper.prefix_length)
         if room < 2:  # a word and EOS at the least; fewer would crash inside GPT-2
             raise ParamsError(f"mapper.prefix_length: {mapper.prefix_length} leaves {max(room, 0)} of GPT-2's "
                               f"{room + mapper.prefix_length} positions for the caption; it needs at least 2")
@@ -115,12 +115,7 @@ class XeJob:
             log.warning("train.max_caption_tokens %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
                         max_tokens, room, room + mapper.prefix_length, mapper.prefix_length)
             max_tokens = room
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            from pipeline.models.pretrained import ModelError
-
-            raise ModelError(f"{gpt_dir}: the GPT-2 tokenizer has no EOS token; captions could never end")
-        data = load_training_data(features_dir, tokenizer, int(eos), max_tokens, params.max_memory_gb)
+        data = load_training_data(features_dir, tokenizer, max_tokens, params.max_memory_gb)
         features = {**data.attrs, "dim": data.dim}
         pin = read_pin(gpt_dir)
         source = {k: pin[k] for k in ("model_id", "revision", "sha256")}

@@ -75,3 +75,32 @@ def test_bf16_weights_keep_an_fp32_lm_head(tiny_gpt_dir):
         assert logits.dtype == torch.float32
         # Rounded to bf16 and back, almost every logit would change: they were not bf16.
         assert (logits != logits.bfloat16().float()).float().mean() > 0.9
+
+
+def test_no_import_cycle_between_pipeline_modules():
+    """Module by module (packages are checked in test_dvc_deps): the captioner saves and loads
+    its decoding defaults through decoding_config, never through the decoding module that uses it."""
+    from pipeline.fingerprint import ROOT, imports_of, module_file
+
+    def name(path):
+        return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+    graph = {}
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        found = (module_file(m) for m in imports_of(path))
+        graph[name(path)] = {name(f) for f in found if f is not None and f.suffix == ".py"
+                             and f.name != "__init__.py" and f != path}
+
+    def cycle_from(start):
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return trail + [start]
+                if nxt not in trail:
+                    stack.append((nxt, trail + [nxt]))
+        return []
+
+    cycles = [c for c in map(cycle_from, graph) if c]
+    assert not cycles, "; ".join(" -> ".join(c) for c in cycles)

@@ -18,12 +18,12 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.features import FeatureShardError
-from pipeline.models.captioner import ClipCaptioner
+from pipeline.models.captioner import ClipCaptioner, tokenize_captions
 from pipeline.models.pretrained import ModelError
 from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.loop import Stopped
 from pipeline.train import train
-from pipeline.train_data import build_captions, epoch_batches, load_training_data, tokenize
+from pipeline.train_data import build_captions, epoch_batches, load_training_data
 from tests.helpers.features import FEATURE_ATTRS, scene_table, write_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -246,7 +246,7 @@ def test_batches_are_global_and_independent_of_processes(data):
     from pipeline.models.pretrained import load_gpt
 
     _, tok = load_gpt(gpt)
-    d = load_training_data(feats, tok, tok.eos_token_id, 40, max_memory_gb=1.0)
+    d = load_training_data(feats, tok, 40, max_memory_gb=1.0)
     a = epoch_batches(d, 8, seed=0, epoch=1, bucket=False)
     assert a.shape == (6, 8) and sorted(a.reshape(-1)) == list(range(48))
     assert not np.array_equal(a, epoch_batches(d, 8, seed=0, epoch=2, bucket=False))
@@ -259,14 +259,22 @@ def test_batches_are_global_and_independent_of_processes(data):
     assert pad(b) < pad(a)
 
 
-def test_batched_tokenizing_equals_encode_caption(data):
+def test_one_caption_tokeniser_batched_or_not(data):
+    """Training's batched tokenising and the model's encode_caption are the one tokeniser:
+    stripped captions, cut to max_tokens with EOS kept as the last id."""
     root, gpt, feats = data
-    model = ClipCaptioner.from_settings(MAPPER.model_dump(), 16, *__import__(
-        "pipeline.models.pretrained", fromlist=["load_gpt"]).load_gpt(gpt))
+    from pipeline.models.pretrained import load_gpt
+
+    model = ClipCaptioner.from_settings(MAPPER.model_dump(), 16, *load_gpt(gpt))
+    tok, eos = model.tokenizer, model.eos_token_id
     caps = ["a red circle", "  one blue square here ", "a green triangle " * 10]
-    assert tokenize(model.tokenizer, model.eos_token_id, caps, 7) == [model.encode_caption(c, 7) for c in caps]
-    built = build_captions(model.tokenizer, model.eos_token_id, [3, 9], [["a red circle", " "], ["one"]], 7)
-    assert list(built.rows) == [3, 9] and list(built.tokens(0)) == model.encode_caption("a red circle", 7)
+    batched = tokenize_captions(tok, caps, 7)
+    assert batched == [model.encode_caption(c, 7) for c in caps]
+    assert batched[0] == tok("a red circle", add_special_tokens=False)["input_ids"] + [eos]
+    assert batched[1] == tok("one blue square here", add_special_tokens=False)["input_ids"] + [eos]
+    assert len(batched[2]) == 7 and batched[2][-1] == eos
+    built = build_captions(tok, [3, 9], [["a red circle", " "], ["one"]], 7)
+    assert list(built.rows) == [3, 9] and list(built.tokens(0)) == batched[0]
 
 
 def test_streamed_features_train_like_loaded_ones(data, tmp_path):
@@ -277,7 +285,7 @@ def test_streamed_features_train_like_loaded_ones(data, tmp_path):
     from pipeline.models.pretrained import load_gpt
 
     _, tok = load_gpt(gpt)
-    d = load_training_data(feats, tok, tok.eos_token_id, 40, params.max_memory_gb)
+    d = load_training_data(feats, tok, 40, params.max_memory_gb)
     assert d.vectors.streamed and d.window == 1 and d.n_shards == 6
     order = epoch_batches(d, 8, seed=0, epoch=1, bucket=False).reshape(-1)
     assert len(set(order)) == len(order) == len(d.train) // 8 * 8

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.features import attr_value
 from pipeline.files import replace_dir, temp_dir_for
 from pipeline.models import mapper as mappers
+from pipeline.models.decoding_config import generation_config, load_decoding, model_defaults, save_generation_config
 from pipeline.models.mapper import count_parameters
 from pipeline.models.pretrained import PIN_FILE, ModelError
 
@@ -50,8 +51,7 @@ class ClipCaptioner(nn.Module):
         gpt_source: Optional[dict] = None,
     ) -> None:
         super().__init__()
-        if tokenizer.eos_token_id is None:
-            raise ModelError("the GPT-2 tokenizer has no EOS token; captions could never end")
+        eos_id(tokenizer)
         if mapper.config.width != int(gpt.config.hidden_size):
             raise ModelError(f"mapper width {mapper.config.width} does not match GPT-2's n_embd "
                              f"{gpt.config.hidden_size}")
@@ -98,6 +98,11 @@ class ClipCaptioner(nn.Module):
     @property
     def max_positions(self) -> int:
         return gpt_positions(self.gpt.config)
+
+    @property
+    def caption_room(self) -> int:
+        """Caption tokens that fit GPT-2's positions after the prefix."""
+        return room_after_prefix(self.gpt.config, self.prefix_length)
 
     def train(self, mode: bool = True) -> "ClipCaptioner":
         super().train(mode)
@@ -197,8 +202,7 @@ class ClipCaptioner(nn.Module):
     # ---------------------------------------------------------------- tokenizing
     def encode_caption(self, caption: str, max_tokens: int) -> list[int]:
         """Caption -> token ids ending with EOS, at most ``max_tokens`` long (EOS kept)."""
-        ids = self.tokenizer(caption.strip(), add_special_tokens=False)["input_ids"]
-        return list(ids[: max(0, max_tokens - 1)]) + [self.eos_token_id]
+        return tokenize_captions(self.tokenizer, [caption], max_tokens)[0]
 
     # -------------------------------------------------------------------- saving
     def config_dict(self) -> dict:
@@ -222,8 +226,6 @@ class ClipCaptioner(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from pipeline.models.decoding import generation_config, model_defaults, save_generation_config
-
         model_dir = Path(model_dir)
         if model_dir.exists() and any(model_dir.iterdir()) and not (model_dir / CONFIG_NAME).exists():
             raise ModelError(f"{model_dir}: exists and is not a captioner folder; refusing to replace it")
@@ -235,7 +237,7 @@ class ClipCaptioner(nn.Module):
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
             save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
             # GPT-2's own generation_config.json says the same as the folder's.
-            decoding = model_defaults(self)
+            decoding = model_defaults(self.caption_room)
             self.gpt.generation_config = generation_config(decoding, self.eos_token_id, self.pad_token_id)
             self.gpt.save_pretrained(tmp / GPT_SUBDIR, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / GPT_SUBDIR)
@@ -259,7 +261,6 @@ class ClipCaptioner(nn.Module):
         """Load a folder written by ``save`` (safetensors only, no remote code)."""
         from safetensors.torch import load_file
 
-        from pipeline.models.decoding import default_generation_config
         from pipeline.models.pretrained import load_gpt
 
         model_dir = Path(model_dir)
@@ -285,7 +286,8 @@ class ClipCaptioner(nn.Module):
                     finetune_gpt=bool(cfg.get("finetune_gpt", False)), gpt_source=cfg.get("gpt_source"))
         model.model_dir = model_dir
         # Decoding defaults come from the captioner's folder, never from GPT-2's own file.
-        model.gpt.generation_config = default_generation_config(model, model_dir)
+        decoding = load_decoding(model_dir) or model_defaults(model.caption_room)
+        model.gpt.generation_config = generation_config(decoding, model.eos_token_id, model.pad_token_id)
         return model.to(device).eval()
 
     @property
@@ -315,9 +317,27 @@ def gpt_positions(config: Any) -> int:
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
 
 
-def caption_room(config: Any, prefix_length: int) -> int:
+def room_after_prefix(config: Any, prefix_length: int) -> int:
     """Caption tokens that fit GPT-2's positions after a prefix of ``prefix_length``."""
     return gpt_positions(config) - prefix_length
+
+
+def eos_id(tokenizer: Any) -> int:
+    """The tokenizer's EOS id; a ModelError when it has none (captions could never end)."""
+    if tokenizer.eos_token_id is None:
+        raise ModelError("the GPT-2 tokenizer has no EOS token; captions could never end")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """The one caption tokeniser: ids of each (stripped) caption ending with EOS, at most
+    ``max_tokens`` long (EOS kept), in one batched tokenizer call."""
+    if not captions:
+        return []
+    eos = eos_id(tokenizer)
+    ids = tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
+    keep = max(0, max_tokens - 1)
+    return [list(row[:keep]) + [eos] for row in ids]
 
 
 def check_clip_folder(clip_dir: Path, features: Mapping[str, Any]) -> dict:
