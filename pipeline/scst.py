@@ -14,7 +14,10 @@ caption (Rennie et al.).
 - The model stays in eval mode (no dropout): the log-probabilities weighed by the
   reward must be those of the policy that sampled the captions.
 - Sampling is plain multinomial sampling from the full distribution (temperature 1,
-  no top-k/top-p), as the policy gradient assumes.
+  no top-k/top-p), as the policy gradient assumes, through the decoding module that
+  generate and caption use (``pipeline/models/decoding.py``): each caption is drawn
+  from a generator seeded by (``scst.seed``, epoch, image, index), so the samples do
+  not depend on the batch or on the number of processes.
 - After each epoch (and before the first, for the cross-entropy model) the greedy
   captions of the val split are scored with CIDEr-D (pycocoevalcap's definition,
   document frequencies from the val references); the best epoch's weights are the
@@ -44,7 +47,8 @@ from pipeline.features import FeatureShardError
 from pipeline.files import replace_dir, temp_dir_for, write_csv, write_metrics
 from pipeline.loop import check_batch_size, rounded, run_job, sum_across
 from pipeline.models.captioner import CLIP_SUBDIR, ClipCaptioner
-from pipeline.params import ParamsError, ScstParams
+from pipeline.models.decoding import check_room, decode_batch, generate_ids
+from pipeline.params import Decoding, ParamsError, ScstParams
 from pipeline.runtime import Rank, autocast, choose_device, choose_precision, current_rank, gather, process_group
 
 log = logging.getLogger(__name__)
@@ -126,12 +130,14 @@ def caption_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------- validation
-def greedy_captions(model: ClipCaptioner, vectors: torch.Tensor, batch_size: int, max_tokens: int,
-                    device: torch.device, amp: str) -> list[str]:
+def greedy_captions(model: ClipCaptioner, vectors: torch.Tensor, batch_size: int, d: Decoding, device: torch.device,
+                    amp: str) -> list[str]:
+    """One caption per vector, decoded as ``d`` says (greedy: no seed, so no keys needed)."""
     out: list[str] = []
     for lo in range(0, len(vectors), batch_size):
-        with torch.inference_mode(), autocast(device, amp):
-            out += model.caption(vectors[lo:lo + batch_size].to(device), num_beams=1, max_new_tokens=max_tokens)
+        batch = vectors[lo:lo + batch_size].to(device)
+        with autocast(device, amp):
+            out += [c[0].text for c in decode_batch(model, batch, d, keys=[""] * len(batch))]
     return out
 
 
@@ -220,6 +226,14 @@ class ScstJob:
             raise ParamsError(f"scst.batch_size: {params.batch_size} is more than the {len(self.train)} training "
                               "images; not one full batch")
 
+        # Decoding as generate does it (pipeline/models/decoding.py): plain sampling from the full
+        # distribution, each caption seeded by (scst.seed, epoch, image, index); greedy for
+        # the baseline and validation. At most scst.max_tokens, cut to GPT-2's room.
+        sampling = Decoding(num_beams=1, do_sample=True, num_return_sequences=params.samples, temperature=1.0,
+                            top_k=0, top_p=1.0, max_new_tokens=params.max_tokens, seed=params.seed)
+        self.sampling = sampling.model_copy(
+            update={"max_new_tokens": check_room(model, sampling, name=lambda key: "scst.max_tokens")})
+        self.greedy = Decoding(num_beams=1, max_new_tokens=self.sampling.max_new_tokens)
         self.update_gpt = params.finetune_gpt and model.finetune_gpt
         if params.finetune_gpt and not model.finetune_gpt:
             log.info("scst: GPT-2 was frozen in training, so it stays frozen (only the mapper learns)")
@@ -250,6 +264,7 @@ class ScstJob:
     # ------------------------------------------------------------- steps
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's global batches of training images: a function of (seed, epoch) only."""
+        self.epoch = epoch  # part of each sample's seed
         order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.params.seed * 1000 + epoch))
         bs = self.batch_size
         return [order[b * bs:(b + 1) * bs].numpy() for b in range(self.batches_per_epoch)]
@@ -267,17 +282,14 @@ class ScstJob:
         images = images.tolist()
         k = params.samples
         vectors = self.train.vectors[images].to(device)
-        with torch.no_grad(), autocast(device, amp):
-            ids = model.generate_ids(vectors, do_sample=True, num_return_sequences=k,
-                                     max_new_tokens=params.max_tokens, num_beams=1, temperature=1.0, top_k=0,
-                                     top_p=1.0)
-        owners = [i for i in images for _ in range(k)]  # generate returns an image's samples adjacent
+        with autocast(device, amp):
+            ids, _ = generate_ids(model, vectors, self.sampling, keys=[f"{self.epoch}/{i}" for i in images])
+        ids = ids.clone()  # out of inference mode: the loss's backward reads the ids
+        owners = [i for i in images for _ in range(k)]  # an image's samples are adjacent rows
         rewards = self.reward(model.decode(ids), owners)
         greedy = None
         if params.baseline == "greedy":
-            with torch.no_grad(), autocast(device, amp):
-                greedy_ids = model.generate_ids(vectors, num_beams=1, max_new_tokens=params.max_tokens)
-            greedy = self.reward(model.decode(greedy_ids), images)
+            greedy = self.reward(greedy_captions(model, vectors, len(images), self.greedy, device, amp), images)
         adv = advantages(rewards, k, greedy)
         mask = caption_mask(ids, model.eos_token_id)
         with autocast(device, amp):
@@ -322,7 +334,7 @@ class ScstJob:
             return None
         rank, world = self.rank.rank, self.rank.world_size
         mine = greedy_captions(self.model, self.val.vectors[rank::world], self.batch_size * self.params.samples,
-                               self.params.max_tokens, self.device, self.amp)
+                               self.greedy, self.device, self.amp)
         captions = [None] * len(self.val)
         for r, part in enumerate(gather(mine)):
             captions[r::world] = part
@@ -372,8 +384,8 @@ class ScstJob:
         }
         if run.rank.is_main:
             # Only rank 0 holds the kept weights: it captions the whole val split alone.
-            captions = greedy_captions(self.model, self.val.vectors, self.batch_size * params.samples,
-                                       params.max_tokens, self.device, self.amp)
+            captions = greedy_captions(self.model, self.val.vectors, self.batch_size * params.samples, self.greedy,
+                                       self.device, self.amp)
             metrics["tokenizer_agreement"] = rounded(_tokenizer_agreement(captions, self.java))
             # The input model's CLIP travels on, so the folder still captions on its own.
             clip = self.model_dir / CLIP_SUBDIR

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -76,22 +77,47 @@ def test_caption_mask_stops_after_the_first_eos():
 
 def test_scored_log_probabilities_are_the_sampling_policy(xe):
     """What the loss weighs, token_logprobs of the sampled ids, equals the log-probabilities
-    generate sampled them with (transformers' own transition scores)."""
+    the shared decoding path drew them with (the seeded sampler's record, up to each EOS)."""
     from pipeline.features import load_features
     from pipeline.models.captioner import ClipCaptioner
+    from pipeline.models.decoding import generate_ids
+    from pipeline.params import Decoding
     from pipeline.scst import caption_mask
 
     root, feats = xe
     model = ClipCaptioner.load(root / "xe")
     vectors = torch.from_numpy(load_features(feats, split="train").embeddings[:6])
-    torch.manual_seed(0)
-    out = model.generate_ids(vectors, do_sample=True, num_return_sequences=3, max_new_tokens=8, num_beams=1,
-                             temperature=1.0, top_k=0, top_p=1.0, output_scores=True, return_dict_in_generate=True)
-    mask = caption_mask(out.sequences, model.eos_token_id)
-    theirs = model.gpt.compute_transition_scores(out.sequences, out.scores, normalize_logits=True) * mask
-    ours = model.token_logprobs(vectors.repeat_interleave(3, dim=0), out.sequences, mask)
+    d = Decoding(num_beams=1, do_sample=True, num_return_sequences=3, max_new_tokens=8, top_k=0, top_p=1.0)
+    ids, sampler = generate_ids(model, vectors, d, keys=[str(i) for i in range(6)])
+    mask = caption_mask(ids, model.eos_token_id)
+    theirs = torch.stack(sampler.token_logprobs, dim=1)[:, :ids.shape[1]] * mask
+    ours = model.token_logprobs(vectors.repeat_interleave(3, dim=0), ids.clone(), mask)
     assert torch.allclose(ours, theirs, atol=1e-5)
-    assert (mask.sum(dim=1) < out.sequences.shape[1]).any()  # some captions ended before the cap
+    assert (mask.sum(dim=1) < ids.shape[1]).any()  # some captions ended before the cap
+    # The same image's samples are the same whatever else is in the batch (DDP needs this).
+    alone, _ = generate_ids(model, vectors[2:3], d, keys=["2"])
+    assert torch.equal(alone, ids[6:9, :alone.shape[1]]) and (ids[6:9, alone.shape[1]:] == model.pad_token_id).all()
+
+
+def test_sampling_prints_no_attention_mask_warning(xe, caplog):
+    """transformers drops generate's all-ones mask, then GPT-2 warns at finished rows' padding;
+    the decoding path silences exactly that warning (it is shown once per process, so reset)."""
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.features import load_features
+    from pipeline.models.captioner import ClipCaptioner
+    from pipeline.models.decoding import generate_ids
+    from pipeline.params import Decoding
+
+    root, feats = xe
+    model = ClipCaptioner.load(root / "xe")
+    vectors = torch.from_numpy(load_features(feats, split="train").embeddings[:6])
+    hf_logging.warning_once.cache_clear()
+    d = Decoding(num_beams=1, do_sample=True, num_return_sequences=4, max_new_tokens=8)
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        ids, _ = generate_ids(model, vectors, d, keys=[str(i) for i in range(6)])
+    assert (ids == model.eos_token_id).any()  # finished rows were padded: the warning's trigger
+    assert not [r for r in caplog.records if "attention_mask" in r.getMessage()]
 
 
 # ----------------------------------------------------------------- the stage

@@ -160,32 +160,6 @@ class ClipCaptioner(nn.Module):
         # batched-matmul path (6x slower at real size on a CPU).
         return self.gpt.get_output_embeddings()(hidden[:, k - 1:-1][attention_mask.bool()])
 
-    @torch.no_grad()
-    def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:
-        """Token ids continuing each prefix (transformers' generate, KV cache).
-
-        With ``generation_config`` (what the stages use, see pipeline/models/decoding.py) that
-        config alone decides; other keyword arguments (``logits_processor``) go to
-        ``generate``. Without it, keyword arguments are generation settings
-        (num_beams, max_new_tokens, ...), ``max_new_tokens`` capped by GPT-2's positions.
-        """
-        prefix = self.prefix(clip_vectors)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        if generation_config is not None:
-            return self.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config,
-                                     **kwargs)
-        room = self.max_positions - self.prefix_length
-        kwargs["max_new_tokens"] = max(1, min(int(kwargs.get("max_new_tokens", 30)), room))
-        kwargs.setdefault("eos_token_id", self.eos_token_id)
-        kwargs.setdefault("pad_token_id", self.pad_token_id)
-        if not kwargs.get("do_sample"):
-            # Explicit, so a model's own generation_config cannot switch on sampling.
-            kwargs["do_sample"] = False
-            kwargs.pop("temperature", None)
-            kwargs.pop("top_p", None)
-        # Decoder-only generate with inputs_embeds returns only the new tokens.
-        return self.gpt.generate(inputs_embeds=prefix, attention_mask=mask, **kwargs)
-
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token ids -> caption strings, cut at the first EOS, stripped."""
         texts = []
@@ -194,10 +168,6 @@ class ClipCaptioner(nn.Module):
                 row = row[: row.index(self.eos_token_id)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
-
-    def caption(self, clip_vectors: torch.Tensor, **kwargs: Any) -> list[str]:
-        """Captions for a batch of CLIP vectors (``num_return_sequences`` per vector)."""
-        return self.decode(self.generate_ids(clip_vectors, **kwargs))
 
     # ---------------------------------------------------------------- tokenizing
     def encode_caption(self, caption: str, max_tokens: int) -> list[int]:

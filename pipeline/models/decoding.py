@@ -1,5 +1,7 @@
 """Turning prefixes into captions with transformers' ``generate``: precision, seeds, scores.
 
+The one decode path: generate, caption and SCST's sampling and greedy captions
+all go through ``generate_ids`` (``decode_batch`` turns its ids into captions).
 The settings themselves (``Decoding`` as a ``GenerationConfig``,
 ``generation_config.json``) are ``pipeline/models/decoding_config.py``'s.
 * ``prepare_for_inference``: the model in the chosen precision. bf16/fp16 means
@@ -22,11 +24,12 @@ torch's global generator, shared by every row of the batch). Beam sampling
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,16 +153,18 @@ def check_room(model: "ClipCaptioner", d: Decoding, name=lambda key: f"generate.
 
 
 @torch.inference_mode()
-def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
-                 max_new_tokens: Optional[int] = None) -> list[list[Caption]]:
-    """Captions of each vector (``d.num_return_sequences`` each, best first) with their scores.
+def generate_ids(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
+                 max_new_tokens: Optional[int] = None) -> tuple[Any, Optional[SeededSampler]]:
+    """One ``generate`` call for ``d``: the new token ids (rows image-major, each image's
+    ``d.num_return_sequences`` adjacent; with several scored beams, generate's output with
+    ``sequences`` and ``sequences_scores``), and the sampler when ``d`` samples without beams.
 
-    ``keys`` name the images (seeds of their samples). Scores are given when an
-    image gets several captions: transformers' beam score, or for samples the
-    summed log-probability of their tokens (EOS included) divided by their length.
+    ``keys`` name the images (seeds of their samples). ``max_new_tokens`` (default
+    ``d.max_new_tokens``) is capped by GPT-2's positions after the prefix. The one
+    decode path: generate, caption and SCST's sampling and greedy captions come here.
     """
     n = d.num_return_sequences
-    limit = max_new_tokens if max_new_tokens is not None else min(d.max_new_tokens, model.caption_room)
+    limit = min(d.max_new_tokens if max_new_tokens is None else max_new_tokens, model.caption_room)
     prefix = model.prefix(vectors.to(model.device))
     config = generation_config(d, model.eos_token_id, model.pad_token_id, max_new_tokens=limit)
     processors = []
@@ -176,19 +181,55 @@ def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     elif d.do_sample:
         # Beam sampling: transformers' own draw from the global generator, seeded per batch.
         torch.manual_seed(row_seed(d.seed, keys[0] if keys else "", len(keys)))
-    scored_beams = d.num_beams > 1 and n > 1
-    if scored_beams:
+    if d.num_beams > 1 and n > 1:
         config.return_dict_in_generate = True
         config.output_scores = True
     cache = prefix_cache(model, prefix, ours * d.num_beams)
     if ours > 1:
         prefix = prefix.repeat_interleave(ours, dim=0)
     mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_padding_warning():
         # With inputs_embeds the penalties see only the caption's tokens: what we want, not a problem.
         warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
         out = model.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config,
                                  logits_processor=processors or None, cache=cache)
+    return out, sampler
+
+
+class _PaddingWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_padding_warning():
+    """Silence GPT-2's "pass an attention_mask" warning for one generate call.
+
+    The mask is passed, but transformers' generate drops a mask of all ones
+    (generation/utils.py: "we can drop the mask altogether if it's all 1s"); GPT-2 then
+    sees a finished row's pad (= EOS) token and warns, though those tokens are past
+    the caption's end and never read.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _PaddingWarningFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
+                 max_new_tokens: Optional[int] = None) -> list[list[Caption]]:
+    """Captions of each vector (``d.num_return_sequences`` each, best first) with their scores.
+
+    ``keys`` name the images (seeds of their samples). Scores are given when an
+    image gets several captions: transformers' beam score, or for samples the
+    summed log-probability of their tokens (EOS included) divided by their length.
+    """
+    n = d.num_return_sequences
+    out, sampler = generate_ids(model, vectors, d, keys, max_new_tokens)
+    scored_beams = d.num_beams > 1 and n > 1
     ids = out.sequences if scored_beams else out
     texts = model.decode(ids)
     if scored_beams:
