@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import torchrun
 from tests.helpers.features import scene_table, write_features
 from tests.helpers.models import save_tiny_gpt
 from pipeline.params import MapperParams, ScstParams, TrainParams
@@ -212,6 +213,54 @@ def test_frozen_gpt_stays_frozen(xe):
     a, b = load_file(root / "xe_frozen" / "mapper.safetensors"), load_file(root / "frozen" / "model" / "mapper.safetensors")
     if metrics["best_epoch"] == 1:
         assert any(not torch.equal(a[k], b[k]) for k in a)  # the mapper did learn
+
+
+
+def _scst_args(root: Path, feats: Path, tmp_path: Path, name: str, params_yaml: str) -> list[str]:
+    (tmp_path / f"{name}.yaml").write_text(params_yaml)
+    out = tmp_path / name
+    return ["scst", "--params", str(tmp_path / f"{name}.yaml"), "--model", str(root / "xe"), "--features", str(feats),
+            "--out", str(out / "model"), "--curve", str(out / "reward.csv"), "--val-curve", str(out / "val.csv"),
+            "--metrics", str(out / "scst.json"), "--checkpoints", str(out / "ck"), "--no-progress"]
+
+
+def _without_key_bias(name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors, less the key part of a fused query/key/value bias. Attention is blind to
+    the key bias (softmax ignores a shift), so its gradient is 0 plus rounding noise, which
+    Adam scales up to steps of lr: it wanders differently in any two runs that round differently."""
+    if name.endswith(("in_proj_bias", "attn.c_attn.bias")):
+        width = len(a) // 3
+        keep = torch.ones(len(a), dtype=torch.bool)
+        keep[width:2 * width] = False
+        return a[keep], b[keep]
+    return a, b
+
+
+@needs_java
+def test_two_processes_equal_one_process(xe, tmp_path):
+    """scst.batch_size is the global number of images: 2 gloo processes (4 images each) and
+    1 process (8) make the same weights. Each image's samples are seeded by the image, not
+    the process, so both draw the same captions; without DDP's gradient all-reduce each
+    process would step on its own half and this fails."""
+    from safetensors.torch import load_file
+
+    root, feats = xe
+    params = ("device: cpu\nscst: {epochs: 2, batch_size: 8, lr: 0.002, samples: 4, max_tokens: 8, "
+              "precision: fp32, log_every: 1}\n")
+    for name, nproc in (("two", 2), ("one", 1)):
+        torchrun.run(torchrun.standalone(nproc, _scst_args(root, feats, tmp_path, name, params)), cwd=tmp_path)
+    two, one = tmp_path / "two", tmp_path / "one"
+    m2, m1 = json.loads((two / "scst.json").read_text()), json.loads((one / "scst.json").read_text())
+    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 24
+    for name in ("mapper.safetensors", "gpt/model.safetensors"):
+        a, b = load_file(two / "model" / name), load_file(one / "model" / name)
+        for k in a:
+            assert torch.allclose(*_without_key_bias(k, a[k], b[k]), rtol=1e-4, atol=1e-6), (name, k)
+    r2, r1 = read_csv(two / "reward.csv"), read_csv(one / "reward.csv")
+    assert len(r2) == len(r1) == 24
+    for x, y in zip(r2, r1):
+        assert float(x["reward"]) == pytest.approx(float(y["reward"]), abs=1e-9)  # the same captions
+    assert m2["val_cider_best"] == pytest.approx(m1["val_cider_best"], rel=1e-6)
 
 
 def test_params_refuse_mean_baseline_with_one_sample():

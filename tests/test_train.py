@@ -24,6 +24,7 @@ from pipeline.params import MapperParams, ParamsError, TrainParams
 from pipeline.loop import Stopped
 from pipeline.train import train
 from pipeline.train_data import build_captions, epoch_batches, load_training_data
+from tests.helpers import torchrun
 from tests.helpers.features import FEATURE_ATTRS, scene_table, write_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -312,18 +313,17 @@ def test_peak_rss_does_not_grow_with_the_number_of_shards(tmp_path):
 
 
 # --------------------------------------------------------------------- DDP
-def _torchrun(tmp_path: Path, feats, gpt, name: str, params_yaml: str, nproc: int) -> Path:
+def _stage_args(tmp_path: Path, feats, gpt, name: str, params_yaml: str) -> list[str]:
     (tmp_path / f"{name}.yaml").write_text(params_yaml)
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "stages.cli", "train", "--params", str(tmp_path / f"{name}.yaml"), "--features", str(feats),
-           "--gpt", str(gpt), "--out", str(out / "model"), "--curve", str(out / "loss.csv"),
-           "--val-curve", str(out / "val.csv"), "--metrics", str(out / "train.json"),
-           "--checkpoints", str(out / "ck"), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return ["train", "--params", str(tmp_path / f"{name}.yaml"), "--features", str(feats), "--gpt", str(gpt),
+            "--out", str(out / "model"), "--curve", str(out / "loss.csv"), "--val-curve", str(out / "val.csv"),
+            "--metrics", str(out / "train.json"), "--checkpoints", str(out / "ck"), "--no-progress"]
+
+
+def _torchrun(tmp_path: Path, feats, gpt, name: str, params_yaml: str, nproc: int) -> Path:
+    torchrun.run(torchrun.standalone(nproc, _stage_args(tmp_path, feats, gpt, name, params_yaml)), cwd=tmp_path)
+    return tmp_path / name
 
 
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
@@ -344,6 +344,29 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
     assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
     assert len(read_curve(two / "loss.csv")) == 12
+
+
+
+def test_two_nodes_on_loopback_equal_one_process(data, tmp_path):
+    """The same job as two torchrun nodes (one process each, c10d rendezvous on 127.0.0.1)
+    and as one process with grad_accum 2: the same weights. Each node's process has
+    LOCAL_RANK 0, so a process that took its share by local rank instead of global rank
+    (both nodes on the same half of every batch) fails this, as does skipping the all-reduce."""
+    root, gpt, feats = data
+    common = ("mapper: {type: transformer, prefix_length: 3, clip_length: 2, layers: 1, heads: 2}\n"
+              "train: {epochs: 2, batch_size: 8, lr: 0.01, warmup_steps: 1, precision: fp32, log_every: 1, "
+              "keep: last, finetune_gpt: false%s}\n")
+    args = _stage_args(tmp_path, feats, gpt, "nodes", common % "")
+    port = torchrun.free_port()
+    torchrun.run_nodes([torchrun.node(2, r, port, args) for r in (0, 1)], cwd=tmp_path)
+    one = _torchrun(tmp_path, feats, gpt, "one", common % ", grad_accum: 2", 1)
+    two = tmp_path / "nodes"
+    m2, m1 = json.loads((two / "train.json").read_text()), json.loads((one / "train.json").read_text())
+    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 12
+    a, b = _weights(two / "model"), _weights(one / "model")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
 
 
 # ------------------------------------------------------------ a real kill
