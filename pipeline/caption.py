@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from pipeline.caption_inputs import Entry, Failure, Item, count_known, iter_inputs
-from pipeline.models.decoding import Caption, check_room, decode_batch, load_decoding, prepare_for_inference, \
-    validated_decoding
+from pipeline.models.decoding import Caption, check_room, decode_batch, prepare_for_inference
+from pipeline.models.decoding_config import load_decoding, validated_decoding
 from pipeline.errors import CaplineError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.models.pretrained import ModelError

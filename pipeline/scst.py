@@ -31,7 +31,6 @@ weights) is ``pipeline/loop.py``'s, shared with cross-entropy training.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.models.decoding import decoding_from_config, generation_config, row_seed
+from pipeline.models.decoding import row_seed
+from pipeline.models.decoding_config import decoding_from_config, generation_config
 from pipeline.params import Decoding, ParamsError, parse_params
 
 VALID = [

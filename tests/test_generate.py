@@ -250,7 +250,7 @@ def test_sampling_follows_the_seed(trained, tmp_path):
 def test_generation_config_beside_the_results_is_the_one_used(trained, tmp_path):
     from transformers import GenerationConfig
 
-    from pipeline.models.decoding import decoding_from_config
+    from pipeline.models.decoding_config import decoding_from_config
     from pipeline.params import Decoding
 
     root, feats, table = trained

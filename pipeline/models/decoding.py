@@ -36,9 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ParamsError
-# The settings and files; imported here too, for the callers that decode with them.
-from pipeline.models.decoding_config import (GENERATION_CONFIG, decoding_from_config, generation_config,  # noqa: F401
-                                             load_decoding, save_generation_config, validated_decoding)
+from pipeline.models.decoding_config import generation_config
 from pipeline.params import Decoding
 from pipeline.runtime import dtype_of
 
