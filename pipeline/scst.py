@@ -8,9 +8,10 @@ included) and averaged over the captions. The baseline is the mean reward of the
 image's other samples (Luo 2020, no extra decoding) or the reward of its greedy
 caption (Rennie et al.).
 
-- Rewards are computed in-process: references are PTB-tokenized once (Java, as the
-  evaluation does), sampled captions by ``fast_ptb_tokenize``, and scored by the
-  pipeline's one CIDEr-D (``pipeline.evaluate.cider``).
+- Rewards are computed in-process (``pipeline/scst_rewards.py``): references are
+  PTB-tokenized once (Java, as the evaluation does), sampled captions by
+  ``fast_ptb_tokenize``, and scored by the pipeline's one CIDEr-D
+  (``pipeline.evaluate.cider``).
 - The model stays in eval mode (no dropout): the log-probabilities weighed by the
   reward must be those of the policy that sampled the captions.
 - Sampling is plain multinomial sampling from the full distribution (temperature 1,
@@ -33,15 +34,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from pipeline.evaluate.cider import CiderD, Vector
-from pipeline.evaluate.tokenizer import fast_ptb_tokenize
 from pipeline.features import FeatureShardError
 from pipeline.files import replace_dir, temp_dir_for, write_csv, write_metrics
 from pipeline.loop import check_batch_size, rounded, run_job, sum_across
@@ -49,83 +47,14 @@ from pipeline.models.captioner import CLIP_SUBDIR, ClipCaptioner
 from pipeline.models.decoding import check_room, decode_batch, generate_ids
 from pipeline.params import Decoding, ParamsError, ScstParams
 from pipeline.runtime import Rank, autocast, choose_device, choose_precision, current_rank, gather, process_group
+from pipeline.scst_rewards import (Reward, Split, advantages, caption_mask, corpus_cider, load_split, tokenize_references,
+                                   tokenizer_agreement)
 
 log = logging.getLogger(__name__)
 REWARD_FIELDS = ("step", "epoch", "reward", "baseline_reward", "loss", "sample_tokens")
 VAL_FIELDS = ("epoch", "val_cider", "sample_reward")
 # Params that do not change the trajectory: a checkpoint made with other values resumes.
 NOT_IDENTITY = ("checkpoint_every", "log_every")
-
-
-# ----------------------------------------------------------------------- rewards
-@dataclass
-class Split:
-    """One split's image vectors and references (raw and PTB-tokenized)."""
-
-    vectors: torch.Tensor  # [images, D]
-    references: list[list[str]]
-    tokenized: list[list[str]]
-
-    def __len__(self) -> int:
-        return len(self.references)
-
-
-def load_split(table, select: np.ndarray) -> tuple[torch.Tensor, list[list[str]]]:
-    """Vectors and non-blank references of the selected rows that have any."""
-    rows = [i for i in np.flatnonzero(select) if any(c and c.strip() for c in table.captions[i])]
-    vectors = torch.from_numpy(np.ascontiguousarray(table.embeddings[rows], dtype=np.float32)) if rows \
-        else torch.zeros((0, table.embeddings.shape[1]))
-    return vectors, [[c for c in table.captions[i] if c and c.strip()] for i in rows]
-
-
-def tokenize_references(groups: list[list[str]], java: str) -> list[list[str]]:
-    """PTB-tokenize every reference in one Java call (exactly as the evaluation does)."""
-    from pipeline.evaluate.tokenizer import ptb_tokenize
-
-    flat = iter(ptb_tokenize([c for group in groups for c in group], java=java))
-    return [[next(flat) for _ in group] for group in groups]
-
-
-class Reward:
-    """CIDEr-D of captions against their image's training references (training-split df)."""
-
-    def __init__(self, train: Split) -> None:
-        self.train = train
-        self.cider = CiderD(train.tokenized)
-        self.seconds = 0.0
-        self.scored = 0
-
-    def __call__(self, captions: list[str], images: list[int]) -> np.ndarray:
-        """Reward of caption i (raw text) for training image images[i]."""
-        started = time.perf_counter()
-        refs: dict[int, list[Vector]] = {i: self.cider.vectors(self.train.tokenized[i]) for i in set(images)}
-        out = self.cider.scores([fast_ptb_tokenize(c) for c in captions], [refs[i] for i in images])
-        self.seconds += time.perf_counter() - started
-        self.scored += len(captions)
-        return out
-
-
-def advantages(rewards: np.ndarray, samples: int, baseline: Optional[np.ndarray] = None) -> np.ndarray:
-    """reward - baseline for rewards [images * samples] (an image's samples adjacent).
-
-    ``baseline`` [images] (the greedy captions' rewards) or, when None, the mean of
-    each image's other samples: b_ij = (sum_k r_ik - r_ij) / (samples - 1).
-    """
-    r = rewards.reshape(-1, samples)
-    if baseline is None:
-        if samples < 2:
-            raise ValueError("the mean-of-others baseline needs at least 2 samples per image")
-        b = (r.sum(axis=1, keepdims=True) - r) / (samples - 1)
-    else:
-        b = np.repeat(np.asarray(baseline, dtype=np.float64)[:, None], samples, axis=1)
-    return (r - b).reshape(-1)
-
-
-def caption_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for each token up to and including the first EOS of its row (all of a row without one)."""
-    is_eos = (ids == eos_id).long()
-    before = is_eos.cumsum(dim=1) - is_eos  # EOS tokens strictly before each position
-    return (before == 0).long()
 
 
 # ------------------------------------------------------------------- validation
@@ -138,13 +67,6 @@ def greedy_captions(model: ClipCaptioner, vectors: torch.Tensor, batch_size: int
         with autocast(device, amp):
             out += [c[0].text for c in decode_batch(model, batch, d, keys=[""] * len(batch))]
     return out
-
-
-def corpus_cider(captions: list[str], val: Split) -> float:
-    """Corpus CIDEr-D of one caption per val image (document frequencies from the val references)."""
-    scorer = CiderD(val.tokenized)
-    per_image = [scorer.score(fast_ptb_tokenize(c), scorer.vectors(refs)) for c, refs in zip(captions, val.tokenized)]
-    return float(np.mean(per_image))
 
 
 # --------------------------------------------------------------------- the stage
@@ -385,7 +307,7 @@ class ScstJob:
             # Only rank 0 holds the kept weights: it captions the whole val split alone.
             captions = greedy_captions(self.model, self.val.vectors, self.batch_size * params.samples, self.greedy,
                                        self.device, self.amp)
-            metrics["tokenizer_agreement"] = rounded(_tokenizer_agreement(captions, self.java))
+            metrics["tokenizer_agreement"] = rounded(tokenizer_agreement(captions, self.java))
             # The input model's CLIP travels on, so the folder still captions on its own.
             clip = self.model_dir / CLIP_SUBDIR
             self.model.save(self.out_dir, clip_dir=clip if clip.is_dir() else None)
@@ -396,16 +318,6 @@ class ScstJob:
 
 def _constant(step: int) -> float:
     return 1.0
-
-
-def _tokenizer_agreement(captions: list[str], java: str) -> Optional[float]:
-    """Share of captions that fast_ptb_tokenize splits exactly as the Java PTB tokenizer."""
-    from pipeline.evaluate.tokenizer import ptb_tokenize
-
-    if not captions:
-        return None
-    java_tokens = ptb_tokenize(captions, java=java)
-    return sum(fast_ptb_tokenize(c) == t for c, t in zip(captions, java_tokens)) / len(captions)
 
 
 def _pass_through(model_dir: Path, out_dir: Path) -> None:

@@ -57,7 +57,7 @@ def read_csv(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ pieces
 def test_advantages_mean_of_others_and_greedy():
-    from pipeline.scst import advantages
+    from pipeline.scst_rewards import advantages
 
     r = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two images, three samples each
     assert np.allclose(advantages(r, 3), [1 - 2.5, 2 - 2.0, 3 - 1.5, 0 - 3.0, 0 - 3.0, 6 - 0.0])
@@ -70,7 +70,7 @@ def test_advantages_mean_of_others_and_greedy():
 
 
 def test_caption_mask_stops_after_the_first_eos():
-    from pipeline.scst import caption_mask
+    from pipeline.scst_rewards import caption_mask
 
     ids = torch.tensor([[5, 6, 0, 0, 0], [5, 0, 7, 0, 0], [5, 6, 7, 8, 9]])
     assert caption_mask(ids, 0).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
@@ -83,7 +83,7 @@ def test_scored_log_probabilities_are_the_sampling_policy(xe):
     from pipeline.models.captioner import ClipCaptioner
     from pipeline.models.decoding import generate_ids
     from pipeline.params import Decoding
-    from pipeline.scst import caption_mask
+    from pipeline.scst_rewards import caption_mask
 
     root, feats = xe
     model = ClipCaptioner.load(root / "xe")
