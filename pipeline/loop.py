@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -69,11 +69,50 @@ class Progress:
     epoch_summary: Optional[float] = None  # ``job.epoch_summary`` of the last finished epoch
 
 
+class Job(Protocol):
+    """What a training job gives the loop (``XeJob``, ``ScstJob``)."""
+
+    name: str  # "train" | "scst": the params section, in messages
+    model: Any  # the ClipCaptioner trained
+    modules: dict  # {name: module} whose weights checkpoints and best weights hold
+    trainable: list  # parameters clipped and stepped
+    optimizer: torch.optim.Optimizer
+    schedule: Any  # an LR scheduler (LambdaLR of 1.0 for a constant rate)
+    identity: dict  # what a checkpoint must match to be resumed (the loop adds world_size)
+    amp: str  # resolved precision
+    epochs: int
+    batch_size: int  # the global batch
+    batches_per_epoch: int
+    grad_accum: int
+    grad_clip: Optional[float]
+    log_every: int
+    eval_every: int  # steps between validations besides each epoch's end; 0: epoch ends only
+    checkpoint_every: int
+    patience: int  # validations without a new best before stopping; 0: never
+    keep_best: bool  # the best-validating weights are the output (else the last)
+    validate_first: bool  # validate the weights given before any step
+    train_mode: bool  # module.train(mode) during the steps
+
+    def epoch_batches(self, epoch: int) -> Sequence[np.ndarray]: ...  # the global batches, from (seed, epoch)
+    def micro_batches(self, batch: np.ndarray, parts: int) -> list[np.ndarray]: ...
+    def global_count(self, batch: np.ndarray) -> int: ...  # what the batch's mean loss divides by
+    def micro_loss(self, net: torch.nn.Module, part: np.ndarray) -> tuple[torch.Tensor, Any]: ...  # (sum, stats)
+    def step_row(self, stats: list) -> list[float]: ...  # the step's sums, loss first
+    def postfix(self, row: list[float]) -> dict: ...
+    def curve_row(self, progress: "Progress", rows: list, lr: Optional[float]) -> dict: ...
+    def epoch_summary(self, rows: list) -> Optional[float]: ...
+    def validate(self, progress: "Progress") -> tuple[Optional[float], Optional[dict]]: ...  # (score, row)
+    def better(self, score: float, best: float) -> bool: ...
+    def epoch_message(self, progress: "Progress") -> str: ...
+    def write_curves(self, progress: "Progress") -> None: ...
+    def finish(self, run: "Run", kept: str) -> dict: ...  # outputs (rank 0 writes); the metrics
+
+
 @dataclass
 class Run:
     """What ``start`` builds for the epochs: the job, the process, the optimisation state."""
 
-    job: Any  # XeJob | ScstJob
+    job: Job
     rank: Rank
     device: torch.device
     net: torch.nn.Module  # the model, or DDP around it
@@ -105,25 +144,27 @@ def check_batch_size(name: str, batch_size: int, world_size: int, grad_accum: in
                           f"{accum}; each micro-batch must have the same size")
 
 
-def run_job(job, rank: Rank, device: torch.device, checkpoint_dir, progress: bool,
+def run_job(job: Job, rank: Rank, device: torch.device, checkpoint_dir, progress: bool,
             stop_after: Optional[int]) -> dict:
     """Train ``job`` to its end (or ``stop_after``) and return ``job.finish``'s metrics.
 
     ``checkpoint_dir`` None: a temporary folder (no resume), removed at the end.
     """
     temp = Path(tempfile.mkdtemp(prefix=f"capline-{job.name}-")) if checkpoint_dir is None else None
-    run = start(job, rank, device, temp or Path(checkpoint_dir), progress, stop_after)
     try:
-        while run.progress.epoch <= job.epochs and not run.progress.stopped_early:
-            run_epoch(run)
-        return finish(run)
+        run = start(job, rank, device, temp or Path(checkpoint_dir), progress, stop_after)
+        try:
+            while run.progress.epoch <= job.epochs and not run.progress.stopped_early:
+                run_epoch(run)
+            return finish(run)
+        finally:
+            run.bar.close()
     finally:
-        run.bar.close()
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def start(job, rank: Rank, device: torch.device, checkpoint_dir: Path, progress: bool,
+def start(job: Job, rank: Rank, device: torch.device, checkpoint_dir: Path, progress: bool,
           stop_after: Optional[int]) -> Run:
     """DDP around the model, the scaler, the checkpoint folder, resume (or the first validation)."""
     from tqdm import tqdm
