@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.download.run import download  # noqa: E402
-from pipeline.params import DownloadParams  # noqa: E402
+from pipeline.core.params import DownloadParams  # noqa: E402
 
 
 def main() -> None:

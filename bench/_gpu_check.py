@@ -5,10 +5,10 @@ generate at real size through the stage code, each beside its model-only bound.
   tar shards: ``embed_shards`` with decode workers against the model alone on
   tensors already on the GPU.
 * train: transformer mapper (8 layers, prefix 10) + frozen GPT-2 small with a BPE
-  tokenizer, bf16: ``pipeline.train.train`` end to end (load, train, validate,
+  tokenizer, bf16: ``pipeline.train.run.train`` end to end (load, train, validate,
   save), and the steady-state training step alone: samples/s, tokens/s, and MFU from
   the step's FLOPs counted by torch (FlopCounterMode) against the peak.
-* generate: beam 5 in large batches through ``pipeline.generate.generate``.
+* generate: beam 5 in large batches through ``pipeline.generate.run.generate``.
 * torchrun: with two or more GPUs, ``capline train`` (DDP, NCCL) and ``capline
   generate`` under a 2-process torchrun; generate's captions must equal the
   single-process ones.
@@ -169,7 +169,7 @@ def part_embed(cfg, args, tmp: Path, report: Report, precision: str) -> None:
     from pipeline.embed.encoder import Encoder
     from pipeline.embed.preprocess import Preprocessor
     from pipeline.models.pretrained import load_clip
-    from pipeline.models.realsize import VIT_L14, build_realsize_clip
+    from pipeline.pin.realsize import VIT_L14, build_realsize_clip
 
     device = torch.device(args.device)
     t = time.perf_counter()
@@ -197,9 +197,9 @@ def part_embed(cfg, args, tmp: Path, report: Report, precision: str) -> None:
             report.row("embed", name, model_only_images_per_s=round(model_only, 1))
             report.skip("embed", f"{name}: the stage code (embed_shards) needs pydantic")
             continue
-        from pipeline.embed.run import embed_shards
-        from pipeline.params import ClipParams, DataParams
-        from pipeline.runtime import Rank
+        from pipeline.embed.shards import embed_shards
+        from pipeline.core.params import ClipParams, DataParams
+        from pipeline.core.runtime import Rank
 
         clip = ClipParams(precision=precision, batch_size=batch, workers=args.workers)
         s = embed_shards(tmp / "images", folder, tmp / f"features-{folder.name}", clip, Rank(), DataParams(),
@@ -217,8 +217,8 @@ def part_embed(cfg, args, tmp: Path, report: Report, precision: str) -> None:
 # ------------------------------------------------------------------------- train
 def make_training_data(cfg, tmp: Path) -> tuple[Path, Path, list[str]]:
     """A BPE GPT-2 (real size unless tiny) and feature shards: train + test images, 5 captions each."""
-    from pipeline.features import FORMAT_VERSION, FeatureTable, write_feature_shard
-    from pipeline.models.realsize import build_realsize_gpt
+    from pipeline.formats.features import FORMAT_VERSION, FeatureTable, write_feature_shard
+    from pipeline.pin.realsize import build_realsize_gpt
 
     rng = np.random.default_rng(0)
     n_train, n_test = cfg["train_images"], cfg["test_images"]
@@ -246,7 +246,7 @@ def part_train_steady(cfg, args, gpt_dir: Path, train_captions: list[str], repor
 
     from pipeline.models.captioner import ClipCaptioner
     from pipeline.models.pretrained import load_gpt
-    from pipeline.runtime import autocast
+    from pipeline.core.runtime import autocast
 
     device = torch.device(args.device)
     gpt, tokenizer = load_gpt(gpt_dir)
@@ -285,15 +285,15 @@ def part_train_steady(cfg, args, gpt_dir: Path, train_captions: list[str], repor
 
 
 def part_train_stage(cfg, args, tmp: Path, gpt_dir: Path, features: Path, report: Report, precision: str) -> Path:
-    from pipeline.params import MapperParams, TrainParams
-    from pipeline.train import train
+    from pipeline.core.params import MapperParams, TrainParams
+    from pipeline.train.run import train
 
     out = tmp / "model"
     m = train(features, gpt_dir, out, tmp / "loss.csv", tmp / "train.json", MapperParams(**cfg["mapper"]),
               TrainParams(epochs=cfg["epochs"], batch_size=cfg["train_batch"], lr=2e-5, warmup_steps=cfg["warmup"],
                           precision=precision, finetune_gpt=False, log_every=50),
               progress=False, device=args.device)
-    report.row("train", "pipeline.train.train (end to end: load, train, validate, save)",
+    report.row("train", "pipeline.train.run.train (end to end: load, train, validate, save)",
                samples_per_s=m["samples_per_s"], steps=m["steps"], seconds=m["seconds"], device=m["device"],
                precision=m["precision"])
     return out
@@ -301,14 +301,14 @@ def part_train_stage(cfg, args, tmp: Path, gpt_dir: Path, features: Path, report
 
 # ---------------------------------------------------------------------- generate
 def part_generate(cfg, args, tmp: Path, model_dir: Path, features: Path, report: Report, precision: str) -> dict:
-    from pipeline.generate import generate
-    from pipeline.params import GenerateParams
+    from pipeline.generate.run import generate
+    from pipeline.core.params import GenerateParams
 
     params = GenerateParams(split="test", batch_size=cfg["gen_batch"], num_beams=cfg["beams"],
                             max_new_tokens=cfg["new_tokens"], precision=precision)
     m = generate(model_dir, features, tmp / "captions", params, metrics_path=tmp / "generate.json",
                  progress=False, device=args.device)
-    report.row("generate", f"pipeline.generate.generate, beam {cfg['beams']}, batch {cfg['gen_batch']}, "
+    report.row("generate", f"pipeline.generate.run.generate, beam {cfg['beams']}, batch {cfg['gen_batch']}, "
                f"{cfg['new_tokens']} new tokens", captions_per_s=m["captions_per_s"], captions=m["captions"],
                mean_words=m["mean_words"], device=m["device"])
     return m
@@ -407,7 +407,7 @@ def main() -> None:
                 if stage_code:
                     model_dir = part_train_stage(cfg, args, tmp, gpt_dir, features, report, precision)
                 else:
-                    report.skip("train", "the stage code (pipeline.train.train) needs pydantic")
+                    report.skip("train", "the stage code (pipeline.train.run.train) needs pydantic")
         with report.part("generate", deadline, 20) as ok:
             if ok:
                 if model_dir is None:

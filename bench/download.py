@@ -97,7 +97,7 @@ def fetch_only(port: int, args: argparse.Namespace) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.download.fetch import Fetcher
-    from pipeline.params import DownloadParams
+    from pipeline.core.params import DownloadParams
 
     fetcher = Fetcher(DownloadParams(workers=args.workers, per_host=args.workers))
     urls = [f"http://127.0.0.1:{port}/{i % args.distinct}.jpg?f={i}" for i in range(args.images)]
@@ -120,8 +120,8 @@ def main() -> None:
     args = ap.parse_args()
 
     i2d_python = ensure_img2dataset()
-    from pipeline.datasets.prepare import prepare
-    from pipeline.params import DataParams
+    from pipeline.prepare.run import prepare
+    from pipeline.core.params import DataParams
 
     with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
         tmp = Path(tmp)

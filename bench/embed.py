@@ -70,13 +70,13 @@ def main() -> None:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
-    from pipeline.runtime import Rank, choose_device, choose_precision
-    from pipeline.embed.run import embed_shards
+    from pipeline.core.runtime import Rank, choose_device, choose_precision
+    from pipeline.embed.shards import embed_shards
     from pipeline.embed.encoder import Encoder
     from pipeline.models.pretrained import load_clip, weights_sha256
     from pipeline.embed.preprocess import Preprocessor
-    from pipeline.features import load_features
-    from pipeline.params import ClipParams, DataParams
+    from pipeline.formats.features import load_features
+    from pipeline.core.params import ClipParams, DataParams
 
     hf_logging.set_verbosity_error()
     clip = ClipParams()  # the defaults are what is measured

@@ -4,7 +4,7 @@ GPT-2 small built from its default config and an MLP mapper over 512-d CLIP
 vectors making prefixes of length 10 (random weights: the same compute as trained
 ones); beam 5 and exactly --tokens new tokens (min = max, so every method does the
 same number of steps). In one run it measures:
-  (a) ours: the generate stage's code path (pipeline.models.decoding.decode_batch) with the
+  (a) ours: the generate stage's code path (pipeline.text.decoding.decode_batch) with the
       stage's default settings: GenerateParams' batch_size and precision ``auto``
       (bf16 weights with an fp32 LM head where the CPU has avx512_bf16/AMX);
   (b) transformers' ``generate``, one image at a time, fp32;
@@ -115,10 +115,10 @@ def main() -> None:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.models.decoding import decode_batch, prepare_for_inference
+    from pipeline.text.decoding import decode_batch, prepare_for_inference
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.params import GenerateParams, MapperParams
-    from pipeline.runtime import choose_precision
+    from pipeline.core.params import GenerateParams, MapperParams
+    from pipeline.core.runtime import choose_precision
 
     torch.manual_seed(0)
     cfg = GPT2Config()

@@ -5,10 +5,10 @@
 #   embed     ViT-B/32 and ViT-L/14 (random weights) on generated 640x480 JPEGs in
 #             tar shards: embed_shards with decode workers vs the model alone
 #   train     transformer mapper (8 layers, prefix 10) + frozen GPT-2 small, bf16:
-#             pipeline.train.train end to end, and the training step alone:
+#             pipeline.train.run.train end to end, and the training step alone:
 #             samples/s, tokens/s, MFU (FLOPs counted by torch; peak 790 TFLOP/s
 #             bf16 on an H200, --peak-tflops otherwise)
-#   generate  beam 5, batches of 256, through pipeline.generate.generate
+#   generate  beam 5, batches of 256, through pipeline.generate.run.generate
 #   torchrun  with 2+ GPUs: `capline train` (DDP) and `capline generate` in 2
 #             processes; generate must equal 1 process
 #

@@ -4,7 +4,7 @@ A COCO-sized training split is simulated: --images images x 5 references of 8-14
 words over an 800-word vocabulary (COCO-like lengths and a long tail). Each step
 scores --batch images x --samples sampled captions against their image's references.
 In one run it measures, on the same batches:
-  (a) ours: pipeline.evaluate.cider.CiderD with document frequencies from the whole
+  (a) ours: pipeline.text.cider.CiderD with document frequencies from the whole
       training split (computed once), references turned into vectors per batch, and
       candidates tokenized by fast_ptb_tokenize;
   (b) the reference way: one pycocoevalcap Cider().compute_score call per batch
@@ -25,8 +25,8 @@ import time
 
 from pycocoevalcap.cider.cider import Cider
 
-from pipeline.evaluate.cider import CiderD
-from pipeline.evaluate.tokenizer import fast_ptb_tokenize, ptb_tokenize
+from pipeline.text.cider import CiderD
+from pipeline.text.tokenizer import fast_ptb_tokenize, ptb_tokenize
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ vectors) in front of a frozen GPT-2 small built from its default config (random
 weights: the same compute as trained ones), batch 40, on captions whose lengths
 are drawn to match COCO's (GPT-2 tokens: mean 11, sd 3, plus EOS).
 
-  ours:          pipeline.loop's step (XeJob.micro_loss, one process) on batches from pipeline.train_data
+  ours:          pipeline.train.loop's step (XeJob.micro_loss, one process) on batches from pipeline.train.data
                  (collate: padded to the batch's longest caption; length bucketing
                  as in configs/coco-karpathy.yaml; precision "auto" as the train stage
                  resolves it; LM head only on caption positions; no GPT-2 weight
@@ -36,18 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.params import MapperParams, TrainParams
-from pipeline.runtime import choose_precision
-from pipeline.runtime import autocast
-from pipeline.train import make_optimizer
-from pipeline.train_data import BUCKET_BATCHES, Captions, MemoryVectors, collate
+from pipeline.core.params import MapperParams, TrainParams
+from pipeline.core.runtime import choose_precision
+from pipeline.core.runtime import autocast
+from pipeline.train.run import make_optimizer
+from pipeline.train.data import BUCKET_BATCHES, Captions, MemoryVectors, collate
 
 CLIP_DIM, FIXED_LEN, PREFIX = 512, 40, 10
 MAPPER = MapperParams(type="transformer", prefix_length=PREFIX, clip_length=10, layers=8, heads=8)
 
 
 def our_step(model, opt, scaler, trainable, batch, global_tokens: int, device, amp: str) -> int:
-    """pipeline.loop.optimizer_step's arithmetic for one process and one micro-batch; returns its tokens."""
+    """pipeline.train.loop.optimizer_step's arithmetic for one process and one micro-batch; returns its tokens."""
     vectors, ids, mask = batch
     opt.zero_grad(set_to_none=True)
     with autocast(device, amp):

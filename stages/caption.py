@@ -55,8 +55,8 @@ def caption(inputs: tuple[str, ...], model_dir: str, clip_dir: str | None, out_p
     truncated) is reported on stderr with its reason, the others are still captioned,
     and the exit status is 1.
     """
-    from pipeline.caption import caption_inputs, format_for, format_results, option_name, resolve_decoding
-    from pipeline.files import write_atomic
+    from pipeline.caption.run import caption_inputs, format_for, format_results, option_name, resolve_decoding
+    from pipeline.core.files import write_atomic
 
     fmt = format_for(out_path, fmt)
     d = resolve_decoding(model_dir, decoding, name=option_name)

@@ -1,6 +1,6 @@
 """The ``capline`` command: one subcommand per DVC stage, plus ``caption``.
 
-Expected failures (``pipeline.errors.CaplineError``: bad params, bad input files,
+Expected failures (``pipeline.core.errors.CaplineError``: bad params, bad input files,
 missing models or tools) become a one-line error and exit status 1 here, in one
 place; any other exception is a bug and keeps its traceback.
 """
@@ -28,7 +28,7 @@ COMMANDS = {
 
 class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
-        from pipeline.errors import CaplineError
+        from pipeline.core.errors import CaplineError
 
         try:
             return super().invoke(ctx)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.params import Params, load_params
+from pipeline.core.params import Params, load_params
 
 params_option = click.option(
     "--params",

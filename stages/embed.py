@@ -31,7 +31,7 @@ def embed(params_path: str, images: Path, model: Path, out: Path, metrics: Path,
     others are computed again, with a log line saying why. Under `torchrun --nproc-per-node N capline embed`, or with
     --rank/--world-size on each machine, rank r embeds shards r, r+N, r+2N, ...
     """
-    from pipeline.embed.stage import run_embed
+    from pipeline.embed.run import run_embed
 
     params = load(params_path)
     who = resolve_rank(rank, world_size)

@@ -49,13 +49,13 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     """
     import os
 
-    from pipeline.evaluate.stage import run_evaluate
+    from pipeline.evaluate.run import run_evaluate
 
     # Outside DVC the default params file may be absent: then every evaluate default applies.
     if os.path.exists(params_path) or params_path != "params.yaml":
         section = load(params_path).evaluate
     else:
-        from pipeline.params import EvaluateParams
+        from pipeline.core.params import EvaluateParams
 
         section = EvaluateParams()
     # Beside the metrics unless told otherwise: a run outside DVC must not write into

@@ -25,7 +25,7 @@ def generate(params_path: str, model_dir: str, features_dir: str, out_dir: str, 
     Captions are written in COCO results format (image_id is the record key), with
     a shuffled-features control and the references of exactly those images.
     """
-    from pipeline.generate import generate as run_generate
+    from pipeline.generate.run import generate as run_generate
 
     p = load(params_path)
     metrics = run_generate(model_dir, features_dir, out_dir, p.generate, metrics_path=metrics_path,

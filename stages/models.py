@@ -29,7 +29,7 @@ def models(kind: str, params_path: str, out_dir: Optional[str], source_dir: str)
     `realsize` the hub models' shapes with random weights. The folder gets pin.json
     with the model id, resolved revision and the sha256 of the weights.
     """
-    from pipeline.models.pin import pin_model
+    from pipeline.pin.run import pin_model
 
     params = load(params_path)
     pin = pin_model(kind, params, out_dir or f"data/models/{kind}", source_dir)

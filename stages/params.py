@@ -24,7 +24,7 @@ def apply(recipes: tuple[str, ...], params_path: str, dry_run: bool) -> None:
     params are validated as every stage validates them; nothing is written if
     they are invalid. `git checkout params.yaml` goes back.
     """
-    from pipeline.recipes import apply_recipes
+    from pipeline.core.recipes import apply_recipes
 
     changes = apply_recipes(params_path, recipes, write=not dry_run)
     verb = "would change" if dry_run else "changed"
@@ -38,7 +38,7 @@ def apply(recipes: tuple[str, ...], params_path: str, dry_run: bool) -> None:
 @params_option
 def show(recipes: tuple[str, ...], params_path: str) -> None:
     """Print the params file merged with RECIPES (validated), as YAML; writes nothing."""
-    from pipeline.recipes import merged_params
+    from pipeline.core.recipes import merged_params
 
     merged, _, _ = merged_params(params_path, recipes)
     click.echo(yaml.safe_dump(merged, sort_keys=False, width=10_000), nl=False)
@@ -48,7 +48,7 @@ def show(recipes: tuple[str, ...], params_path: str) -> None:
 @params_option
 def check(params_path: str) -> None:
     """Validate the params file as the stages do; print OK or the keys that are wrong."""
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     load_params(params_path)
     click.echo(f"{params_path}: OK")
@@ -63,6 +63,6 @@ def doc() -> None:
     """Print the parameter reference (docs/params.md) generated from the schema and dvc.yaml."""
     from pathlib import Path
 
-    from pipeline.params_doc import markdown
+    from pipeline.core.params_doc import markdown
 
     click.echo(markdown(Path("dvc.yaml")), nl=False)

@@ -21,7 +21,7 @@ def prepare(params_path: str, out_dir: str, cache_dir: str) -> None:
     ARCHIVE#MEMBER), cached, checksummed into manifest.json and checked record
     by record, so a malformed spec stops here, before any image is fetched.
     """
-    from pipeline.datasets.prepare import prepare as run
+    from pipeline.prepare.run import prepare as run
 
     params = load(params_path)
     m = run(out_dir, params.data, cache_dir=cache_dir, user_agent=params.download.user_agent)

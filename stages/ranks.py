@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 
 
 def rank_options(command):
@@ -18,7 +18,7 @@ def rank_options(command):
 
 def resolve_rank(rank, world_size):
     """The Rank to work as: explicit options win over torchrun's environment."""
-    from pipeline.runtime import current_rank
+    from pipeline.core.runtime import current_rank
 
     try:
         return current_rank(rank, world_size)

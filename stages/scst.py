@@ -35,7 +35,7 @@ def scst(params_path: str, model_dir: str, features_dir: str, out_dir: str, curv
     Checkpoints at each epoch's end (and every scst.checkpoint_every steps): run the
     same command again after a kill and it resumes where the last one was taken.
     """
-    from pipeline.scst import scst as run_scst
+    from pipeline.scst.run import scst as run_scst
 
     p = load(params_path)
     metrics = run_scst(model_dir, features_dir, out_dir, curve_path, val_curve_path, metrics_path, p.scst,

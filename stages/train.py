@@ -40,7 +40,7 @@ def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_
     (e.g. `torchrun --nproc-per-node 2 -m stages.cli train`) it trains with
     DistributedDataParallel and only rank 0 writes.
     """
-    from pipeline.train import train as run_train
+    from pipeline.train.run import train as run_train
 
     p = load(params_path)
     source = click.get_current_context().get_parameter_source("clip_dir")

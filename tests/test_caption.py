@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.caption import CaptionInputError, ImageEmbedder, caption_inputs, resolve_decoding
-from pipeline.models.decoding import decode_batch, prepare_for_inference
-from pipeline.params import Decoding
+from pipeline.caption.run import CaptionInputError, ImageEmbedder, caption_inputs, resolve_decoding
+from pipeline.text.decoding import decode_batch, prepare_for_inference
+from pipeline.core.params import Decoding
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.params import MapperParams
+from pipeline.core.params import MapperParams
 from stages.cli import capline
 from tests.helpers.loopback import Reply
 from tests.helpers.models import TINY_CLIP, copy_model, load_tiny_gpt
@@ -130,8 +130,8 @@ def test_options_override_the_saved_defaults(setup):
     assert saved == Decoding(max_new_tokens=min(Decoding().max_new_tokens, 64 - 2))
     d = resolve_decoding(root / "model", {"num_beams": 2, "top_k": None})
     assert d.num_beams == 2 and d.max_new_tokens == saved.max_new_tokens
-    from pipeline.errors import ParamsError
-    from pipeline.caption import option_name
+    from pipeline.core.errors import ParamsError
+    from pipeline.caption.run import option_name
 
     with pytest.raises(ParamsError, match="--num-return-sequences.*--num-beams"):
         resolve_decoding(root / "model", {"num_return_sequences": 4, "num_beams": 2}, option_name)
@@ -175,7 +175,7 @@ def test_bad_inputs_get_an_error_and_the_rest_are_captioned(setup, tmp_path):
 
 
 def test_another_clip_folder_is_refused(setup, tmp_path):
-    from pipeline.models.demo import build_demo_clip
+    from pipeline.pin.demo import build_demo_clip
 
     root, clip_dir, images = setup
     other = tmp_path / "clip2"

@@ -1,4 +1,4 @@
-"""pipeline/checkpoint.py: exact round trips without pickle, identities, whole-or-nothing saves."""
+"""pipeline/core/checkpoint.py: exact round trips without pickle, identities, whole-or-nothing saves."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoint as ck
-from pipeline.checkpoint import (CheckpointError, Checkpoints, capture_rng, describe_difference, digest_files,
+from pipeline.core import checkpoint as ck
+from pipeline.core.checkpoint import (CheckpointError, Checkpoints, capture_rng, describe_difference, digest_files,
                                  load_checkpoint, restore_rng)
 
 IDENTITY = {"params": {"lr": 0.01, "layers": 2}, "features": "abc", "world_size": 1}
@@ -107,7 +107,7 @@ def test_other_identity_is_ignored_with_the_reason(tmp_path, caplog):
     model, *_ = _parts()
     Checkpoints(tmp_path, IDENTITY).save(5, modules={"model": model})
     other = {**IDENTITY, "params": {"lr": 0.02, "layers": 2}}
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.checkpoint"):
         assert Checkpoints(tmp_path, other).latest() is None
     assert "step-000000005 ignored: made by another run (params.lr: 0.01 there, 0.02 here)" in caplog.text
     assert Checkpoints(tmp_path, dict(IDENTITY)).latest().step == 5
@@ -120,7 +120,7 @@ def test_newest_usable_one_wins_and_two_are_kept(tmp_path, caplog):
         ckpts.save(step, modules={"model": model}, state={"n": step})
     assert ckpts.steps() == [20, 30]
     (ckpts.path(30) / "checkpoint.json").write_text("{not json")  # damaged by hand
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.checkpoint"):
         found = ckpts.latest()
     assert found.step == 20 and found.state == {"n": 20}
     assert "step-000000030 ignored" in caplog.text

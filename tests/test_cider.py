@@ -27,7 +27,7 @@ def _random_corpus(seed: int, images: int = 40):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_corpus_equals_pycocoevalcap(seed):
-    from pipeline.evaluate.cider import cider_d
+    from pipeline.text.cider import cider_d
 
     gts, res = _random_corpus(seed)
     theirs, theirs_per_image = Cider().compute_score(gts, {i: [c] for i, c in res.items()})
@@ -40,7 +40,7 @@ def test_corpus_equals_pycocoevalcap(seed):
 
 @needs_java
 def test_corpus_equals_pycocoevalcap_on_real_captions():
-    from pipeline.evaluate.cider import cider_d
+    from pipeline.text.cider import cider_d
     from pipeline.evaluate.scores import tokenize_groups
 
     gts = tokenize_groups(REFERENCES)
@@ -54,7 +54,7 @@ def test_reward_with_training_document_frequencies_equals_pycocoevalcap():
     """Each of k samples of a training image, scored against that image's references with
     the training split's document frequencies, equals pycocoevalcap's per-image CIDEr-D in
     a corpus run over the whole training split where that sample is the image's caption."""
-    from pipeline.evaluate.cider import CiderD
+    from pipeline.text.cider import CiderD
 
     gts, _ = _random_corpus(5, images=25)
     rng = random.Random(7)
@@ -70,7 +70,7 @@ def test_reward_with_training_document_frequencies_equals_pycocoevalcap():
 
 
 def test_constant_equals_pycocoevalcap():
-    from pipeline.evaluate.cider import CiderD
+    from pipeline.text.cider import CiderD
 
     gts, res = _random_corpus(3, images=20)
     candidates = list(res.values())[:6] + [""]
@@ -81,7 +81,7 @@ def test_constant_equals_pycocoevalcap():
 
 
 def test_empty_references_are_refused():
-    from pipeline.evaluate.cider import CiderD
+    from pipeline.text.cider import CiderD
 
     with pytest.raises(ValueError):
         CiderD([])
@@ -107,8 +107,8 @@ COCO_STYLE = [
 
 @needs_java
 def test_fast_tokenizer_equals_java_on_demo_and_coco_style_captions():
-    from pipeline.demo.scenes import captions_for, scene_for
-    from pipeline.evaluate.tokenizer import fast_ptb_tokenize, ptb_tokenize
+    from pipeline.prepare.scenes import captions_for, scene_for
+    from pipeline.text.tokenizer import fast_ptb_tokenize, ptb_tokenize
 
     # Every template and synonym of the demo: 6 captions each of 400 scenes.
     demo = sorted({c for i in range(400) for c in captions_for(scene_for(i, 3), 6, 3)})

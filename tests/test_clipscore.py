@@ -29,9 +29,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    from pipeline.evaluate.stage import run_evaluate
-    from pipeline.models.demo import build_demo_clip
-    from pipeline.params import EvaluateParams
+    from pipeline.evaluate.run import run_evaluate
+    from pipeline.pin.demo import build_demo_clip
+    from pipeline.core.params import EvaluateParams
 
     tmp = tmp_path_factory.mktemp("clipscore")
     refs, res, ctl = write_coco_pair(tmp / "captions")
@@ -81,7 +81,7 @@ def _direct(clip: Path, images: dict[str, bytes], captions: dict[str, str]) -> d
 
 
 def _shard_images(path: Path) -> dict[str, bytes]:
-    from pipeline.image_shards import iter_shard
+    from pipeline.formats.image_shards import iter_shard
 
     return {s.key: s.image for s in iter_shard(path)}
 
@@ -121,9 +121,9 @@ def test_blank_and_html_captions(scored):
 def test_vision_only_clip_is_skipped_with_a_reason(tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from pipeline.evaluate.stage import run_evaluate
-    from pipeline.models.demo import build_demo_clip
-    from pipeline.params import EvaluateParams
+    from pipeline.evaluate.run import run_evaluate
+    from pipeline.pin.demo import build_demo_clip
+    from pipeline.core.params import EvaluateParams
 
     whole = tmp_path / "whole"
     build_demo_clip(whole, TINY_CLIP, 32)
@@ -136,7 +136,7 @@ def test_vision_only_clip_is_skipped_with_a_reason(tmp_path):
     assert "clip_s" not in metrics and "vision tower only" in metrics["clipscore_skipped"]
     assert "evaluate.clipscore_model" in metrics["clipscore_skipped"]
     # evaluate.clipscore_model naming a whole CLIP folder takes its place.
-    from pipeline.evaluate.stage import _clipscore_folder, compute_clipscores
+    from pipeline.evaluate.run import _clipscore_folder, compute_clipscores
     from pipeline.models.pretrained import ModelError
 
     folder = _clipscore_folder(EvaluateParams(clipscore_model=str(whole)), vision)

@@ -7,13 +7,13 @@ import zipfile
 
 import pytest
 
-from pipeline.datasets.manifest import read_manifest
-from pipeline.datasets.source import iter_records
-from pipeline.datasets.errors import DatasetError
-from pipeline.datasets.prepare import prepare
-from pipeline.datasets.readers import read_coco, read_jsonl, read_karpathy, read_table
-from pipeline.params import DataParams
-from pipeline.records import split_for
+from pipeline.prepare.manifest import read_manifest
+from pipeline.prepare.source import iter_records
+from pipeline.prepare.errors import DatasetError
+from pipeline.prepare.run import prepare
+from pipeline.prepare.readers import read_coco, read_jsonl, read_karpathy, read_table
+from pipeline.core.params import DataParams
+from pipeline.formats.records import split_for
 from tests.helpers.datasets import coco_fixture
 from tests.helpers.loopback import Reply
 
@@ -186,7 +186,7 @@ def test_annotation_file_named_like_the_manifest_is_kept(tmp_path):
 
 
 def test_an_unknown_source_names_the_key_and_the_registered_ones(tmp_path):
-    from pipeline.errors import ParamsError
+    from pipeline.core.errors import ParamsError
 
     (tmp_path / "l.txt").write_text("x\n")
     data = DataParams(source="parquet", annotations=str(tmp_path / "l.txt"))
@@ -198,8 +198,8 @@ def test_an_unknown_source_names_the_key_and_the_registered_ones(tmp_path):
 def test_a_registered_reader_is_a_source_end_to_end(tmp_path, monkeypatch):
     # Adding a source is one registered function: prepare validates with it, the
     # manifest records its name and the download stage reads the records through it.
-    from pipeline.datasets import readers
-    from pipeline.records import Record
+    from pipeline.prepare import readers
+    from pipeline.formats.records import Record
 
     monkeypatch.setattr(readers, "READERS", dict(readers.READERS))
 

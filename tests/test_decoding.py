@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.models.decoding import row_seed
+from pipeline.text.decoding import row_seed
 from pipeline.models.decoding_config import decoding_from_config, generation_config
-from pipeline.params import Decoding, ParamsError, parse_params
+from pipeline.core.params import Decoding, ParamsError, parse_params
 
 VALID = [
     {},
@@ -59,8 +59,8 @@ def test_bf16_weights_keep_an_fp32_lm_head(tiny_gpt_dir):
     import torch
 
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.models.decoding import prepare_for_inference
-    from pipeline.params import MapperParams
+    from pipeline.text.decoding import prepare_for_inference
+    from pipeline.core.params import MapperParams
     from tests.helpers.models import load_tiny_gpt, torch_threads
 
     with torch_threads(1):
@@ -81,7 +81,7 @@ def test_bf16_weights_keep_an_fp32_lm_head(tiny_gpt_dir):
 def test_no_import_cycle_between_pipeline_modules():
     """Module by module (packages are checked in test_dvc_deps): the captioner saves and loads
     its decoding defaults through decoding_config, never through the decoding module that uses it."""
-    from pipeline.fingerprint import ROOT, imports_of, module_file
+    from pipeline.core.fingerprint import ROOT, imports_of, module_file
 
     def name(path):
         return ".".join(path.relative_to(ROOT).with_suffix("").parts)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo.scenes import COLOURS, SHAPES, captions_for, generate_demo, render, scene_for, tokens_of
-from pipeline.params import DemoData
+from pipeline.prepare.scenes import COLOURS, SHAPES, captions_for, generate_demo, render, scene_for, tokens_of
+from pipeline.core.params import DemoData
 
 
 def _digest(folder: Path) -> dict[str, str]:

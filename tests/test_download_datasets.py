@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from pipeline.records import split_for
+from pipeline.formats.records import split_for
 from stages.cli import capline
 from tests.helpers.datasets import coco_fixture
 from tests.helpers.images import decoded, jpeg, read_status, read_tar

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.download.run import download_records
-from pipeline.params import DownloadParams
-from pipeline.records import Record
+from pipeline.core.params import DownloadParams
+from pipeline.formats.records import Record
 from tests.helpers.images import jpeg, png_bomb, read_status, read_tar
 from tests.helpers.loopback import LoopbackServer, Reply
 

@@ -10,9 +10,9 @@ from PIL import Image, features
 from pipeline.download.run import download_records
 from pipeline.download.image import process_image
 from pipeline.download.errors import RecordFailure
-from pipeline.imaging import IMAGE_FORMATS
-from pipeline.params import DownloadParams
-from pipeline.records import Record
+from pipeline.formats.imaging import IMAGE_FORMATS
+from pipeline.core.params import DownloadParams
+from pipeline.formats.records import Record
 from tests.helpers.images import EPS, SVG, decoded, encode, exif_rotated_jpeg, jpeg, photo, read_status, read_tar, solid
 from tests.helpers.loopback import Reply
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.datasets.prepare import prepare
-from pipeline.runtime import Rank
+from pipeline.prepare.run import prepare
+from pipeline.core.runtime import Rank
 from pipeline.download.run import download, download_records
 from pipeline.download.errors import DownloadIncomplete
-from pipeline.params import DataParams, DownloadParams
-from pipeline.records import Record
+from pipeline.core.params import DataParams, DownloadParams
+from pipeline.formats.records import Record
 from tests.helpers.images import jpeg, read_status
 from tests.helpers.loopback import LoopbackServer, Reply
 
@@ -105,8 +105,8 @@ MEMORY_SCRIPT = """
 import json, resource, sys
 from pathlib import Path
 from pipeline.download.run import download_records
-from pipeline.params import DownloadParams
-from pipeline.records import Record
+from pipeline.core.params import DownloadParams
+from pipeline.formats.records import Record
 n, image, out = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cap = "a long caption " * 400  # 6 kB per record: holding all records would show
 def records():
@@ -314,11 +314,11 @@ def test_every_download_param_is_placed_in_or_out_of_the_fingerprint():
 
 
 def test_the_code_digest_covers_the_modules_that_make_the_bytes():
-    from pipeline.fingerprint import ROOT, modules_run_by
+    from pipeline.core.fingerprint import ROOT, modules_run_by
 
     run = {p.relative_to(ROOT).as_posix() for p in modules_run_by(["pipeline.download.run"])}
     assert {"pipeline/download/image.py", "pipeline/download/fetch.py", "pipeline/download/shards.py",
-            "pipeline/download/resume.py", "pipeline/imaging.py", "pipeline/fingerprint.py"} <= run
+            "pipeline/download/resume.py", "pipeline/formats/imaging.py", "pipeline/core/fingerprint.py"} <= run
 
 
 def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(tmp_path, caplog, loopback):
@@ -376,7 +376,7 @@ def test_shards_of_a_killed_run_come_back_after_the_output_folder_was_reverted(t
 
 
 def test_links_a_killed_run_left_half_made_are_removed(tmp_path):
-    from pipeline.partial import PartialShards
+    from pipeline.core.partial import PartialShards
 
     recs, out = _file_records(tmp_path, n=10), tmp_path / "out"
     download_records(recs, out, DownloadParams(**FP), progress=False)

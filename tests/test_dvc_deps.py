@@ -22,18 +22,18 @@ def test_every_module_a_stage_runs_is_one_of_its_deps():
 
 def test_removing_a_dep_is_caught():
     broken = copy.deepcopy(DVC)
-    broken["stages"]["train"]["deps"].remove("pipeline/runtime.py")
+    broken["stages"]["train"]["deps"].remove("pipeline/core/runtime.py")
     broken["stages"]["evaluate"]["deps"].remove("pipeline/evaluate")
     missing = missing_deps(broken)
-    assert ("train", "pipeline/runtime.py") in missing
-    assert ("evaluate", "pipeline/evaluate/stage.py") in missing
+    assert ("train", "pipeline/core/runtime.py") in missing
+    assert ("evaluate", "pipeline/evaluate/run.py") in missing
     assert all(stage in ("train", "evaluate") for stage, _ in missing)
 
 
 def test_imports_inside_functions_and_package_inits_are_followed():
     run = {p.relative_to(ROOT).as_posix() for p in modules_run_by(["stages.cli", "stages.train"])}
-    # stages/train.py imports pipeline.train inside its command function.
-    assert "pipeline/train.py" in run
+    # stages/train.py imports pipeline.train.run inside its command function.
+    assert "pipeline/train/run.py" in run
     # Importing pipeline.models.captioner runs pipeline/__init__.py and pipeline/models/__init__.py.
     assert {"pipeline/__init__.py", "pipeline/models/__init__.py"} <= run
 
@@ -52,12 +52,12 @@ def test_stages_import_only_what_they_run():
     download = {p.relative_to(ROOT).as_posix() for p in modules_run_by(["stages.cli", "stages.download"])}
     assert not any(p.startswith(("pipeline/models", "pipeline/embed", "pipeline/evaluate")) for p in download)
     train = {p.relative_to(ROOT).as_posix() for p in modules_run_by(["stages.cli", "stages.train"])}
-    assert not any(p.startswith(("pipeline/download", "pipeline/datasets", "pipeline/demo", "pipeline/evaluate"))
+    assert not any(p.startswith(("pipeline/download", "pipeline/prepare", "pipeline/prepare", "pipeline/evaluate"))
                    for p in train)
 
 
 def _package(path: Path) -> str:
-    """pipeline/models/x.py -> pipeline.models; pipeline/train.py -> pipeline.train."""
+    """pipeline/models/x.py -> pipeline.models; pipeline/train/run.py -> pipeline.train.run."""
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:2])
 

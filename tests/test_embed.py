@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image, features
 
-from pipeline.runtime import Rank
-from pipeline.embed.run import embed_shards
+from pipeline.core.runtime import Rank
+from pipeline.embed.shards import embed_shards
 from pipeline.models.pretrained import ModelError, model_identity, weights_sha256
 from pipeline.embed.preprocess import ImageDecodeError, Preprocessor
-from pipeline.features import load_features, read_feature_shard
-from pipeline.image_shards import ImageShardError, iter_shard
-from pipeline.params import ClipParams, DataParams, ParamsError
-from pipeline.records import split_for
+from pipeline.formats.features import load_features, read_feature_shard
+from pipeline.formats.image_shards import ImageShardError, iter_shard
+from pipeline.core.params import ClipParams, DataParams, ParamsError
+from pipeline.formats.records import split_for
 from tests.helpers.images import (add_member, make_image_dir, photo_jpeg, tiff_raising_type_error,
                                   write_img2dataset_shard)
 from tests.helpers.models import copy_model, make_tiny_clip, reference_embeddings

@@ -17,9 +17,9 @@ SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     from pathlib import Path
-    from pipeline.runtime import Rank
-    from pipeline.embed.run import embed_shards
-    from pipeline.params import ClipParams, DataParams
+    from pipeline.core.runtime import Rank
+    from pipeline.embed.shards import embed_shards
+    from pipeline.core.params import ClipParams, DataParams
 
     images, clip, out = map(Path, sys.argv[1:4])
     summary = embed_shards(images, clip, out, ClipParams(precision="fp32", batch_size=16, workers=0),

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.features import load_features
+from pipeline.formats.features import load_features
 from stages.cli import capline
 from tests.helpers.images import make_image_dir
 from tests.helpers.models import copy_model
@@ -93,7 +93,7 @@ def test_process_group_over_nccl_puts_each_rank_on_its_own_gpu(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from pipeline.runtime import choose_device, current_rank, gather, process_group
+    from pipeline.core.runtime import choose_device, current_rank, gather, process_group
 
     calls: list = []
     monkeypatch.setenv("WORLD_SIZE", "4")

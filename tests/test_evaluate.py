@@ -237,8 +237,8 @@ def test_feature_folder_without_shards_is_a_clean_error(tmp_path, monkeypatch):
 ])
 def test_bad_results_name_the_record_and_keep_old_outputs(tmp_path, results, message):
     from pipeline.evaluate.cocofiles import EvaluationInputError
-    from pipeline.evaluate.stage import run_evaluate
-    from pipeline.params import EvaluateParams
+    from pipeline.evaluate.run import run_evaluate
+    from pipeline.core.params import EvaluateParams
 
     refs, res, _ = write_coco_pair(tmp_path)
     res.write_text(json.dumps(results))
@@ -292,7 +292,7 @@ def test_constant_ciders_equal_pycocoevalcap_cider():
 def test_tokenizer_equals_pycocoevalcap_concurrently_and_leaves_no_files():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    from pipeline.evaluate.tokenizer import JAR, ptb_tokenize
+    from pipeline.text.tokenizer import JAR, ptb_tokenize
 
     before = set(os.listdir(JAR.parent))
     batches = [[c for caps in REFERENCES.values() for c in caps][n::3] + list(RESULTS.values()) for n in range(3)]

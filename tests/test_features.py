@@ -2,7 +2,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.features import (CHUNK_BYTES, FeatureShardError, FeatureTable, list_feature_shards, load_features,
+from pipeline.formats.features import (CHUNK_BYTES, FeatureShardError, FeatureTable, list_feature_shards, load_features,
                                read_feature_shard, write_feature_shard)
 
 ATTRS = {"model_id": "m", "model_revision": "r1", "output": "image_embeds", "dtype": "float32",

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.decoding import generate_ids, prepare_for_inference
-from pipeline.generate import caption_vectors, derangement, generate
-from pipeline.features import FeatureShardError
+from pipeline.text.decoding import generate_ids, prepare_for_inference
+from pipeline.generate.run import caption_vectors, derangement, generate
+from pipeline.formats.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.params import Decoding, GenerateParams, MapperParams, TrainParams
-from pipeline.train import train
+from pipeline.core.params import Decoding, GenerateParams, MapperParams, TrainParams
+from pipeline.train.run import train
 from tests.helpers.features import scene_table, write_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,7 +38,7 @@ def texts(nbest):
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_batched_beam_search_equals_one_at_a_time(trained, precision):
-    from pipeline.runtime import choose_precision
+    from pipeline.core.runtime import choose_precision
 
     root, feats, table = trained
     device = torch.device("cpu")
@@ -112,7 +112,7 @@ def test_generate_writes_coco_files_and_a_shuffled_control(trained, tmp_path):
 
 def test_images_without_reference_captions_are_left_out(trained, tmp_path):
     from pipeline.evaluate.cocofiles import load_references, load_results
-    from pipeline.features import FeatureTable
+    from pipeline.formats.features import FeatureTable
 
     root, feats, table = trained
     test = [i for i, s in enumerate(table.splits) if s == "test"]
@@ -251,7 +251,7 @@ def test_generation_config_beside_the_results_is_the_one_used(trained, tmp_path)
     from transformers import GenerationConfig
 
     from pipeline.models.decoding_config import decoding_from_config
-    from pipeline.params import Decoding
+    from pipeline.core.params import Decoding
 
     root, feats, table = trained
     params = GEN.model_copy(update={"num_beams": 4, "length_penalty": 0.6, "no_repeat_ngram_size": 2,

@@ -36,7 +36,7 @@ def test_every_part_runs_through_the_stage_code_on_cpu():
     assert result["bench"] == "gpu_check" and not result["failed"] and not result["skipped"]
     rows = {(r["part"], r["what"].split(" ")[0]) for r in result["rows"]}
     assert rows == {("embed", "ViT-B/32"), ("embed", "ViT-L/14"), ("train", "steady-state"),
-                    ("train", "pipeline.train.train"), ("generate", "pipeline.generate.generate,"),
+                    ("train", "pipeline.train.run.train"), ("generate", "pipeline.generate.run.generate,"),
                     ("torchrun", "capline")}
     assert [r["world_size"] for r in result["rows"] if r["part"] == "torchrun"] == [2, 2]
     for r in result["rows"]:

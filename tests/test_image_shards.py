@@ -3,7 +3,7 @@ import tarfile
 
 import pytest
 
-from pipeline.image_shards import ImageShardError, iter_shard, list_shards
+from pipeline.formats.image_shards import ImageShardError, iter_shard, list_shards
 from tests.helpers.images import add_member, photo_jpeg, write_img2dataset_shard, write_our_shard
 
 

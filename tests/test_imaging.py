@@ -6,8 +6,8 @@ from PIL import Image, UnidentifiedImageError, features
 
 from pipeline.download.errors import RecordFailure
 from pipeline.download.image import process_image
-from pipeline.image_shards import IMAGE_EXTENSIONS
-from pipeline.imaging import ACCEPT, IMAGE_FORMATS, IMAGE_MIME_TYPES, open_image
+from pipeline.formats.image_shards import IMAGE_EXTENSIONS
+from pipeline.formats.imaging import ACCEPT, IMAGE_FORMATS, IMAGE_MIME_TYPES, open_image
 from tests.helpers.images import EPS, SVG, tiff_raising_type_error
 
 

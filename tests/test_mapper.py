@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from pipeline.features import FeatureShardError
+from pipeline.formats.features import FeatureShardError
 from pipeline.models.captioner import CONFIG_NAME, ClipCaptioner
 from pipeline.models.pretrained import ModelError
 from pipeline.models.mapper import (MapperConfigError, MLPConfig, MLPMapper, TransformerConfig, TransformerMapper,
                                     count_parameters, from_config_dict, make_config)
-from pipeline.models.decoding import decode_batch
-from pipeline.params import Decoding, MapperParams
+from pipeline.text.decoding import decode_batch
+from pipeline.core.params import Decoding, MapperParams
 from tests.helpers.features import FEATURE_ATTRS
 from tests.helpers.models import load_tiny_gpt
 

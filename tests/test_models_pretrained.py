@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.models.demo import EOS, build_demo_clip, build_demo_gpt
-from pipeline.params import ParamsError
-from pipeline.models.pin import pin_model
+from pipeline.pin.demo import EOS, build_demo_clip, build_demo_gpt
+from pipeline.core.params import ParamsError
+from pipeline.pin.run import pin_model
 from pipeline.models.pretrained import ModelError, image_processor_class, load_clip, load_gpt, read_pin, weights_sha256
 from tests.helpers.models import CAPTIONS, TINY_CLIP, TINY_GPT, save_hub_like_clip, tiny_params
 
@@ -225,8 +225,8 @@ def test_a_clip_folder_without_vision_weights_is_refused(tmp_path):
 def test_pretraining_twins_differ_in_one_thing():
     import numpy as np
 
-    from pipeline.demo.scenes import scene_for
-    from pipeline.models.demo import twin_scene
+    from pipeline.prepare.scenes import scene_for
+    from pipeline.pin.demo import twin_scene
 
     for i in range(300):
         scene = scene_for(i, 5)

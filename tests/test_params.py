@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import Params, ParamsError, load_params, parse_params
+from pipeline.core.params import Params, ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_unknown_mapper_type_stops_training_before_anything_is_loaded(tmp_path):
     # mapper.type is checked against the mapper registry (so a new mapper is one file),
     # when the train stage starts: before features or GPT-2 are read.
     from pipeline.models.mapper import MapperConfigError
-    from pipeline.train import train
+    from pipeline.train.run import train
 
     mapper = parse_params({"mapper": {"type": "lstm"}}).mapper
     train_params = parse_params({}).train
@@ -170,7 +170,7 @@ def test_every_key_is_described():
 
 
 def test_params_reference_is_generated_from_the_schema():
-    from pipeline.params_doc import markdown
+    from pipeline.core.params_doc import markdown
 
     doc = (ROOT / "docs" / "params.md").read_text()
     assert doc == markdown(ROOT / "dvc.yaml"), "docs/params.md is stale: run `capline params doc > docs/params.md`"

@@ -81,7 +81,7 @@ def test_the_tokenizer_is_byte_level_bpe_loaded_as_gpt2s(run):
 
 
 def test_the_data_flowed_at_real_size(run):
-    from pipeline.features import load_features
+    from pipeline.formats.features import load_features
 
     repo, _ = run
     with tarfile.open(next((repo / "data/images").glob("*.tar"))) as tar:

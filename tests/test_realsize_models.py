@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.models.realsize import (CLIP_VOCAB, GPT2_VOCAB, build_realsize_clip, build_realsize_gpt, clip_config,
+from pipeline.pin.realsize import (CLIP_VOCAB, GPT2_VOCAB, build_realsize_clip, build_realsize_gpt, clip_config,
                                       train_bpe)
 from tests.helpers.models import folder_digest, torch_threads
 
@@ -62,7 +62,7 @@ def test_gpt_keeps_the_real_vocabulary_rows(tmp_path):
 def test_clip_tokenizer_is_clips_and_round_trips_the_captions(small_clip):
     from transformers import AutoTokenizer
 
-    from pipeline.models.demo import PROMPT
+    from pipeline.pin.demo import PROMPT
 
     tok = AutoTokenizer.from_pretrained(small_clip)
     assert type(tok).__name__ in ("CLIPTokenizerFast", "CLIPTokenizer")
@@ -149,7 +149,7 @@ def test_clipscore_runs_on_the_realsize_clip(small_clip, tmp_path):
 
 
 def test_pinning_the_realsize_clip_needs_the_captions(tmp_path):
-    from pipeline.models.pin import pin_model
+    from pipeline.pin.run import pin_model
     from pipeline.models.pretrained import ModelError
     from tests.helpers.models import tiny_params
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.params import ParamsError, load_params
-from pipeline.recipes import apply_recipes, flatten, load_recipe, merge, merged_params, own_keys, rewrite_values
+from pipeline.core.params import ParamsError, load_params
+from pipeline.core.recipes import apply_recipes, flatten, load_recipe, merge, merged_params, own_keys, rewrite_values
 from stages.cli import capline
 
 ROOT = Path(__file__).resolve().parents[1]

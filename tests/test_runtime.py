@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.params import ParamsError
-from pipeline.runtime import Rank, autocast, choose_device, choose_precision, cpu_has_fast_bf16, rank_path
+from pipeline.core.params import ParamsError
+from pipeline.core.runtime import Rank, autocast, choose_device, choose_precision, cpu_has_fast_bf16, rank_path
 
 
 def test_device_names(monkeypatch):
     assert choose_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("pipeline.runtime._mps_available", lambda: False)
+    monkeypatch.setattr("pipeline.core.runtime._mps_available", lambda: False)
     assert choose_device("auto") == torch.device("cpu")
     with pytest.raises(ParamsError, match=r"train.device: 'cuda' asked for, but torch sees no CUDA"):
         choose_device("cuda", key="train.device")
@@ -37,9 +37,9 @@ def test_cuda_device_follows_the_local_rank(monkeypatch):
 def test_precision_policy(monkeypatch):
     cpu = torch.device("cpu")
     assert choose_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
-    monkeypatch.setattr("pipeline.runtime.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("pipeline.core.runtime.cpu_has_fast_bf16", lambda: False)
     assert choose_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr("pipeline.runtime.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("pipeline.core.runtime.cpu_has_fast_bf16", lambda: True)
     assert choose_precision("auto", cpu) == "bf16"
     assert choose_precision("fp32", cpu) == "fp32" and choose_precision("bf16", cpu) == "bf16"
     with pytest.raises(ParamsError, match="generate.precision: fp16 needs a GPU"):

@@ -16,7 +16,7 @@ import torch
 from tests.helpers import torchrun
 from tests.helpers.features import scene_table, write_features
 from tests.helpers.models import save_tiny_gpt
-from pipeline.params import MapperParams, ScstParams, TrainParams
+from pipeline.core.params import MapperParams, ScstParams, TrainParams
 
 needs_java = pytest.mark.skipif(
     subprocess.run(["java", "-version"], capture_output=True).returncode != 0, reason="needs Java")
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def xe(tmp_path_factory):
     """A cross-entropy model on a small learnable task (fine-tuned GPT-2), and one with GPT-2 frozen."""
-    from pipeline.train import train
+    from pipeline.train.run import train
 
     root = tmp_path_factory.mktemp("scst")
     gpt = save_tiny_gpt(root / "gpt")
@@ -44,7 +44,7 @@ def xe(tmp_path_factory):
 
 
 def run(root: Path, feats: Path, out: str, params: ScstParams, model: str = "xe", **kwargs) -> dict:
-    from pipeline.scst import scst
+    from pipeline.scst.run import scst
 
     return scst(root / model, feats, root / out / "model", root / out / "reward.csv", root / out / "val.csv",
                 root / out / "scst.json", params, progress=False, **kwargs)
@@ -57,7 +57,7 @@ def read_csv(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ pieces
 def test_advantages_mean_of_others_and_greedy():
-    from pipeline.scst_rewards import advantages
+    from pipeline.scst.rewards import advantages
 
     r = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two images, three samples each
     assert np.allclose(advantages(r, 3), [1 - 2.5, 2 - 2.0, 3 - 1.5, 0 - 3.0, 0 - 3.0, 6 - 0.0])
@@ -70,7 +70,7 @@ def test_advantages_mean_of_others_and_greedy():
 
 
 def test_caption_mask_stops_after_the_first_eos():
-    from pipeline.scst_rewards import caption_mask
+    from pipeline.scst.rewards import caption_mask
 
     ids = torch.tensor([[5, 6, 0, 0, 0], [5, 0, 7, 0, 0], [5, 6, 7, 8, 9]])
     assert caption_mask(ids, 0).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
@@ -79,11 +79,11 @@ def test_caption_mask_stops_after_the_first_eos():
 def test_scored_log_probabilities_are_the_sampling_policy(xe):
     """What the loss weighs, token_logprobs of the sampled ids, equals the log-probabilities
     the shared decoding path drew them with (the seeded sampler's record, up to each EOS)."""
-    from pipeline.features import load_features
+    from pipeline.formats.features import load_features
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.models.decoding import generate_ids
-    from pipeline.params import Decoding
-    from pipeline.scst_rewards import caption_mask
+    from pipeline.text.decoding import generate_ids
+    from pipeline.core.params import Decoding
+    from pipeline.scst.rewards import caption_mask
 
     root, feats = xe
     model = ClipCaptioner.load(root / "xe")
@@ -105,10 +105,10 @@ def test_sampling_prints_no_attention_mask_warning(xe, caplog):
     the decoding path silences exactly that warning (it is shown once per process, so reset)."""
     from transformers.utils import logging as hf_logging
 
-    from pipeline.features import load_features
+    from pipeline.formats.features import load_features
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.models.decoding import generate_ids
-    from pipeline.params import Decoding
+    from pipeline.text.decoding import generate_ids
+    from pipeline.core.params import Decoding
 
     root, feats = xe
     model = ClipCaptioner.load(root / "xe")
@@ -183,7 +183,7 @@ def test_a_ruinous_run_keeps_the_cross_entropy_weights(xe):
 
 @needs_java
 def test_killed_run_resumes_to_the_same_bytes(xe, tmp_path):
-    from pipeline.loop import Stopped
+    from pipeline.train.loop import Stopped
 
     root, feats = xe
     params = SCST.model_copy(update={"epochs": 2, "checkpoint_every": 2})
@@ -264,7 +264,7 @@ def test_two_processes_equal_one_process(xe, tmp_path):
 
 
 def test_params_refuse_mean_baseline_with_one_sample():
-    from pipeline.params import ParamsError, parse_params
+    from pipeline.core.params import ParamsError, parse_params
 
     with pytest.raises(ParamsError, match="scst.samples"):
         parse_params({"scst": {"samples": 1}})

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.features import FeatureShardError
+from pipeline.core.checkpoint import load_checkpoint
+from pipeline.formats.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner, tokenize_captions
 from pipeline.models.pretrained import ModelError
-from pipeline.params import MapperParams, ParamsError, TrainParams
-from pipeline.loop import Stopped
-from pipeline.train import train
-from pipeline.train_data import build_captions, epoch_batches, load_training_data
+from pipeline.core.params import MapperParams, ParamsError, TrainParams
+from pipeline.train.loop import Stopped
+from pipeline.train.run import train
+from pipeline.train.data import build_captions, epoch_batches, load_training_data
 from tests.helpers import torchrun
 from tests.helpers.features import FEATURE_ATTRS, scene_table, write_features
 
@@ -207,7 +207,7 @@ def test_checkpoint_holds_the_whole_state(data, tmp_path):
 
 
 def test_model_folder_holds_the_best_weights_and_early_stopping(data, tmp_path, monkeypatch):
-    import pipeline.train as tr
+    import pipeline.train.run as tr
 
     # Validation losses scripted: the best is the 5th validation (step 5), then worse.
     script = [3.0, 2.5, 2.0, 1.8, 1.5, 1.6, 1.7, 1.55, 1.9] + [2.0] * 100

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.errors import CaplineError
+from pipeline.core.errors import CaplineError
 
 # Every failure name a status line can carry, and what it means.
 FAILURES = {
@@ -15,7 +15,7 @@ FAILURES = {
     "unsupported_url": "a URL scheme other than http, https or file",
     "file_not_found": "a file: URL naming no readable file",
     "too_large": "the body is larger than download.max_bytes",
-    "not_an_image": "the bytes are no image format on the allow-list (pipeline/imaging.py: EPS, SVG, PDF, HTML are not)",
+    "not_an_image": "the bytes are no image format on the allow-list (pipeline/formats/imaging.py: EPS, SVG, PDF, HTML are not)",
     "decode_error": "the image is truncated or corrupt (full decode failed)",
     "too_many_pixels": "width × height above download.max_pixels (decompression bomb)",
     "sha256_mismatch": "the bytes do not match the sha256 the list gives",

@@ -29,8 +29,8 @@ from urllib3.exceptions import (
 )
 
 from pipeline.download.errors import RecordFailure
-from pipeline.imaging import ACCEPT
-from pipeline.params import DownloadParams
+from pipeline.formats.imaging import ACCEPT
+from pipeline.core.params import DownloadParams
 
 REDIRECTS = (301, 302, 303, 307, 308)
 # A server asking to wait longer than this is treated as a final failure: one

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.download.errors import RecordFailure
-from pipeline.imaging import open_image
+from pipeline.formats.imaging import open_image
 
 # We check the pixel count ourselves, before decoding; Pillow's global bomb check
 # would otherwise warn or raise with its own limit.

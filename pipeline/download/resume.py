@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from pipeline.download.shards import fingerprint_path, status_path, tar_path
-from pipeline.fingerprint import code_sha256, describe_difference, digest, library_versions
-from pipeline.params import DownloadParams
-from pipeline.records import Record
+from pipeline.core.fingerprint import code_sha256, describe_difference, digest, library_versions
+from pipeline.core.params import DownloadParams
+from pipeline.formats.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ A rank takes the shards with ``i % world_size == rank``, keeps those already
 finished from the same inputs (resume: ``resume.py``; a finished shard made from
 other records, params or code is remade, with a log line saying why), puts back
 those an unfinished run had finished and kept in ``<out>.partial`` (see
-``pipeline/partial.py``), and fetches the rest on a thread pool. Files of shards
+``pipeline/core/partial.py``), and fetches the rest on a thread pool. Files of shards
 beyond the last one (the list shrank) are removed, so the folder equals what a
 fresh run writes. At most
 ``2 × workers`` records are in flight and only a few shards are open at once, so
@@ -38,12 +38,12 @@ from pipeline.download.image import process_image
 from pipeline.download.resume import remove_orphans, run_fingerprint, shard_fingerprint, unfinish, why_not_reusable
 from pipeline.download.shards import (Outcome, is_finished, read_statuses, remove_stale, shard_files, shard_stem,
                                       write_shard)
-from pipeline.fingerprint import RedoLog, digest
-from pipeline.files import write_metrics
-from pipeline.partial import PartialShards
-from pipeline.params import DownloadParams
-from pipeline.records import Record
-from pipeline.runtime import Rank, rank_path
+from pipeline.core.fingerprint import RedoLog, digest
+from pipeline.core.files import write_metrics
+from pipeline.core.partial import PartialShards
+from pipeline.core.params import DownloadParams
+from pipeline.formats.records import Record
+from pipeline.core.runtime import Rank, rank_path
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def download_records(
                 summary.unfinished_shards.append(index)
             else:
                 write_shard(out_dir, index, shard.outcomes, shard.fingerprint)
-                # Out of DVC's reach until the run completes (see pipeline/partial.py).
+                # Out of DVC's reach until the run completes (see pipeline/core/partial.py).
                 partial.save(shard_stem(index), shard.digest, shard_files(out_dir, index))
             del open_shards[index]
 
@@ -348,8 +348,8 @@ def download(
     progress: bool = True,
 ) -> Summary:
     """The download stage: ``data/source`` -> ``data/images`` (+ metrics)."""
-    from pipeline.datasets.manifest import read_manifest
-    from pipeline.datasets.source import iter_records
+    from pipeline.prepare.manifest import read_manifest
+    from pipeline.prepare.source import iter_records
 
     manifest = read_manifest(source_dir)
     summary = download_records(iter_records(source_dir), out_dir, params, rank,

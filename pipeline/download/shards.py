@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipeline.records import Record
+from pipeline.formats.records import Record
 
 TMP_MARK = ".tmp-"
 

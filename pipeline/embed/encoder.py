@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipeline.runtime import dtype_of
+from pipeline.core.runtime import dtype_of
 
 
 @dataclass

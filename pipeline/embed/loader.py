@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.embed.preprocess import ImageDecodeError, Preprocessor
-from pipeline.image_shards import ImageShardError, iter_shard
-from pipeline.records import split_for
+from pipeline.formats.image_shards import ImageShardError, iter_shard
+from pipeline.formats.records import split_for
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.errors import CaplineError
-from pipeline.imaging import open_image
+from pipeline.core.errors import CaplineError
+from pipeline.formats.imaging import open_image
 from pipeline.models.pretrained import ModelError
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 
 
 class ImageDecodeError(CaplineError):

@@ -7,7 +7,7 @@ beats it clearly.
 
 Ranking K candidates with pycocoevalcap's Cider would rebuild the reference
 vectors K times; ``constant_ciders`` builds them once and scores every candidate
-with the same formula (``pipeline.evaluate.cider``, vectorised), and the chosen
+with the same formula (``pipeline.text.cider``, vectorised), and the chosen
 caption is then scored by the real scorers.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Hashable, Iterable, Mapping
 
 import numpy as np
 
-from pipeline.evaluate.cider import CiderD
+from pipeline.text.cider import CiderD
 
 _SPACE = re.compile(r"\s+")
 

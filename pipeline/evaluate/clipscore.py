@@ -64,7 +64,7 @@ class ClipScorer:
         from pipeline.embed.encoder import Encoder
         from pipeline.embed.preprocess import Preprocessor
         from pipeline.models.pretrained import load_clip, load_clip_text
-        from pipeline.runtime import choose_device
+        from pipeline.core.runtime import choose_device
 
         device = device or choose_device("auto")
         vision, processor = load_clip(folder)
@@ -90,7 +90,7 @@ class ClipScorer:
     def images(self, images_dir: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """Normalised image embeddings of the wanted keys found in the image tar shards."""
         from pipeline.embed.preprocess import ImageDecodeError
-        from pipeline.image_shards import ImageShardError, iter_shard, list_shards
+        from pipeline.formats.image_shards import ImageShardError, iter_shard, list_shards
 
         wanted = set(keys)
         found: dict[str, np.ndarray] = {}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable
 
-from pipeline.errors import CaplineError
+from pipeline.core.errors import CaplineError
 
 ImageId = Hashable  # int or str, exactly as the references file spells it
 

@@ -15,7 +15,7 @@ from typing import Hashable, Mapping
 
 import pycocoevalcap.meteor.meteor as _meteor
 
-from pipeline.evaluate.java import JavaToolError
+from pipeline.text.java import JavaToolError
 
 JAR = Path(_meteor.__file__).resolve().parent / _meteor.METEOR_JAR
 

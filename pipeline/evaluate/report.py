@@ -59,7 +59,7 @@ document.querySelectorAll('#images th').forEach(function(th, col){
 
 def thumbnail_uri(image: bytes, size: int) -> Optional[str]:
     """A JPEG data URI of at most size×size pixels, or None for an unreadable image."""
-    from pipeline.imaging import open_image
+    from pipeline.formats.imaging import open_image
 
     try:
         with open_image(image) as img:
@@ -76,7 +76,7 @@ def thumbnail_uri(image: bytes, size: int) -> Optional[str]:
 
 def collect_thumbnails(images_dir: Path, keys: Iterable[str], size: int) -> dict[str, str]:
     """Thumbnails of the wanted keys found in the image tar shards (missing ones are left out)."""
-    from pipeline.image_shards import ImageShardError, iter_shard, list_shards
+    from pipeline.formats.image_shards import ImageShardError, iter_shard, list_shards
 
     wanted = set(keys)
     found: dict[str, str] = {}

@@ -14,7 +14,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from pipeline.evaluate.meteor import Meteor
-from pipeline.evaluate.tokenizer import ptb_tokenize
+from pipeline.text.tokenizer import ptb_tokenize
 
 METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.features import attr_value
-from pipeline.files import replace_dir, temp_dir_for
+from pipeline.formats.features import attr_value
+from pipeline.core.files import replace_dir, temp_dir_for
 from pipeline.models import mapper as mappers
 from pipeline.models.decoding_config import generation_config, load_decoding, model_defaults, save_generation_config
 from pipeline.models.mapper import count_parameters
@@ -268,7 +268,7 @@ class ClipCaptioner(nn.Module):
 
     def check_features(self, attrs: dict, dim: int, source: str) -> None:
         """Refuse features from another encoder than the one this model was trained on."""
-        from pipeline.features import FeatureShardError
+        from pipeline.formats.features import FeatureShardError
 
         if dim != self.clip_dim:
             raise FeatureShardError(f"{source}: feature dim {dim} but the model was trained on dim {self.clip_dim}")

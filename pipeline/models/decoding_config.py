@@ -8,7 +8,7 @@
   decoding defaults) and beside the generate stage's results.
 
 Only settings and files: no model. ``pipeline/models/captioner.py`` (which saves
-and loads the file) and ``pipeline/models/decoding.py`` (which decodes) both use it.
+and loads the file) and ``pipeline/text/decoding.py`` (which decodes) both use it.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 from pipeline.models.pretrained import ModelError
-from pipeline.params import Decoding
+from pipeline.core.params import Decoding
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from pipeline.errors import ParamsError
+from pipeline.core.errors import ParamsError
 
 
 class MapperConfigError(ParamsError):

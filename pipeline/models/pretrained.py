@@ -2,7 +2,7 @@
 
 Folders are written by ``save_pretrained`` (safetensors) with a ``pin.json``
 recording what they are (``{"model_id", "revision", "sha256", "kind"}``; see
-``pipeline/models/pin.py``, which makes them). Every stage loads CLIP and GPT-2
+``pipeline/pin/run.py``, which makes them). Every stage loads CLIP and GPT-2
 through ``load_clip`` (CLIP's vision side), ``load_clip_text`` (its text side, for
 CLIPScore) and ``load_gpt``: ``trust_remote_code=False`` and never through pickle.
 """
@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.errors import CaplineError
+from pipeline.core.errors import CaplineError
 
 PIN_FILE = "pin.json"
 LOCAL = "local"  # revision recorded for models that do not come from the hub

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 # One import walker for the tests and for the stages' code fingerprints (resume).
-from pipeline.fingerprint import ROOT, imports_of, modules_run_by
+from pipeline.core.fingerprint import ROOT, imports_of, modules_run_by
 
 __all__ = ["ROOT", "imports_of", "missing_deps", "modules_run_by", "stage_entry_modules", "undeclared_paths"]
 

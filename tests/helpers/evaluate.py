@@ -78,7 +78,7 @@ def write_image_shard(path: Path, keys: list[str], size: int = 48) -> None:
 
 def write_features(folder: Path, train_captions: list[str] = TRAIN_CAPTIONS) -> None:
     """One feature shard: the training captions (one per image) plus the test images."""
-    from pipeline.features import FeatureTable, write_feature_shard
+    from pipeline.formats.features import FeatureTable, write_feature_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = [f"train-{n}" for n in range(len(train_captions))] + list(REFERENCES)

@@ -34,7 +34,7 @@ def scene_table(n_per_class: int = 4, dim: int = 16, seed: int = 0, splits: tupl
     Every image's vector is its class direction plus a little noise; its captions
     name the colour and the shape in two wordings. Images are spread over ``splits``.
     """
-    from pipeline.features import FeatureTable
+    from pipeline.formats.features import FeatureTable
 
     rng = np.random.default_rng(seed)
     classes = [(c, s) for c in COLOURS for s in SHAPES]
@@ -58,7 +58,7 @@ def scene_table(n_per_class: int = 4, dim: int = 16, seed: int = 0, splits: tupl
 
 def write_features(feature_dir: Path, table, shards: int = 2) -> Path:
     """Write ``table`` as ``shards`` HDF5 feature shards in ``feature_dir``."""
-    from pipeline.features import FeatureTable, write_feature_shard
+    from pipeline.formats.features import FeatureTable, write_feature_shard
 
     feature_dir = Path(feature_dir)
     feature_dir.mkdir(parents=True, exist_ok=True)

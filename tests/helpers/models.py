@@ -2,7 +2,7 @@
 ``from_pretrained``, exactly as the pipeline loads hub models.
 
 - ``save_tiny_gpt``: a word-level tokenizer over the scene words plus a small GPT-2
-  (``pipeline.models.demo.build_demo_gpt``), for the mapper/train/generate/caption tests.
+  (``pipeline.pin.demo.build_demo_gpt``), for the mapper/train/generate/caption tests.
 - ``make_tiny_clip``: a random CLIP vision tower + ``CLIPImageProcessor``, sized freely
   (image size, crop, projection), for the embed tests.
 - ``save_hub_like_clip`` / ``save_hub_like_gpt``: what a hub snapshot holds (the demo
@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.params import DemoClip, DemoGpt, Params, parse_params
+from pipeline.core.params import DemoClip, DemoGpt, Params, parse_params
 from tests.helpers.features import scene_captions
 
 # ------------------------------------------------------------------ hub-like models
@@ -47,7 +47,7 @@ def tiny_params(clip_model: str = "demo", gpt_model: str = "demo", image_size: i
 
 def save_hub_like_clip(folder: Path, image_size: int = 32) -> Path:
     """A CLIP vision tower + processor as a hub snapshot would hold them (seeded)."""
-    from pipeline.models.demo import build_demo_clip
+    from pipeline.pin.demo import build_demo_clip
 
     build_demo_clip(folder, TINY_CLIP, image_size)
     return folder
@@ -58,7 +58,7 @@ def save_hub_like_gpt(folder: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from pipeline.models.demo import build_demo_tokenizer
+    from pipeline.pin.demo import build_demo_tokenizer
 
     tok = build_demo_tokenizer(CAPTIONS, 32)
     plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>",
@@ -75,7 +75,7 @@ def save_hub_like_gpt(folder: Path) -> Path:
 # --------------------------------------------------------------- scene-word GPT-2
 def save_tiny_gpt(out_dir: Path, n_embd: int = 32, n_layer: int = 2, n_head: int = 2, n_positions: int = 64, seed: int = 0) -> Path:
     """A word-level tokenizer over the scene words plus a small GPT-2, saved together."""
-    from pipeline.models.demo import build_demo_gpt
+    from pipeline.pin.demo import build_demo_gpt
 
     cfg = DemoGpt(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions, seed=seed)
     build_demo_gpt(Path(out_dir), cfg, scene_captions())

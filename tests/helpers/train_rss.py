@@ -17,7 +17,7 @@ ROWS, DIM = 2048, 2048
 def write(folder: Path, shards: int) -> None:
     import numpy as np
 
-    from pipeline.features import FeatureTable, write_feature_shard
+    from pipeline.formats.features import FeatureTable, write_feature_shard
     from tests.helpers.features import COLOURS, FEATURE_ATTRS, SHAPES
     from tests.helpers.models import save_tiny_gpt
 
@@ -40,8 +40,8 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "tests.helpers.train_rss", str(folder), str(shards), "write"], check=True)
     import torch
 
-    from pipeline.params import MapperParams, TrainParams
-    from pipeline.train import train
+    from pipeline.core.params import MapperParams, TrainParams
+    from pipeline.train.run import train
 
     torch.set_num_threads(1)
     params = TrainParams(epochs=1, batch_size=512, lr=1e-3, warmup_steps=0, precision="fp32",

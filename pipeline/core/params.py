@@ -1,0 +1,407 @@
+"""Typed, validated pipeline parameters (the schema of params.yaml).
+
+Every section of params.yaml is a pydantic model that forbids unknown keys, so a
+typo such as ``mapper.layer`` stops the run before any work starts. ``load_params``
+turns pydantic's errors into one ``ParamsError`` whose message names each bad key
+(``mapper.layers: must be >= 1``).
+
+Each DVC stage reads only its own sections; dvc.yaml lists exactly those, so
+``dvc exp run -S mapper.layers=8`` reruns train and what follows, nothing before.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.core.errors import ParamsError
+
+__all__ = ["ParamsError", "Params", "load_params", "parse_params"]
+
+DEMO = "demo"
+# Real-size architectures with random weights (ViT-B/32, GPT-2 small + a byte-level
+# BPE tokenizer trained on the captions): the compute of the hub models, no download.
+REALSIZE = "realsize"
+BUILT_MODELS = (DEMO, REALSIZE)
+GPT2_SMALL_WIDTH = 768
+# auto | cpu | mps | cuda | cuda:N (checked here without torch; runtime.choose_device
+# resolves it on the machine).
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda|cuda:\d+)$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+class DemoData(Section):
+    """The embedded offline dataset: generated scenes with reference captions."""
+
+    images: int = Field(1500, ge=10, description="number of scene images to generate")
+    image_size: int = Field(64, ge=16, le=1024, description="side of the square images, pixels (style scenes)")
+    style: Literal["scenes", "photo"] = Field(
+        "scenes", description="scenes: square PNGs of image_size; photo: 640x480 JPEGs on photo-like backgrounds")
+    captions_per_image: int = Field(5, ge=1, le=20, description="reference captions per demo image, in varied wording")
+    seed: int = Field(0, description="the demo dataset is a pure function of its params and this seed")
+
+
+class DataParams(Section):
+    """Where the images and reference captions come from."""
+
+    # demo, or a reader registered in pipeline/prepare/readers.py (coco, karpathy,
+    # csv, tsv, jsonl); the prepare stage checks the name against that registry.
+    source: str = Field("demo", min_length=1, description="demo, or a registered reader: coco (COCO captions JSON), karpathy (a Karpathy dataset_*.json), csv, tsv (CC3M: caption<TAB>url), jsonl")
+    # COCO captions json / Karpathy dataset_*.json / CSV / TSV / JSONL list: path or URL.
+    annotations: Optional[str] = Field(None, description="the annotation file or list: a path or an http(s)/file URL; ARCHIVE.zip#MEMBER takes one file from a zip. Required unless source is demo")
+    # Karpathy split file (dataset_coco.json) to split a COCO annotation file by image.
+    karpathy_split: Optional[str] = Field(None, description="Karpathy split file (dataset_coco.json) for source coco; restval counts as train")
+    # Base URL or folder that relative image file names are joined to.
+    image_root: Optional[str] = Field(None, description="URL prefix or folder that relative image names are joined to")
+    # Splits for sources that carry none: chosen per image from a hash of its key.
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="for sources without splits: share of images in val, chosen per image from a hash of its identity (never per caption)")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="for sources without splits: share of images in test, chosen per image like val_fraction")
+    # Stop after this many records (None: all); handy for a quick look at a big list.
+    max_records: Optional[int] = Field(None, ge=1, description="stop after this many records; null: all")
+    demo: DemoData = DemoData()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataParams":
+        if self.source != DEMO and not self.annotations:
+            raise ValueError(f"annotations: required when source is {self.source!r}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+# ----------------------------------------------------------------------- download
+class DownloadParams(Section):
+    """Fetching images into webdataset tar shards."""
+
+    workers: int = Field(16, ge=1, le=1024, description="concurrent fetches")
+    per_host: int = Field(16, ge=1, description="concurrent fetches to one host")
+    records_per_shard: int = Field(250, ge=1, description="input records per tar shard; the shard is the unit of resume and of work split")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to connect, per request")
+    read_timeout: float = Field(20.0, gt=0, description="seconds without data before a read fails, per request")
+    retries: int = Field(3, ge=0, description="retries after a transient failure")
+    backoff: float = Field(0.5, ge=0, description="first retry delay, seconds; doubles, with jitter")
+    max_redirects: int = Field(5, ge=0, description="longer chains fail as too_many_redirects; a redirect never leads to file:")
+    max_bytes: int = Field(20_000_000, ge=1, description="largest accepted response body")
+    max_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb cap (PIL's default)")
+    resize: Optional[int] = Field(None, ge=8, description="shorter side after resize; None keeps size")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="quality of the re-encoded JPEG")
+    user_agent: str = Field("capline/0.1 (+https://github.com/capline/capline)", description="sent with every request")
+    # Pillow releases the GIL while decoding, resizing and encoding, so the fetch
+    # threads already use every core; separate processes only pay off when Python
+    # work dominates. 0 = decode in the fetch threads (measured fastest on 2 cores).
+    decode_processes: int = Field(0, ge=0, le=256, description="image processing processes; 0 = in the fetch threads")
+
+
+# ---------------------------------------------------------------------- clip/embed
+class DemoClip(Section):
+    """Size of the small CLIP vision tower built for the offline demo."""
+
+    hidden_size: int = Field(128, ge=8, description="width of the demo CLIP's vision tower")
+    layers: int = Field(2, ge=1, description="transformer blocks of the demo CLIP's vision tower")
+    heads: int = Field(4, ge=1, description="attention heads of the demo CLIP")
+    patch_size: int = Field(8, ge=1, description="ViT patch side, pixels; must divide data.demo.image_size")
+    projection_dim: int = Field(128, ge=8, description="size of the demo CLIP's image_embeds")
+    seed: int = Field(0, description="seed of the demo CLIP's initialisation and pre-training")
+    # Random ViT features lose shape and position; a short seeded pre-training on
+    # scenes generated apart from the dataset (never its images) stands in for
+    # CLIP's own: the image tower learns the scenes' attributes, then the text tower
+    # learns contrastively to match captions with the locked image embeddings.
+    pretrain_steps: int = Field(1000, ge=0, description="image tower pre-training steps (batch 64); 0: random weights")
+    pretrain_images: int = Field(3000, ge=64, description="scenes generated for pre-training")
+    pretrain_lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the demo CLIP's pre-training")
+    pretrain_text_steps: int = Field(
+        500, ge=0, description="contrastive steps of the text tower against the locked image tower; 0: random text tower")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DemoClip":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"heads: {self.heads} does not divide hidden_size {self.hidden_size}")
+        return self
+
+
+class ClipParams(Section):
+    """The CLIP image encoder and how its vectors are computed."""
+
+    model: str = Field(DEMO, description="hub id, local folder, 'demo' or 'realsize'")
+    revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
+    output: Literal["image_embeds", "pooler_output"] = Field("image_embeds", description="image_embeds (the projected CLIP embedding) or pooler_output (the vision tower's pooled output)")
+    normalize: bool = Field(True, description="L2-normalise the vectors")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (bf16 on CUDA with bf16 and on CPUs with avx512_bf16/AMX, fp16 on older CUDA, else fp32), fp32, bf16, fp16")
+    batch_size: int = Field(64, ge=1, description="images per model call")
+    workers: int = Field(2, ge=0, description="DataLoader decode processes")
+    preprocess: Literal["processor", "fast"] = Field("processor", description="processor: exactly CLIPImageProcessor; fast: JPEG draft decoding (see docs/embed.md)")
+    demo: DemoClip = DemoClip()
+
+
+# --------------------------------------------------------------------------- gpt
+class DemoGpt(Section):
+    """Size of the small GPT-2 built for the offline demo (vocabulary from the demo captions)."""
+
+    n_embd: int = Field(128, ge=8, description="width of the demo GPT-2")
+    n_layer: int = Field(2, ge=1, description="transformer blocks of the demo GPT-2")
+    n_head: int = Field(4, ge=1, description="attention heads of the demo GPT-2")
+    n_positions: int = Field(64, ge=8, description="positions of the demo GPT-2 (prefix + caption)")
+    seed: int = Field(0, description="seed of the demo GPT-2's initialisation")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DemoGpt":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head: {self.n_head} does not divide n_embd {self.n_embd}")
+        return self
+
+
+class GptParams(Section):
+    """The GPT-2 language model that continues the prefix."""
+
+    model: str = Field(DEMO, description="hub id, local folder, 'demo' or 'realsize'")
+    revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
+    demo: DemoGpt = DemoGpt()
+
+
+# ------------------------------------------------------------------------ mapper
+class MapperParams(Section):
+    """The mapping network from one CLIP vector to prefix_length GPT-2 embeddings."""
+
+    # Checked against the registry in pipeline/models/mapper.py when the train stage starts:
+    # a new mapper type is one class there, with no change here.
+    type: str = Field("transformer", min_length=1, description="a registered mapper type: transformer or mlp (pipeline/models/mapper.py)")
+    prefix_length: int = Field(10, ge=1, le=256, description="GPT-2 input embeddings made from one CLIP vector (K)")
+    clip_length: int = Field(10, ge=1, le=256, description="transformer only: tokens made from the CLIP vector")
+    layers: int = Field(4, ge=1, le=64, description="transformer only: self-attention blocks")
+    heads: int = Field(8, ge=1, description="transformer only: attention heads; must divide GPT-2's width")
+    mlp_ratio: float = Field(2.0, gt=0, description="transformer only: feed-forward width as a multiple of GPT-2's width")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the mapper")
+    # Width of the prefix embeddings; None takes GPT-2's n_embd, a number must equal it.
+    width: Optional[int] = Field(None, ge=1, description="prefix width; null takes GPT-2's n_embd, a number must equal it")
+
+
+# ------------------------------------------------------------------------- train
+class TrainParams(Section):
+    """Training of the mapper (and GPT-2, when fine-tuned)."""
+
+    epochs: int = Field(10, ge=1, description="passes over the train split's (image, caption) pairs")
+    batch_size: int = Field(32, ge=1, description="global batch: all processes and micro-batches together")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per step (batch_size / (processes x grad_accum) each)")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps, then linear decay to 0")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
+    finetune_gpt: bool = Field(True, description="train GPT-2 too (ClipCap's MLP variant); false keeps it frozen (no gradients for its weights)")
+    max_caption_tokens: int = Field(40, ge=1, description="longer captions are cut (EOS kept)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (the runtime's policy: bf16 where native), fp32, bf16, fp16 (with loss scaling)")
+    log_every: int = Field(10, ge=1, description="steps between loss-curve points")
+    seed: int = Field(0, description="seed of the mapper's initialisation and the order of the pairs")
+    checkpoint_every: Optional[int] = Field(500, ge=1, description="steps between checkpoints (and at each epoch end)")
+    eval_every: Optional[int] = Field(None, ge=1, description="steps between validations (and at each epoch end)")
+    keep: Literal["best", "last"] = Field("best", description="model written: lowest validation loss, or the last step")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="validations without improvement before stopping")
+    bucket_by_length: bool = Field(False, description="batch captions of similar length together (less padding)")
+    max_memory_gb: float = Field(8.0, gt=0, description="larger feature sets are read shard by shard")
+
+
+# -------------------------------------------------------------------------- scst
+class ScstParams(Section):
+    """Self-critical sequence training (Rennie et al. 2017) of the cross-entropy model."""
+
+    epochs: int = Field(3, ge=0, description="passes over the training images; 0: off, the cross-entropy model passes through")
+    batch_size: int = Field(32, ge=1, description="images per step; each gives `samples` sampled captions")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate, constant")
+    samples: int = Field(5, ge=1, description="captions sampled per image per step")
+    baseline: Literal["mean", "greedy"] = Field(
+        "mean", description="reward baseline: mean of the image's other samples (Luo 2020) or its greedy caption")
+    max_tokens: int = Field(30, ge=2, description="longest sampled caption, tokens (EOS included)")
+    finetune_gpt: bool = Field(True, description="update GPT-2 too; applies only when training fine-tuned it")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto (the runtime's policy), fp32, bf16, fp16")
+    log_every: int = Field(5, ge=1, description="steps between reward-curve points")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints besides each epoch's end; 0: epoch ends only")
+    seed: int = Field(0, description="seed of the sampling and the order of the images")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScstParams":
+        if self.baseline == "mean" and self.samples < 2:
+            raise ValueError(f"samples: the mean-of-others baseline needs at least 2 samples per image "
+                             f"(got {self.samples}); use baseline: greedy for 1")
+        return self
+
+
+# ---------------------------------------------------------------------- generate
+class Decoding(Section):
+    """How captions are decoded: every knob of transformers' generate that capline uses.
+
+    All explicit: nothing falls back to a library default. The same fields make the
+    model folder's ``generation_config.json`` and the options of ``capline caption``.
+    """
+
+    num_beams: int = Field(5, ge=1, description="beam width; 1 = greedy (or plain sampling with do_sample)")
+    length_penalty: float = Field(1.0, description="beam search: a caption's score is its summed log-probability "
+                                                   "divided by length ** length_penalty")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="no n-gram of this size occurs twice in a caption; 0 = off")
+    repetition_penalty: float = Field(1.0, gt=0, description="CTRL penalty on tokens already in the caption; 1.0 = off")
+    min_new_tokens: int = Field(0, ge=0, description="EOS is forbidden before this many tokens")
+    max_new_tokens: int = Field(30, ge=1, description="caption length cap, tokens (EOS included)")
+    do_sample: bool = Field(False, description="sample tokens instead of taking the most likely ones")
+    temperature: float = Field(1.0, gt=0, description="sampling only: logits are divided by this; 1.0 = off")
+    top_k: int = Field(0, ge=0, description="sampling only: keep the k most likely tokens; 0 = off")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling only: keep the smallest set of tokens whose "
+                                                      "probability reaches top_p; 1.0 = off")
+    num_return_sequences: int = Field(1, ge=1, description="captions per image (the n-best list)")
+    seed: int = Field(0, description="seeds sampling (per image) and the shuffled-image control")
+
+    @model_validator(mode="after")
+    def _check_decoding(self) -> "Decoding":
+        check_decoding(self)
+        return self
+
+
+# Sampling-only knobs and the value that means "off".
+SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def check_decoding(d: "Decoding") -> None:
+    """Refuse combinations that cannot mean what they say; messages start with the key."""
+    if d.min_new_tokens > d.max_new_tokens:
+        raise ValueError(f"min_new_tokens: {d.min_new_tokens} is more than max_new_tokens {d.max_new_tokens}")
+    if d.num_beams > 1 and d.num_return_sequences > d.num_beams:
+        raise ValueError(f"num_return_sequences: {d.num_return_sequences} is more than num_beams {d.num_beams}; "
+                         "beam search returns at most num_beams captions per image")
+    if d.num_beams == 1 and not d.do_sample and d.num_return_sequences > 1:
+        raise ValueError(f"num_return_sequences: {d.num_return_sequences} captions per image need do_sample "
+                         "or num_beams >= num_return_sequences; greedy decoding makes one")
+    if not d.do_sample:
+        for key, off in SAMPLING_OFF.items():
+            if getattr(d, key) != off:
+                raise ValueError(f"{key}: {getattr(d, key)} applies only when sampling (do_sample); "
+                                 f"leave it at {off} otherwise")
+    if d.num_beams == 1 and d.length_penalty != 1.0:
+        raise ValueError(f"length_penalty: {d.length_penalty} applies only to beam search; num_beams is 1")
+
+
+class GenerateParams(Decoding):
+    """Captioning the feature shards (stage: generate): which images, how many at once, and the decoding."""
+
+    split: Literal["train", "val", "test"] = Field("test", description="which split to caption")
+    batch_size: int = Field(32, ge=1, description="images per generate call (the captions do not depend on it)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 weights (the LM head stays fp32) where the device runs bf16 fast, else "
+                            "fp32; fp16 on a GPU only")
+
+
+# ---------------------------------------------------------------------- evaluate
+class EvaluateParams(Section):
+    """Scoring with pycocoevalcap and the HTML report."""
+
+    spice: bool = Field(False, description="also compute SPICE (needs Stanford CoreNLP jars, see corenlp_dir)")
+    corenlp_dir: Optional[str] = Field(None, description="folder with Stanford CoreNLP jars for SPICE")
+    baseline_candidates: int = Field(50, ge=1, description="most frequent training captions tried as the constant baseline")
+    report_images: int = Field(200, ge=1, description="images shown in the HTML report")
+    thumbnail_size: int = Field(128, ge=16, description="longer side of the report's thumbnails, pixels")
+    clipscore_model: Optional[str] = Field(
+        None, description="folder of a whole CLIP (save_pretrained) for CLIPScore; null: the pinned CLIP")
+
+
+# ------------------------------------------------------------------------ all
+class Params(Section):
+    # One device for every stage that runs a model (embed, train, generate): they
+    # run on the same machine, and a stage's outputs depend on it (auto precision).
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps: where embed, train and generate run")
+    data: DataParams = DataParams()
+    download: DownloadParams = DownloadParams()
+    clip: ClipParams = ClipParams()
+    gpt: GptParams = GptParams()
+    mapper: MapperParams = MapperParams()
+    train: TrainParams = TrainParams()
+    scst: ScstParams = ScstParams()
+    generate: GenerateParams = GenerateParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.match(DEVICE_PATTERN, value):
+            raise ValueError("is not one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "Params":
+        # Only the demo GPT-2's width is known before loading a model; hub models are
+        # checked by check_against_gpt() when the train stage has read their config.
+        if self.gpt.model == DEMO:
+            check_against_gpt(self.mapper, self.gpt.demo.n_embd)
+        elif self.gpt.model == REALSIZE:
+            check_against_gpt(self.mapper, GPT2_SMALL_WIDTH)
+        return self
+
+
+def check_against_gpt(mapper: MapperParams, n_embd: int) -> None:
+    """Refuse mapper settings that cannot work with a GPT-2 of width ``n_embd``."""
+    if mapper.width is not None and mapper.width != n_embd:
+        raise ParamsError(f"mapper.width: {mapper.width} does not match GPT-2's n_embd {n_embd}")
+    if mapper.type == "transformer" and n_embd % mapper.heads:
+        raise ParamsError(f"mapper.heads: {mapper.heads} does not divide GPT-2's n_embd {n_embd}")
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            # A section validator names a key inside its message ("heads: ...").
+            if ":" in msg.split(" ")[0]:
+                key = f"{key}.{msg.split(':', 1)[0]}" if key else msg.split(":", 1)[0]
+                msg = _qualify(msg.split(":", 1)[1].strip(), e["loc"])
+        if isinstance(e.get("input"), (str, int, float, bool)) and e["type"] != "extra_forbidden":
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{key or '<root>'}: {msg}")
+    return "invalid params: " + "; ".join(lines)
+
+
+def _qualify(msg: str, loc: tuple) -> str:
+    """Name the other keys of a section's message in full (``num_beams`` -> ``generate.num_beams``)."""
+    import re
+
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or not loc:
+        return msg
+    prefix = ".".join(str(p) for p in loc)
+    names = "|".join(sorted(model.model_fields, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.])({names})(?![\w])", rf"{prefix}.\1", msg)
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Validate a params mapping; raise ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError("invalid params: the top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (a missing file gives every default)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None

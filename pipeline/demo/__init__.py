@@ -1,1 +1,0 @@
-"""The offline demo: a generated scenes dataset (COCO captions + Karpathy split)."""
