@@ -5,7 +5,7 @@ vectors) in front of a frozen GPT-2 small built from its default config (random
 weights: the same compute as trained ones), batch 40, on captions whose lengths
 are drawn to match COCO's (GPT-2 tokens: mean 11, sd 3, plus EOS).
 
-  ours:          pipeline.train.run.optimizer_step on batches from pipeline.train.data
+  ours:          pipeline.train.loop's step (XeJob.micro_loss, one process) on batches from pipeline.train.data
                  (collate: padded to the batch's longest caption; length bucketing
                  as in configs/coco-karpathy.yaml; precision "auto" as the train stage
                  resolves it; LM head only on caption positions; no GPT-2 weight
@@ -38,11 +38,27 @@ from torch import nn
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.core.params import MapperParams, TrainParams
 from pipeline.core.runtime import choose_precision
-from pipeline.train.run import make_optimizer, optimizer_step
+from pipeline.core.runtime import autocast
+from pipeline.train.run import make_optimizer
 from pipeline.train.data import BUCKET_BATCHES, Captions, MemoryVectors, collate
 
 CLIP_DIM, FIXED_LEN, PREFIX = 512, 40, 10
 MAPPER = MapperParams(type="transformer", prefix_length=PREFIX, clip_length=10, layers=8, heads=8)
+
+
+def our_step(model, opt, scaler, trainable, batch, global_tokens: int, device, amp: str) -> int:
+    """pipeline.train.loop.optimizer_step's arithmetic for one process and one micro-batch; returns its tokens."""
+    vectors, ids, mask = batch
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        loss_sum = model(vectors.to(device), ids.to(device), mask.to(device), reduction="sum")
+    scaler.scale(loss_sum * (1.0 / global_tokens)).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    scaler.step(opt)
+    scaler.update()
+    float(loss_sum)  # the loop's one device sync per step
+    return int(mask.sum())
 
 
 class _Tok:
@@ -218,8 +234,7 @@ def main() -> None:
             b = ours_batches[counter["ours"] % len(ours_batches)]  # each round: the same spread
             counter["ours"] += 1
             batch = collate(caps, vectors, b, model.pad_token_id)
-            _, t = optimizer_step(model, opt, scaler, trainable, [batch], global_tokens=int(caps.lengths[b].sum()),
-                                  world_size=1, device=device, amp=amp, grad_clip=1.0)
+            t = our_step(model, opt, scaler, trainable, batch, int(caps.lengths[b].sum()), device, amp)
             sched.step()
             samples += len(b)
             tokens += t

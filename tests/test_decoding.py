@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.text.decoding import decoding_from_config, generation_config, row_seed
+from pipeline.text.decoding import row_seed
+from pipeline.models.decoding_config import decoding_from_config, generation_config
 from pipeline.core.params import Decoding, ParamsError, parse_params
 
 VALID = [
@@ -188,3 +189,32 @@ def test_top_p_applies_when_sampling(untrained):
         assert len(kept) >= 50 and any(_ahead(p, t)[1] > 0 for p, t in kept)
         # In the nucleus: the tokens more likely than the sampled one hold less than top_p.
         assert all(_ahead(p, t)[0] < p_top for p, t in kept)
+
+
+def test_no_import_cycle_between_pipeline_modules():
+    """Module by module (packages are checked in test_dvc_deps): the captioner saves and loads
+    its decoding defaults through decoding_config, never through the decoding module that uses it."""
+    from pipeline.core.fingerprint import ROOT, imports_of, module_file
+
+    def name(path):
+        return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+    graph = {}
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        found = (module_file(m) for m in imports_of(path))
+        graph[name(path)] = {name(f) for f in found if f is not None and f.suffix == ".py"
+                             and f.name != "__init__.py" and f != path}
+
+    def cycle_from(start):
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return trail + [start]
+                if nxt not in trail:
+                    stack.append((nxt, trail + [nxt]))
+        return []
+
+    cycles = [c for c in map(cycle_from, graph) if c]
+    assert not cycles, "; ".join(" -> ".join(c) for c in cycles)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.text.decoding import prepare_for_inference
+from pipeline.text.decoding import generate_ids, prepare_for_inference
 from pipeline.generate.run import caption_vectors, derangement, run as generate
 from pipeline.formats.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.core.params import GenerateParams, MapperParams, TrainParams
+from pipeline.core.params import Decoding, GenerateParams, MapperParams, TrainParams
 from pipeline.train.run import train
 from tests.helpers.features import scene_table, write_features
 
@@ -71,7 +71,8 @@ def test_trained_model_names_what_is_in_the_image(trained):
 def test_eos_stops_captions(trained):
     root, feats, table = trained
     model = ClipCaptioner.load(root / "model")
-    ids = model.generate_ids(torch.from_numpy(table.embeddings[:6]), num_beams=2, max_new_tokens=30)
+    ids, _ = generate_ids(model, torch.from_numpy(table.embeddings[:6]), Decoding(num_beams=2, max_new_tokens=30),
+                          keys=[""] * 6)
     eos = model.eos_token_id
     assert ids.shape[1] < 30  # every beam finished long before the cap
     assert all(eos in row for row in ids.tolist())
@@ -79,8 +80,8 @@ def test_eos_stops_captions(trained):
         assert text == model.tokenizer.decode(row[: row.index(eos)]).strip()
         assert "<|endoftext|>" not in text and text
     # max_new_tokens is capped by GPT-2's 64 positions minus the prefix.
-    long = model.generate_ids(torch.from_numpy(table.embeddings[:1]), num_beams=1, max_new_tokens=500,
-                              min_new_tokens=64 - model.prefix_length)
+    long, _ = generate_ids(model, torch.from_numpy(table.embeddings[:1]),
+                           Decoding(num_beams=1, max_new_tokens=500, min_new_tokens=64 - model.prefix_length), keys=[""])
     assert long.shape[1] == 64 - model.prefix_length
 
 
@@ -249,7 +250,7 @@ def test_sampling_follows_the_seed(trained, tmp_path):
 def test_generation_config_beside_the_results_is_the_one_used(trained, tmp_path):
     from transformers import GenerationConfig
 
-    from pipeline.text.decoding import decoding_from_config
+    from pipeline.models.decoding_config import decoding_from_config
     from pipeline.core.params import Decoding
 
     root, feats, table = trained

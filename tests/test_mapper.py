@@ -11,7 +11,8 @@ from pipeline.models.captioner import CONFIG_NAME, ClipCaptioner
 from pipeline.models.pretrained import ModelError
 from pipeline.models.mapper import (MapperConfigError, MLPConfig, MLPMapper, TransformerConfig, TransformerMapper,
                                     count_parameters, from_config_dict, make_config)
-from pipeline.core.params import MapperParams
+from pipeline.text.decoding import decode_batch
+from pipeline.core.params import Decoding, MapperParams
 from tests.helpers.features import FEATURE_ATTRS
 from tests.helpers.models import load_tiny_gpt
 
@@ -186,7 +187,8 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_gpt_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.prefix(x), loaded.prefix(x))
         assert torch.equal(model(x, ids, mask), loaded(x, ids, mask))
-    assert model.caption(x, num_beams=2, max_new_tokens=5) == loaded.caption(x, num_beams=2, max_new_tokens=5)
+    d = Decoding(num_beams=2, max_new_tokens=5)
+    assert decode_batch(model, x, d, ["a", "b", "c"]) == decode_batch(loaded, x, d, ["a", "b", "c"])
     # Saving again over a model folder replaces it; over another folder it refuses.
     model.save(out)
     other = tmp_path / "notes"

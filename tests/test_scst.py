@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.torchrun import run_torchrun, standalone
 from tests.helpers.features import scene_table, write_features
 from tests.helpers.models import save_tiny_gpt
 from pipeline.core.params import MapperParams, ScstParams, TrainParams
@@ -56,7 +57,7 @@ def read_csv(path: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ pieces
 def test_advantages_mean_of_others_and_greedy():
-    from pipeline.scst.run import advantages
+    from pipeline.scst.rewards import advantages
 
     r = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two images, three samples each
     assert np.allclose(advantages(r, 3), [1 - 2.5, 2 - 2.0, 3 - 1.5, 0 - 3.0, 0 - 3.0, 6 - 0.0])
@@ -69,7 +70,7 @@ def test_advantages_mean_of_others_and_greedy():
 
 
 def test_caption_mask_stops_after_the_first_eos():
-    from pipeline.scst.run import caption_mask
+    from pipeline.scst.rewards import caption_mask
 
     ids = torch.tensor([[5, 6, 0, 0, 0], [5, 0, 7, 0, 0], [5, 6, 7, 8, 9]])
     assert caption_mask(ids, 0).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
@@ -77,22 +78,47 @@ def test_caption_mask_stops_after_the_first_eos():
 
 def test_scored_log_probabilities_are_the_sampling_policy(xe):
     """What the loss weighs, token_logprobs of the sampled ids, equals the log-probabilities
-    generate sampled them with (transformers' own transition scores)."""
+    the shared decoding path drew them with (the seeded sampler's record, up to each EOS)."""
     from pipeline.formats.features import load_features
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.scst.run import caption_mask
+    from pipeline.text.decoding import generate_ids
+    from pipeline.core.params import Decoding
+    from pipeline.scst.rewards import caption_mask
 
     root, feats = xe
     model = ClipCaptioner.load(root / "xe")
     vectors = torch.from_numpy(load_features(feats, split="train").embeddings[:6])
-    torch.manual_seed(0)
-    out = model.generate_ids(vectors, do_sample=True, num_return_sequences=3, max_new_tokens=8, num_beams=1,
-                             temperature=1.0, top_k=0, top_p=1.0, output_scores=True, return_dict_in_generate=True)
-    mask = caption_mask(out.sequences, model.eos_token_id)
-    theirs = model.gpt.compute_transition_scores(out.sequences, out.scores, normalize_logits=True) * mask
-    ours = model.token_logprobs(vectors.repeat_interleave(3, dim=0), out.sequences, mask)
+    d = Decoding(num_beams=1, do_sample=True, num_return_sequences=3, max_new_tokens=8, top_k=0, top_p=1.0)
+    ids, sampler = generate_ids(model, vectors, d, keys=[str(i) for i in range(6)])
+    mask = caption_mask(ids, model.eos_token_id)
+    theirs = torch.stack(sampler.token_logprobs, dim=1)[:, :ids.shape[1]] * mask
+    ours = model.token_logprobs(vectors.repeat_interleave(3, dim=0), ids.clone(), mask)
     assert torch.allclose(ours, theirs, atol=1e-5)
-    assert (mask.sum(dim=1) < out.sequences.shape[1]).any()  # some captions ended before the cap
+    assert (mask.sum(dim=1) < ids.shape[1]).any()  # some captions ended before the cap
+    # The same image's samples are the same whatever else is in the batch (DDP needs this).
+    alone, _ = generate_ids(model, vectors[2:3], d, keys=["2"])
+    assert torch.equal(alone, ids[6:9, :alone.shape[1]]) and (ids[6:9, alone.shape[1]:] == model.pad_token_id).all()
+
+
+def test_sampling_prints_no_attention_mask_warning(xe, caplog):
+    """transformers drops generate's all-ones mask, then GPT-2 warns at finished rows' padding;
+    the decoding path silences exactly that warning (it is shown once per process, so reset)."""
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.formats.features import load_features
+    from pipeline.models.captioner import ClipCaptioner
+    from pipeline.text.decoding import generate_ids
+    from pipeline.core.params import Decoding
+
+    root, feats = xe
+    model = ClipCaptioner.load(root / "xe")
+    vectors = torch.from_numpy(load_features(feats, split="train").embeddings[:6])
+    hf_logging.warning_once.cache_clear()
+    d = Decoding(num_beams=1, do_sample=True, num_return_sequences=4, max_new_tokens=8)
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        ids, _ = generate_ids(model, vectors, d, keys=[str(i) for i in range(6)])
+    assert (ids == model.eos_token_id).any()  # finished rows were padded: the warning's trigger
+    assert not [r for r in caplog.records if "attention_mask" in r.getMessage()]
 
 
 # ----------------------------------------------------------------- the stage
@@ -157,7 +183,7 @@ def test_a_ruinous_run_keeps_the_cross_entropy_weights(xe):
 
 @needs_java
 def test_killed_run_resumes_to_the_same_bytes(xe, tmp_path):
-    from pipeline.scst.run import Stopped
+    from pipeline.train.loop import Stopped
 
     root, feats = xe
     params = SCST.model_copy(update={"epochs": 2, "checkpoint_every": 2})
@@ -180,7 +206,7 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(xe, tmp_path, cap
     difference and replaced by this run's. One made with another log_every (which does
     not change the trajectory) is resumed."""
     from pipeline.core.checkpoint import load_checkpoint
-    from pipeline.scst.run import Stopped
+    from pipeline.train.loop import Stopped
 
     root, feats = xe
     params = SCST.model_copy(update={"epochs": 1, "checkpoint_every": 1})
@@ -201,20 +227,6 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(xe, tmp_path, cap
     with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(Stopped):
         run(root, feats, "other", other.model_copy(update={"log_every": 3}), checkpoint_dir=ckpt, stop_after=2)
     assert f"scst: resumed from {ckpt / 'step-000000001'}" in caplog.text and "ignored" not in caplog.text
-
-
-def test_scst_refuses_more_than_one_process(xe, tmp_path, monkeypatch):
-    """SCST runs in one process: its checkpoints hold one process's RNG state and its
-    checkpoint identity has no world size. Started by torchrun (WORLD_SIZE 2) it stops
-    before anything is read or written."""
-    from pipeline.core.errors import CaplineError
-
-    root, feats = xe
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(CaplineError, match="runs in one process"):
-        run(root, feats, "two_processes", SCST.model_copy(update={"epochs": 1}), checkpoint_dir=tmp_path / "ck")
-    assert not (root / "two_processes").exists() and not (tmp_path / "ck").exists()
 
 
 @needs_java
@@ -281,6 +293,54 @@ def test_frozen_gpt_stays_frozen(xe):
     a, b = load_file(root / "xe_frozen" / "mapper.safetensors"), load_file(root / "frozen" / "model" / "mapper.safetensors")
     if metrics["best_epoch"] == 1:
         assert any(not torch.equal(a[k], b[k]) for k in a)  # the mapper did learn
+
+
+
+def _scst_args(root: Path, feats: Path, tmp_path: Path, name: str, params_yaml: str) -> list[str]:
+    (tmp_path / f"{name}.yaml").write_text(params_yaml)
+    out = tmp_path / name
+    return ["scst", "--params", str(tmp_path / f"{name}.yaml"), "--model", str(root / "xe"), "--features", str(feats),
+            "--out", str(out / "model"), "--curve", str(out / "reward.csv"), "--val-curve", str(out / "val.csv"),
+            "--metrics", str(out / "scst.json"), "--checkpoints", str(out / "ck"), "--no-progress"]
+
+
+def _without_key_bias(name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors, less the key part of a fused query/key/value bias. Attention is blind to
+    the key bias (softmax ignores a shift), so its gradient is 0 plus rounding noise, which
+    Adam scales up to steps of lr: it wanders differently in any two runs that round differently."""
+    if name.endswith(("in_proj_bias", "attn.c_attn.bias")):
+        width = len(a) // 3
+        keep = torch.ones(len(a), dtype=torch.bool)
+        keep[width:2 * width] = False
+        return a[keep], b[keep]
+    return a, b
+
+
+@needs_java
+def test_two_processes_equal_one_process(xe, tmp_path):
+    """scst.batch_size is the global number of images: 2 gloo processes (4 images each) and
+    1 process (8) make the same weights. Each image's samples are seeded by the image, not
+    the process, so both draw the same captions; without DDP's gradient all-reduce each
+    process would step on its own half and this fails."""
+    from safetensors.torch import load_file
+
+    root, feats = xe
+    params = ("device: cpu\nscst: {epochs: 2, batch_size: 8, lr: 0.002, samples: 4, max_tokens: 8, "
+              "precision: fp32, log_every: 1}\n")
+    for name, nproc in (("two", 2), ("one", 1)):
+        run_torchrun(standalone(nproc, _scst_args(root, feats, tmp_path, name, params)), cwd=tmp_path)
+    two, one = tmp_path / "two", tmp_path / "one"
+    m2, m1 = json.loads((two / "scst.json").read_text()), json.loads((one / "scst.json").read_text())
+    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 24
+    for name in ("mapper.safetensors", "gpt/model.safetensors"):
+        a, b = load_file(two / "model" / name), load_file(one / "model" / name)
+        for k in a:
+            assert torch.allclose(*_without_key_bias(k, a[k], b[k]), rtol=1e-4, atol=1e-6), (name, k)
+    r2, r1 = read_csv(two / "reward.csv"), read_csv(one / "reward.csv")
+    assert len(r2) == len(r1) == 24
+    for x, y in zip(r2, r1):
+        assert float(x["reward"]) == pytest.approx(float(y["reward"]), abs=1e-9)  # the same captions
+    assert m2["val_cider_best"] == pytest.approx(m1["val_cider_best"], rel=1e-6)
 
 
 def test_params_refuse_mean_baseline_with_one_sample():

@@ -18,11 +18,13 @@ import torch
 
 from pipeline.core.checkpoint import load_checkpoint
 from pipeline.formats.features import FeatureShardError
-from pipeline.models.captioner import ClipCaptioner
+from pipeline.models.captioner import ClipCaptioner, tokenize_captions
 from pipeline.models.pretrained import ModelError
 from pipeline.core.params import MapperParams, ParamsError, TrainParams
-from pipeline.train.run import _StopForTest, train
-from pipeline.train.data import build_captions, epoch_batches, load_training_data, tokenize
+from pipeline.train.loop import Stopped
+from pipeline.train.run import train
+from pipeline.train.data import build_captions, epoch_batches, load_training_data
+from tests.helpers.torchrun import free_port, node, run_nodes, run_torchrun, standalone
 from tests.helpers.features import FEATURE_ATTRS, scene_table, write_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -144,7 +146,7 @@ def uninterrupted(data, tmp_path_factory):
 def test_killed_run_resumes_to_identical_weights(data, uninterrupted, tmp_path, stops, caplog):
     whole, expected = uninterrupted
     for stop in stops:
-        with pytest.raises(_StopForTest):
+        with pytest.raises(Stopped):
             _run(data, tmp_path, mapper=DROPOUT, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=stop)
         assert not (tmp_path / "model").exists()
     with caplog.at_level(logging.INFO, logger="pipeline"):
@@ -164,7 +166,7 @@ def test_killed_run_resumes_to_identical_weights(data, uninterrupted, tmp_path, 
 
 
 def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, caplog):
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
     other = RESUME.model_copy(update={"lr": 0.02})
     with caplog.at_level(logging.INFO, logger="pipeline"):
@@ -172,7 +174,7 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, c
     assert "step-000000004 ignored: made by another run (params.train.lr: 0.01 there, 0.02 here)" in caplog.text
     assert metrics["resumed_from_step"] == 0
     # Other features: ignored too, named.
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
     root, gpt, feats = data
     feats2 = write_features(tmp_path / "f2", scene_table(n_per_class=4, seed=1))
@@ -185,14 +187,14 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(data, tmp_path, c
 
 def test_resume_with_keep_last(data, tmp_path):
     params = RESUME.model_copy(update={"keep": "last"})
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck", stop_after=7)
     metrics = _run(data, tmp_path, params=params, checkpoint_dir=tmp_path / "ck")
     assert metrics["resumed_from_step"] == 6 and metrics["kept"] == "last" and metrics["steps"] == 18
 
 
 def test_checkpoint_holds_the_whole_state(data, tmp_path):
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path, params=RESUME, checkpoint_dir=tmp_path / "ck", stop_after=4)
     ck = load_checkpoint(tmp_path / "ck" / "step-000000004")
     assert sorted(ck.meta["modules"]) == ["gpt", "mapper"] and sorted(ck.meta["stateful"]) == \
@@ -210,16 +212,17 @@ def test_model_folder_holds_the_best_weights_and_early_stopping(data, tmp_path, 
     # Validation losses scripted: the best is the 5th validation (step 5), then worse.
     script = [3.0, 2.5, 2.0, 1.8, 1.5, 1.6, 1.7, 1.55, 1.9] + [2.0] * 100
 
-    def scripted(run):
-        return script[len(run.progress.val_curve)]
+    def scripted(job):  # the n-th validation of each run gets script[n]
+        job.validations = getattr(job, "validations", 0) + 1
+        return script[job.validations - 1]
 
-    monkeypatch.setattr(tr, "validate", scripted)
+    monkeypatch.setattr(tr, "validation_loss", scripted)
     params = TRAIN.model_copy(update={"epochs": 2, "eval_every": 1, "checkpoint_every": 1})
     metrics = _run(data, tmp_path / "a", params=params)
     assert metrics["best_step"] == 5 and metrics["best_val_loss"] == 1.5 and metrics["steps"] == 12
     assert [float(r["val_loss"]) for r in read_curve(tmp_path / "a/train/val.csv")][:6] == script[:6]
     # The same run stopped right after step 5: its checkpoint has the weights that were kept.
-    with pytest.raises(_StopForTest):
+    with pytest.raises(Stopped):
         _run(data, tmp_path / "b", params=params.model_copy(update={"keep": "last"}),
              checkpoint_dir=tmp_path / "b/ck", stop_after=5)
     kept = ClipCaptioner.load(tmp_path / "a/model")
@@ -244,7 +247,7 @@ def test_batches_are_global_and_independent_of_processes(data):
     from pipeline.models.pretrained import load_gpt
 
     _, tok = load_gpt(gpt)
-    d = load_training_data(feats, tok, tok.eos_token_id, 40, max_memory_gb=1.0)
+    d = load_training_data(feats, tok, 40, max_memory_gb=1.0)
     a = epoch_batches(d, 8, seed=0, epoch=1, bucket=False)
     assert a.shape == (6, 8) and sorted(a.reshape(-1)) == list(range(48))
     assert not np.array_equal(a, epoch_batches(d, 8, seed=0, epoch=2, bucket=False))
@@ -257,14 +260,22 @@ def test_batches_are_global_and_independent_of_processes(data):
     assert pad(b) < pad(a)
 
 
-def test_batched_tokenizing_equals_encode_caption(data):
+def test_one_caption_tokeniser_batched_or_not(data):
+    """Training's batched tokenising and the model's encode_caption are the one tokeniser:
+    stripped captions, cut to max_tokens with EOS kept as the last id."""
     root, gpt, feats = data
-    model = ClipCaptioner.from_settings(MAPPER.model_dump(), 16, *__import__(
-        "pipeline.models.pretrained", fromlist=["load_gpt"]).load_gpt(gpt))
+    from pipeline.models.pretrained import load_gpt
+
+    model = ClipCaptioner.from_settings(MAPPER.model_dump(), 16, *load_gpt(gpt))
+    tok, eos = model.tokenizer, model.eos_token_id
     caps = ["a red circle", "  one blue square here ", "a green triangle " * 10]
-    assert tokenize(model.tokenizer, model.eos_token_id, caps, 7) == [model.encode_caption(c, 7) for c in caps]
-    built = build_captions(model.tokenizer, model.eos_token_id, [3, 9], [["a red circle", " "], ["one"]], 7)
-    assert list(built.rows) == [3, 9] and list(built.tokens(0)) == model.encode_caption("a red circle", 7)
+    batched = tokenize_captions(tok, caps, 7)
+    assert batched == [model.encode_caption(c, 7) for c in caps]
+    assert batched[0] == tok("a red circle", add_special_tokens=False)["input_ids"] + [eos]
+    assert batched[1] == tok("one blue square here", add_special_tokens=False)["input_ids"] + [eos]
+    assert len(batched[2]) == 7 and batched[2][-1] == eos
+    built = build_captions(tok, [3, 9], [["a red circle", " "], ["one"]], 7)
+    assert list(built.rows) == [3, 9] and list(built.tokens(0)) == batched[0]
 
 
 def test_streamed_features_train_like_loaded_ones(data, tmp_path):
@@ -275,7 +286,7 @@ def test_streamed_features_train_like_loaded_ones(data, tmp_path):
     from pipeline.models.pretrained import load_gpt
 
     _, tok = load_gpt(gpt)
-    d = load_training_data(feats, tok, tok.eos_token_id, 40, params.max_memory_gb)
+    d = load_training_data(feats, tok, 40, params.max_memory_gb)
     assert d.vectors.streamed and d.window == 1 and d.n_shards == 6
     order = epoch_batches(d, 8, seed=0, epoch=1, bucket=False).reshape(-1)
     assert len(set(order)) == len(order) == len(d.train) // 8 * 8
@@ -342,19 +353,18 @@ def test_peak_rss_does_not_grow_with_the_number_of_shards(tmp_path):
 
 
 # --------------------------------------------------------------------- DDP
-def _torchrun(tmp_path: Path, feats, gpt, name: str, params_yaml: str, nproc: int) -> Path:
+def _stage_args(tmp_path: Path, feats, gpt, name: str, params_yaml: str) -> list[str]:
     (tmp_path / f"{name}.yaml").write_text(params_yaml)
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "stages.cli", "train", "--params", str(tmp_path / f"{name}.yaml"), "--features", str(feats),
-           "--gpt", str(gpt), "--out", str(out / "model"), "--curve", str(out / "loss.csv"),
-           "--val-curve", str(out / "val.csv"), "--metrics", str(out / "train.json"),
-           "--checkpoints", str(out / "ck"), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (out / "stderr.txt").write_text(proc.stderr)
-    return out
+    return ["train", "--params", str(tmp_path / f"{name}.yaml"), "--features", str(feats), "--gpt", str(gpt),
+            "--out", str(out / "model"), "--curve", str(out / "loss.csv"), "--val-curve", str(out / "val.csv"),
+            "--metrics", str(out / "train.json"), "--checkpoints", str(out / "ck"), "--no-progress"]
+
+
+def _torchrun(tmp_path: Path, feats, gpt, name: str, params_yaml: str, nproc: int) -> Path:
+    proc = run_torchrun(standalone(nproc, _stage_args(tmp_path, feats, gpt, name, params_yaml)), cwd=tmp_path)
+    (tmp_path / name / "stderr.txt").write_text(proc.stderr)
+    return tmp_path / name
 
 
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
@@ -389,7 +399,7 @@ def test_checkpoint_of_another_world_size_is_ignored(data, tmp_path):
             "keep: last, finetune_gpt: false, checkpoint_every: 2}\n")
     (tmp_path / "one.yaml").write_text(yaml)
     p = load_params(tmp_path / "one.yaml")
-    with pytest.raises(_StopForTest):  # the same params as the CLI reads, in one process
+    with pytest.raises(Stopped):  # the same params as the CLI reads, in one process
         train(feats, gpt, tmp_path / "one/model", tmp_path / "one/loss.csv", tmp_path / "one/train.json",
               p.mapper, p.train, progress=False, checkpoint_dir=tmp_path / "two" / "ck", stop_after=4,
               device=p.device)
@@ -402,6 +412,28 @@ def test_checkpoint_of_another_world_size_is_ignored(data, tmp_path):
     metrics = json.loads((two / "train.json").read_text())
     assert metrics["world_size"] == 2 and metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
     assert len(read_curve(two / "loss.csv")) == 6
+
+
+def test_two_nodes_on_loopback_equal_one_process(data, tmp_path):
+    """The same job as two torchrun nodes (one process each, c10d rendezvous on 127.0.0.1)
+    and as one process with grad_accum 2: the same weights. Each node's process has
+    LOCAL_RANK 0, so a process that took its share by local rank instead of global rank
+    (both nodes on the same half of every batch) fails this, as does skipping the all-reduce."""
+    root, gpt, feats = data
+    common = ("mapper: {type: transformer, prefix_length: 3, clip_length: 2, layers: 1, heads: 2}\n"
+              "train: {epochs: 2, batch_size: 8, lr: 0.01, warmup_steps: 1, precision: fp32, log_every: 1, "
+              "keep: last, finetune_gpt: false%s}\n")
+    args = _stage_args(tmp_path, feats, gpt, "nodes", common % "")
+    port = free_port()
+    run_nodes([node(2, r, port, args) for r in (0, 1)], cwd=tmp_path)
+    one = _torchrun(tmp_path, feats, gpt, "one", common % ", grad_accum: 2", 1)
+    two = tmp_path / "nodes"
+    m2, m1 = json.loads((two / "train.json").read_text()), json.loads((one / "train.json").read_text())
+    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 12
+    a, b = _weights(two / "model"), _weights(one / "model")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
 
 
 # ------------------------------------------------------------ a real kill

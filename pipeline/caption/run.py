@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from pipeline.caption.inputs import Entry, Failure, Item, count_known, iter_inputs
-from pipeline.text.decoding import Caption, check_room, decode_batch, load_decoding, prepare_for_inference
+from pipeline.text.decoding import Caption, check_room, decode_batch, prepare_for_inference
+from pipeline.models.decoding_config import load_decoding
 from pipeline.core.errors import CaplineError
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.models.pretrained import ModelError

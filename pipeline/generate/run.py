@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.text.decoding import Caption, check_room, decode_batch, prepare_for_inference, save_generation_config
+from pipeline.text.decoding import Caption, check_room, decode_batch, prepare_for_inference
+from pipeline.models.decoding_config import save_generation_config
 from pipeline.formats.features import FeatureShardError
 from pipeline.core.files import write_json, write_jsonl, write_metrics
 from pipeline.models.captioner import ClipCaptioner

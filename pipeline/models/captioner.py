@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.formats.features import attr_value
 from pipeline.core.files import replace_dir, temp_dir_for
 from pipeline.models import mapper as mappers
+from pipeline.models.decoding_config import generation_config, load_decoding, model_defaults, save_generation_config
 from pipeline.models.mapper import count_parameters
 from pipeline.models.pretrained import PIN_FILE, ModelError
 
@@ -50,8 +51,7 @@ class ClipCaptioner(nn.Module):
         gpt_source: Optional[dict] = None,
     ) -> None:
         super().__init__()
-        if tokenizer.eos_token_id is None:
-            raise ModelError("the GPT-2 tokenizer has no EOS token; captions could never end")
+        eos_id(tokenizer)
         if mapper.config.width != int(gpt.config.hidden_size):
             raise ModelError(f"mapper width {mapper.config.width} does not match GPT-2's n_embd "
                              f"{gpt.config.hidden_size}")
@@ -97,8 +97,12 @@ class ClipCaptioner(nn.Module):
 
     @property
     def max_positions(self) -> int:
-        cfg = self.gpt.config
-        return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024))
+        return gpt_positions(self.gpt.config)
+
+    @property
+    def caption_room(self) -> int:
+        """Caption tokens that fit GPT-2's positions after the prefix."""
+        return room_after_prefix(self.gpt.config, self.prefix_length)
 
     def train(self, mode: bool = True) -> "ClipCaptioner":
         super().train(mode)
@@ -123,8 +127,11 @@ class ClipCaptioner(nn.Module):
 
         ``input_ids`` [B, T] are right-padded; positions where ``attention_mask`` is 0
         are ignored whatever their ids. ``reduction="sum"`` gives the summed token loss
-        (for token-weighted means across batches and processes).
+        (for token-weighted means across batches and processes); ``"tokens"`` gives
+        ``token_logprobs`` instead (SCST: through ``forward``, so DDP sees the call).
         """
+        if reduction == "tokens":
+            return self.token_logprobs(clip_vectors, input_ids, attention_mask)
         real = attention_mask.bool()
         logits = self._real_token_logits(clip_vectors, input_ids, attention_mask)
         return F.cross_entropy(logits.float(), input_ids[real], reduction=reduction)
@@ -153,32 +160,6 @@ class ClipCaptioner(nn.Module):
         # batched-matmul path (6x slower at real size on a CPU).
         return self.gpt.get_output_embeddings()(hidden[:, k - 1:-1][attention_mask.bool()])
 
-    @torch.no_grad()
-    def generate_ids(self, clip_vectors: torch.Tensor, generation_config: Any = None, **kwargs: Any) -> Any:
-        """Token ids continuing each prefix (transformers' generate, KV cache).
-
-        With ``generation_config`` (what the stages use, see pipeline/text/decoding.py) that
-        config alone decides; other keyword arguments (``logits_processor``) go to
-        ``generate``. Without it, keyword arguments are generation settings
-        (num_beams, max_new_tokens, ...), ``max_new_tokens`` capped by GPT-2's positions.
-        """
-        prefix = self.prefix(clip_vectors)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        if generation_config is not None:
-            return self.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config,
-                                     **kwargs)
-        room = self.max_positions - self.prefix_length
-        kwargs["max_new_tokens"] = max(1, min(int(kwargs.get("max_new_tokens", 30)), room))
-        kwargs.setdefault("eos_token_id", self.eos_token_id)
-        kwargs.setdefault("pad_token_id", self.pad_token_id)
-        if not kwargs.get("do_sample"):
-            # Explicit, so a model's own generation_config cannot switch on sampling.
-            kwargs["do_sample"] = False
-            kwargs.pop("temperature", None)
-            kwargs.pop("top_p", None)
-        # Decoder-only generate with inputs_embeds returns only the new tokens.
-        return self.gpt.generate(inputs_embeds=prefix, attention_mask=mask, **kwargs)
-
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token ids -> caption strings, cut at the first EOS, stripped."""
         texts = []
@@ -188,15 +169,10 @@ class ClipCaptioner(nn.Module):
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
-    def caption(self, clip_vectors: torch.Tensor, **kwargs: Any) -> list[str]:
-        """Captions for a batch of CLIP vectors (``num_return_sequences`` per vector)."""
-        return self.decode(self.generate_ids(clip_vectors, **kwargs))
-
     # ---------------------------------------------------------------- tokenizing
     def encode_caption(self, caption: str, max_tokens: int) -> list[int]:
         """Caption -> token ids ending with EOS, at most ``max_tokens`` long (EOS kept)."""
-        ids = self.tokenizer(caption.strip(), add_special_tokens=False)["input_ids"]
-        return list(ids[: max(0, max_tokens - 1)]) + [self.eos_token_id]
+        return tokenize_captions(self.tokenizer, [caption], max_tokens)[0]
 
     # -------------------------------------------------------------------- saving
     def config_dict(self) -> dict:
@@ -220,8 +196,6 @@ class ClipCaptioner(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from pipeline.text.decoding import generation_config, model_defaults, save_generation_config
-
         model_dir = Path(model_dir)
         if model_dir.exists() and any(model_dir.iterdir()) and not (model_dir / CONFIG_NAME).exists():
             raise ModelError(f"{model_dir}: exists and is not a captioner folder; refusing to replace it")
@@ -233,7 +207,7 @@ class ClipCaptioner(nn.Module):
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
             save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
             # GPT-2's own generation_config.json says the same as the folder's.
-            decoding = model_defaults(self)
+            decoding = model_defaults(self.caption_room)
             self.gpt.generation_config = generation_config(decoding, self.eos_token_id, self.pad_token_id)
             self.gpt.save_pretrained(tmp / GPT_SUBDIR, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / GPT_SUBDIR)
@@ -257,7 +231,6 @@ class ClipCaptioner(nn.Module):
         """Load a folder written by ``save`` (safetensors only, no remote code)."""
         from safetensors.torch import load_file
 
-        from pipeline.text.decoding import default_generation_config
         from pipeline.models.pretrained import load_gpt
 
         model_dir = Path(model_dir)
@@ -283,7 +256,8 @@ class ClipCaptioner(nn.Module):
                     finetune_gpt=bool(cfg.get("finetune_gpt", False)), gpt_source=cfg.get("gpt_source"))
         model.model_dir = model_dir
         # Decoding defaults come from the captioner's folder, never from GPT-2's own file.
-        model.gpt.generation_config = default_generation_config(model, model_dir)
+        decoding = load_decoding(model_dir) or model_defaults(model.caption_room)
+        model.gpt.generation_config = generation_config(decoding, model.eos_token_id, model.pad_token_id)
         return model.to(device).eval()
 
     @property
@@ -307,6 +281,33 @@ class ClipCaptioner(nn.Module):
         """The ``expect`` mapping for ``load_features``."""
         return {k: self.features[k] for k in FEATURE_KEYS if self.features.get(k) is not None}
 
+
+def gpt_positions(config: Any) -> int:
+    """GPT-2's positions (prefix + caption) from its config: the one place that reads them."""
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
+
+
+def room_after_prefix(config: Any, prefix_length: int) -> int:
+    """Caption tokens that fit GPT-2's positions after a prefix of ``prefix_length``."""
+    return gpt_positions(config) - prefix_length
+
+
+def eos_id(tokenizer: Any) -> int:
+    """The tokenizer's EOS id; a ModelError when it has none (captions could never end)."""
+    if tokenizer.eos_token_id is None:
+        raise ModelError("the GPT-2 tokenizer has no EOS token; captions could never end")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """The one caption tokeniser: ids of each (stripped) caption ending with EOS, at most
+    ``max_tokens`` long (EOS kept), in one batched tokenizer call."""
+    if not captions:
+        return []
+    eos = eos_id(tokenizer)
+    ids = tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
+    keep = max(0, max_tokens - 1)
+    return [list(row[:keep]) + [eos] for row in ids]
 
 
 def check_clip_folder(clip_dir: Path, features: Mapping[str, Any]) -> dict:

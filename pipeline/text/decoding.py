@@ -1,10 +1,9 @@
-"""Turning prefixes into captions with transformers' ``generate``: settings, precision, seeds, scores.
+"""Turning prefixes into captions with transformers' ``generate``: precision, seeds, scores.
 
-* ``generation_config``: the ``Decoding`` params as transformers' own
-  ``GenerationConfig``, every value explicit (nothing left to a library default),
-  sampling-only and beam-only fields present exactly where they apply (the file
-  passes transformers' strict validation). It is what ``generation_config.json``
-  holds in a model folder and beside the generate stage's results.
+The one decode path: generate, caption and SCST's sampling and greedy captions
+all go through ``generate_ids`` (``decode_batch`` turns its ids into captions).
+The settings themselves (``Decoding`` as a ``GenerationConfig``,
+``generation_config.json``) are ``pipeline/models/decoding_config.py``'s.
 * ``prepare_for_inference``: the model in the chosen precision. bf16/fp16 means
   bf16/fp16 *weights* for the mapper and GPT-2 (not fp32 weights re-cast under
   autocast at every step), with the LM head kept in fp32: GPT-2's logits lie far
@@ -25,143 +24,33 @@ torch's global generator, shared by every row of the batch). Beam sampling
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import ParamsError
+from pipeline.models.decoding_config import generation_config
 from pipeline.core.params import Decoding
 from pipeline.core.runtime import dtype_of
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig
-
     from pipeline.models.captioner import ClipCaptioner
 
 log = logging.getLogger(__name__)
 
-GENERATION_CONFIG = "generation_config.json"
-DECODING_FIELDS = tuple(Decoding.model_fields)
-# Values a saved generation config may leave out, because they do not apply to its mode.
-_NOT_APPLICABLE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "length_penalty": 1.0}
 
 
 @dataclass(frozen=True)
 class Caption:
     text: str
     score: Optional[float] = None  # summed token log-probability / length ** length_penalty
-
-
-# ------------------------------------------------------------- configuration
-def generation_config(d: Decoding, eos_token_id: int, pad_token_id: int,
-                      max_new_tokens: Optional[int] = None) -> "GenerationConfig":
-    """transformers' GenerationConfig for ``d``: every value that applies to its mode, set explicitly."""
-    from transformers import GenerationConfig
-
-    kwargs = dict(
-        num_beams=d.num_beams, num_return_sequences=d.num_return_sequences, do_sample=d.do_sample,
-        max_new_tokens=d.max_new_tokens if max_new_tokens is None else max_new_tokens,
-        min_new_tokens=d.min_new_tokens, no_repeat_ngram_size=d.no_repeat_ngram_size,
-        repetition_penalty=d.repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        use_cache=True,
-    )
-    if d.num_beams > 1:
-        # Stop a beam search when num_beams captions are finished, as ClipCap's own search does.
-        kwargs.update(length_penalty=d.length_penalty, early_stopping=True)
-    if d.do_sample:
-        kwargs.update(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
-    config = GenerationConfig(**kwargs)
-    config.seed = d.seed  # not a transformers field; kept in the file so that it names the whole setting
-    return config
-
-
-def decoding_from_config(config: "GenerationConfig | dict") -> Decoding:
-    """The ``Decoding`` a generation config describes (fields it leaves out take their 'off' value)."""
-    values = config if isinstance(config, dict) else config.to_dict()
-    known = {k: values[k] for k in DECODING_FIELDS if values.get(k) is not None}
-    for key, off in _NOT_APPLICABLE.items():
-        known.setdefault(key, off)
-    return validated_decoding(known, name=lambda key: key)
-
-
-def validated_decoding(values: dict, name) -> Decoding:
-    """``Decoding(**values)``; a bad value or combination is a ParamsError naming ``name(key)``."""
-    from pydantic import ValidationError
-
-    try:
-        return Decoding(**values)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            msg = e["msg"].removeprefix("Value error, ")
-            key = str(e["loc"][0]) if e["loc"] else msg.split(":", 1)[0]
-            if not e["loc"] and ":" in msg.split(" ")[0]:
-                msg = msg.split(":", 1)[1].strip()
-            for field in sorted(DECODING_FIELDS, key=len, reverse=True):
-                msg = _replace_word(msg, field, name(field))
-            if e["loc"] and e.get("input") is not None and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
-            lines.append(f"{name(key)}: {msg}")
-        raise ParamsError("; ".join(lines)) from None
-
-
-def _replace_word(text: str, word: str, new: str) -> str:
-    import re
-
-    return re.sub(rf"(?<![\w.-]){re.escape(word)}(?![\w])", new, text)
-
-
-def save_generation_config(d: Decoding, out_dir: Path, eos_token_id: int, pad_token_id: int) -> Path:
-    """Write ``generation_config.json`` (transformers' format) into ``out_dir``.
-
-    A trained model folder gets ``model_defaults``: the schema defaults of the
-    ``generate`` params taken from code, not params.yaml (so that a trained model does
-    not depend on params.yaml's generate section, and tuning it never retrains).
-    """
-    config = generation_config(d, eos_token_id, pad_token_id)
-    config.validate(strict=True)  # the file must load in transformers without complaint
-    config.save_pretrained(out_dir)
-    return Path(out_dir) / GENERATION_CONFIG
-
-
-def model_defaults(model: "ClipCaptioner") -> Decoding:
-    """The pipeline's documented decoding defaults (the schema's, from code), with
-    ``max_new_tokens`` cut to what GPT-2's positions leave after the prefix."""
-    d = Decoding()
-    return d.model_copy(update={"max_new_tokens": max(1, min(d.max_new_tokens, room_for_caption(model)))})
-
-
-def default_generation_config(model: "ClipCaptioner", model_dir: Optional[Path] = None) -> "GenerationConfig":
-    """The model folder's decoding defaults as a GenerationConfig (``model_defaults`` without a file)."""
-    saved = load_decoding(model_dir) if model_dir is not None else None
-    return generation_config(saved or model_defaults(model), model.eos_token_id, model.pad_token_id)
-
-
-def load_decoding(model_dir: Path) -> Optional[Decoding]:
-    """The decoding defaults saved in a model folder, or None when it has none."""
-    path = Path(model_dir) / GENERATION_CONFIG
-    if not path.is_file():
-        return None
-    from pipeline.models.pretrained import ModelError
-
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise ModelError(f"{path}: not a JSON object")
-    try:
-        return decoding_from_config(values)
-    except ParamsError as err:
-        raise ModelError(f"{path}: {err}") from None
 
 
 # ----------------------------------------------------------------- precision
@@ -246,16 +135,12 @@ class SeededSampler:
 
 
 # ------------------------------------------------------------------ decoding
-def room_for_caption(model: "ClipCaptioner") -> int:
-    return model.max_positions - model.prefix_length
-
-
 def check_room(model: "ClipCaptioner", d: Decoding, name=lambda key: f"generate.{key}") -> int:
     """max_new_tokens capped by GPT-2's positions after the prefix; min_new_tokens must fit.
 
     ``name`` turns a field into what the user wrote (a params key or an option).
     """
-    room = room_for_caption(model)
+    room = model.caption_room
     if d.min_new_tokens > room:
         raise ParamsError(f"{name('min_new_tokens')}: {d.min_new_tokens} does not fit: GPT-2 has "
                           f"{model.max_positions} positions and the prefix takes {model.prefix_length}, leaving {room}")
@@ -266,16 +151,18 @@ def check_room(model: "ClipCaptioner", d: Decoding, name=lambda key: f"generate.
 
 
 @torch.inference_mode()
-def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
-                 max_new_tokens: Optional[int] = None) -> list[list[Caption]]:
-    """Captions of each vector (``d.num_return_sequences`` each, best first) with their scores.
+def generate_ids(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
+                 max_new_tokens: Optional[int] = None) -> tuple[Any, Optional[SeededSampler]]:
+    """One ``generate`` call for ``d``: the new token ids (rows image-major, each image's
+    ``d.num_return_sequences`` adjacent; with several scored beams, generate's output with
+    ``sequences`` and ``sequences_scores``), and the sampler when ``d`` samples without beams.
 
-    ``keys`` name the images (seeds of their samples). Scores are given when an
-    image gets several captions: transformers' beam score, or for samples the
-    summed log-probability of their tokens (EOS included) divided by their length.
+    ``keys`` name the images (seeds of their samples). ``max_new_tokens`` (default
+    ``d.max_new_tokens``) is capped by GPT-2's positions after the prefix. The one
+    decode path: generate, caption and SCST's sampling and greedy captions come here.
     """
     n = d.num_return_sequences
-    limit = max_new_tokens if max_new_tokens is not None else min(d.max_new_tokens, room_for_caption(model))
+    limit = min(d.max_new_tokens if max_new_tokens is None else max_new_tokens, model.caption_room)
     prefix = model.prefix(vectors.to(model.device))
     config = generation_config(d, model.eos_token_id, model.pad_token_id, max_new_tokens=limit)
     processors = []
@@ -292,19 +179,55 @@ def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     elif d.do_sample:
         # Beam sampling: transformers' own draw from the global generator, seeded per batch.
         torch.manual_seed(row_seed(d.seed, keys[0] if keys else "", len(keys)))
-    scored_beams = d.num_beams > 1 and n > 1
-    if scored_beams:
+    if d.num_beams > 1 and n > 1:
         config.return_dict_in_generate = True
         config.output_scores = True
     cache = prefix_cache(model, prefix, ours * d.num_beams)
     if ours > 1:
         prefix = prefix.repeat_interleave(ours, dim=0)
     mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_padding_warning():
         # With inputs_embeds the penalties see only the caption's tokens: what we want, not a problem.
         warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
         out = model.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config,
                                  logits_processor=processors or None, cache=cache)
+    return out, sampler
+
+
+class _PaddingWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_padding_warning():
+    """Silence GPT-2's "pass an attention_mask" warning for one generate call.
+
+    The mask is passed, but transformers' generate drops a mask of all ones
+    (generation/utils.py: "we can drop the mask altogether if it's all 1s"); GPT-2 then
+    sees a finished row's pad (= EOS) token and warns, though those tokens are past
+    the caption's end and never read.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _PaddingWarningFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
+                 max_new_tokens: Optional[int] = None) -> list[list[Caption]]:
+    """Captions of each vector (``d.num_return_sequences`` each, best first) with their scores.
+
+    ``keys`` name the images (seeds of their samples). Scores are given when an
+    image gets several captions: transformers' beam score, or for samples the
+    summed log-probability of their tokens (EOS included) divided by their length.
+    """
+    n = d.num_return_sequences
+    out, sampler = generate_ids(model, vectors, d, keys, max_new_tokens)
+    scored_beams = d.num_beams > 1 and n > 1
     ids = out.sequences if scored_beams else out
     texts = model.decode(ids)
     if scored_beams:

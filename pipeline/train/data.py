@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pipeline.models.captioner import tokenize_captions
 from pipeline.formats.features import (IDENTITY_ATTRS, FeatureShardError, check_same_encoder, list_feature_shards,
                                load_features, read_feature_shard)
 
@@ -56,17 +57,7 @@ class Captions:
         return self.flat[self.offsets[i]:self.offsets[i + 1]]
 
 
-def tokenize(tokenizer: Any, eos_id: int, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids of each caption ending with EOS, at most ``max_tokens`` long (EOS kept):
-    the same ids as ``ClipCaptioner.encode_caption``, in one batched tokenizer call."""
-    if not captions:
-        return []
-    ids = tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
-    keep = max(0, max_tokens - 1)
-    return [list(row[:keep]) + [eos_id] for row in ids]
-
-
-def build_captions(tokenizer: Any, eos_id: int, rows: Sequence[int], captions: Sequence[Sequence[str]],
+def build_captions(tokenizer: Any, rows: Sequence[int], captions: Sequence[Sequence[str]],
                    max_tokens: int) -> Captions:
     """One pair per non-blank caption of each image ``rows[i]``."""
     pair_rows, texts = [], []
@@ -77,7 +68,7 @@ def build_captions(tokenizer: Any, eos_id: int, rows: Sequence[int], captions: S
                 texts.append(cap)
     lengths, parts = [], []
     for c in range(0, len(texts), TOKENIZE_CHUNK):  # bounded temporary lists
-        ids = tokenize(tokenizer, eos_id, texts[c:c + TOKENIZE_CHUNK], max_tokens)
+        ids = tokenize_captions(tokenizer, texts[c:c + TOKENIZE_CHUNK], max_tokens)
         lengths.append(np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids)))
         parts.append(np.fromiter((t for r in ids for t in r), dtype=np.int32, count=int(lengths[-1].sum())))
     lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
@@ -159,8 +150,7 @@ class TrainingData:
     tokenize_seconds: float
 
 
-def load_training_data(features_dir: Path, tokenizer: Any, eos_id: int, max_tokens: int,
-                       max_memory_gb: float) -> TrainingData:
+def load_training_data(features_dir: Path, tokenizer: Any, max_tokens: int, max_memory_gb: float) -> TrainingData:
     """Read the train and val captions (and, when they fit, all vectors) of a feature folder."""
     features_dir = Path(features_dir)
     shards = list_feature_shards(features_dir)
@@ -211,8 +201,8 @@ def load_training_data(features_dir: Path, tokenizer: Any, eos_id: int, max_toke
                 splits_caps[split].append(caps)
     if not splits_rows["train"]:
         raise FeatureShardError(f"{features_dir}: no images in the train split")
-    train = build_captions(tokenizer, eos_id, splits_rows["train"], splits_caps["train"], max_tokens)
-    val = build_captions(tokenizer, eos_id, splits_rows["val"], splits_caps["val"], max_tokens)
+    train = build_captions(tokenizer, splits_rows["train"], splits_caps["train"], max_tokens)
+    val = build_captions(tokenizer, splits_rows["val"], splits_caps["val"], max_tokens)
     tokenize_seconds = time.perf_counter() - t0
     if len(train) == 0:
         raise FeatureShardError(f"{features_dir}: the train split has no non-empty captions")
