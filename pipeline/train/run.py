@@ -41,6 +41,7 @@ import torch
 from pipeline.core.checkpoint import Checkpoints, capture_rng, digest_files, load_checkpoint, restore_rng
 from pipeline.core.errors import CaplineError
 from pipeline.core.files import write_csv, write_metrics
+from pipeline.models.trainable import finetune_gpt_parts
 from pipeline.models.captioner import ClipCaptioner, check_clip_folder
 from pipeline.models.mapper import count_parameters, mapper_class
 from pipeline.core.params import MapperParams, ParamsError, TrainParams
@@ -221,6 +222,8 @@ def setup(features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: Train
                                         finetune_gpt=params.finetune_gpt, gpt_source=source).to(device)
     if clip_dir is not None:
         check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
+    if params.finetune_gpt_layers is not None:  # issue 19: train only these parts of GPT-2
+        finetune_gpt_parts(model.gpt, params.finetune_gpt_layers)
 
     batches_per_epoch = len(data.train) // params.batch_size
     if batches_per_epoch == 0:
