@@ -238,3 +238,25 @@ def test_an_rn50x4_mapper_is_refused_with_the_reason(tmp_path, hub_gpt_dir):
         import_clipcap(save(tmp_path, state), "transformer", K, CL, hub_gpt_dir, tmp_path / "m")
     with pytest.raises(ImportFailed, match="--prefix-length 40, but the checkpoint's shapes say 3"):
         import_clipcap(save(tmp_path, state), "transformer", 40, CL, hub_gpt_dir, tmp_path / "m")
+
+
+def test_an_imported_folder_runs_through_the_generate_stage(tmp_path, hub_gpt_dir):
+    from pipeline.core.params import GenerateParams
+    from pipeline.generate.run import run as generate
+    from tests.helpers.features import scene_table, write_features
+
+    state = clipcap_transformer_state(hub_gpt_dir)
+    model_dir = import_clipcap(save(tmp_path, state), "transformer", K, CL, hub_gpt_dir, tmp_path / "m")
+    table = scene_table(n_per_class=3, dim=CLIP)
+    table.attrs["normalized"] = False  # ClipCap reads raw image_embeds; the folder records it
+    feats = write_features(tmp_path / "features", table, shards=1)
+    metrics = generate(model_dir, feats, tmp_path / "captions", GenerateParams(num_beams=2, max_new_tokens=5),
+                       progress=False, device="cpu")
+    results = json.loads((tmp_path / "captions/results.json").read_text())
+    assert metrics["captions"] == len(results) == table.splits.count("test") > 0
+    # Features of normalised vectors are another input: refused, naming the attribute.
+    table.attrs["normalized"] = True
+    other = write_features(tmp_path / "features_normalized", table, shards=1)
+    with pytest.raises(Exception, match="normalized"):
+        generate(model_dir, other, tmp_path / "captions2", GenerateParams(num_beams=2, max_new_tokens=5),
+                 progress=False, device="cpu")
