@@ -99,3 +99,27 @@ def test_clipgpt_trains_through_the_train_entry_point(tmp_path, tiny_gpt_dir, sc
     gpt_trained = sum(p.numel() for n, p in base.named_parameters()
                       if n.startswith(("transformer.h.0.", "transformer.ln_f.")))
     assert metrics["params_trainable"] == count_parameters(model.mapper) + gpt_trained
+
+
+def test_the_seed_recipe_trains_on_demo_features_at_tiny_width(tmp_path, tiny_gpt_dir, scene_features):
+    """configs/clip-gpt-captioning-flickr30k.yaml's mapper and GPT-2 parts, as merged into
+    params.yaml, through the train entry point; only size and speed settings are changed."""
+    from pathlib import Path
+
+    from pipeline.core.recipes import merged_params
+
+    root = Path(__file__).resolve().parents[1]
+    _, params, _ = merged_params(root / "params.yaml", [root / "configs/clip-gpt-captioning-flickr30k.yaml"])
+    fast = params.train.model_copy(update={"epochs": 3, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2,
+                                           "precision": "fp32", "log_every": 2})
+    feats = scene_features(n_per_class=4, dim=32)
+    train(feats, tiny_gpt_dir, tmp_path / "model", tmp_path / "loss.csv", tmp_path / "metrics.json",
+          params.mapper, fast, progress=False)
+    with open(tmp_path / "loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["train_loss"]) < 0.9 * float(rows[0]["train_loss"])
+    model = ClipCaptioner.load(tmp_path / "model")
+    c = model.mapper.config
+    assert (model.mapper_type, c.prefix_length, c.layers, c.heads, c.forward_expansion, c.dropout) == \
+        ("clipgpt", 4, 6, 16, 4, 0.1)
+    assert model.features["dim"] == 32 and len(model.caption(torch.randn(2, 32), max_new_tokens=3)) == 2
