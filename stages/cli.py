@@ -23,7 +23,10 @@ COMMANDS = {
     "evaluate": "Score captions with pycocoevalcap and write the HTML report.",
     "caption": "Caption image files with a trained model.",
     "params": "Apply a recipe from configs/ to params.yaml; check a params file.",
+    "import": "Turn ClipCap's or clip-gpt-captioning's released weights into a model folder.",
 }
+# Commands whose module and click object cannot take the command's name (a Python keyword).
+MODULE_NAMES = {"import": "import_"}
 
 
 class LazyGroup(click.Group):
@@ -41,8 +44,9 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module = importlib.import_module(f"stages.{name}")
-        return getattr(module, name)
+        attr = MODULE_NAMES.get(name, name)
+        module = importlib.import_module(f"stages.{attr}")
+        return getattr(module, attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -37,6 +37,15 @@ EXPECTED = {
                                                "mapper.prefix_length": 40, "mapper.clip_length": 40,
                                                "mapper.layers": 8, "train.finetune_gpt": False},
     "clipcap-cc3m.yaml": {**CLIPCAP, "data.source": "tsv", "mapper.type": "mlp", "train.finetune_gpt": True},
+    # The seed's config (jmisilo/clip-gpt-captioning), split by image instead of by caption.
+    "clip-gpt-captioning-flickr30k.yaml": {
+        "data.source": "karpathy", "clip.model": "openai/clip-vit-base-patch32", "clip.output": "pooler_output",
+        "clip.normalize": False, "gpt.model": "gpt2", "mapper.type": "clipgpt", "mapper.prefix_length": 4,
+        "mapper.layers": 6, "mapper.heads": 16, "mapper.forward_expansion": 4, "mapper.dropout": 0.1,
+        "train.epochs": 50, "train.batch_size": 2, "train.lr": 2e-5, "train.warmup_steps": 15 * 145_000 // 2,
+        "train.weight_decay": 0.0, "train.grad_clip": 1.3, "train.finetune_gpt": True,
+        "train.finetune_gpt_layers": ["wte", "wpe", 0, -1, "ln_f"], "train.max_caption_tokens": 20,
+        "train.precision": "fp16", "train.seed": 100, "generate.num_beams": 1, "generate.max_new_tokens": 20},
     "realsize.yaml": {"clip.model": "realsize", "gpt.model": "realsize", "data.demo.style": "photo",
                       "mapper.type": "transformer", "mapper.layers": 8, "train.finetune_gpt": False},
 }

@@ -172,12 +172,13 @@ class MapperParams(Section):
 
     # Checked against the registry in pipeline/models/mapper.py when the train stage starts:
     # a new mapper type is one class there, with no change here.
-    type: str = Field("transformer", min_length=1, description="a registered mapper type: transformer or mlp (pipeline/models/mapper.py)")
+    type: str = Field("transformer", min_length=1, description="a registered mapper type: transformer, mlp or clipgpt (pipeline/models/mapper.py)")
     prefix_length: int = Field(10, ge=1, le=256, description="GPT-2 input embeddings made from one CLIP vector (K)")
     clip_length: int = Field(10, ge=1, le=256, description="transformer only: tokens made from the CLIP vector")
-    layers: int = Field(4, ge=1, le=64, description="transformer only: self-attention blocks")
-    heads: int = Field(8, ge=1, description="transformer only: attention heads; must divide GPT-2's width")
+    layers: int = Field(4, ge=1, le=64, description="transformer and clipgpt: self-attention blocks")
+    heads: int = Field(8, ge=1, description="transformer and clipgpt: attention heads; must divide GPT-2's width")
     mlp_ratio: float = Field(2.0, gt=0, description="transformer only: feed-forward width as a multiple of GPT-2's width")
+    forward_expansion: int = Field(4, ge=1, le=64, description="clipgpt only: feed-forward width as a multiple of GPT-2's width (the seed's forward_expansion)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the mapper")
     # Width of the prefix embeddings; None takes GPT-2's n_embd, a number must equal it.
     width: Optional[int] = Field(None, ge=1, description="prefix width; null takes GPT-2's n_embd, a number must equal it")
@@ -195,6 +196,12 @@ class TrainParams(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: Optional[float] = Field(1.0, gt=0, description="gradient norm clip; null: none")
     finetune_gpt: bool = Field(True, description="train GPT-2 too (ClipCap's MLP variant); false keeps it frozen (no gradients for its weights)")
+    # The seed (clip-gpt-captioning) trains GPT-2's embeddings, first and last blocks and
+    # final LayerNorm: [wte, wpe, 0, -1, ln_f]. Checked against GPT-2's depth when loaded.
+    finetune_gpt_layers: Optional[list[int | Literal["wte", "wpe", "ln_f"]]] = Field(
+        None, min_length=1, description="with finetune_gpt: train only these parts of GPT-2: block indices (negative "
+                                        "counts from the end: [0, -1] = first and last) and wte, wpe, ln_f; "
+                                        "null: all of GPT-2")
     max_caption_tokens: int = Field(40, ge=1, description="longer captions are cut (EOS kept)")
     precision: Precision = Field("auto", description="auto (the runtime's policy: bf16 where native), fp32, bf16, fp16 (with loss scaling)")
     log_every: int = Field(10, ge=1, description="steps between loss-curve points")
@@ -205,6 +212,12 @@ class TrainParams(Section):
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="validations without improvement before stopping")
     bucket_by_length: bool = Field(False, description="batch captions of similar length together (less padding)")
     max_memory_gb: float = Field(8.0, gt=0, description="larger feature sets are read shard by shard")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainParams":
+        if self.finetune_gpt_layers is not None and not self.finetune_gpt:
+            raise ValueError("finetune_gpt_layers: chooses which parts of GPT-2 train, so it needs finetune_gpt: true")
+        return self
 
 
 # -------------------------------------------------------------------------- scst
@@ -342,7 +355,7 @@ def check_against_gpt(mapper: MapperParams, n_embd: int) -> None:
     """Refuse mapper settings that cannot work with a GPT-2 of width ``n_embd``."""
     if mapper.width is not None and mapper.width != n_embd:
         raise ParamsError(f"mapper.width: {mapper.width} does not match GPT-2's n_embd {n_embd}")
-    if mapper.type == "transformer" and n_embd % mapper.heads:
+    if mapper.type in ("transformer", "clipgpt") and n_embd % mapper.heads:
         raise ParamsError(f"mapper.heads: {mapper.heads} does not divide GPT-2's n_embd {n_embd}")
 
 

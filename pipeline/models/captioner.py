@@ -77,10 +77,6 @@ class ClipCaptioner(nn.Module):
         mapper = mappers.build_mapper(str(mapper_settings["type"]), config)
         return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt, gpt_source=gpt_source)
 
-    @property
-    def mapper_type(self) -> str:
-        return self.mapper.kind
-
     # ----------------------------------------------------------------- properties
     @property
     def eos_token_id(self) -> int:
@@ -236,7 +232,8 @@ class ClipCaptioner(nn.Module):
         model_dir = Path(model_dir)
         cfg_path = model_dir / CONFIG_NAME
         if not cfg_path.is_file():
-            raise ModelError(f"{model_dir}: not a trained captioner folder (no {CONFIG_NAME}); run `capline train`")
+            raise ModelError(f"{model_dir}: not a trained captioner folder (no {CONFIG_NAME}); `capline train` "
+                             "writes one (data/model_xe), `capline scst` the final one (data/model)")
         try:
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as err:

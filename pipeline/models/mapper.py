@@ -12,6 +12,12 @@ Two types from ClipCap (Mokady et al. 2021):
 * ``transformer``: the CLIP vector becomes ``clip_length`` tokens, a learned
   constant of ``prefix_length`` tokens is appended, and pre-LayerNorm self-attention
   blocks mix them; the outputs at the constant's positions are the prefix.
+
+One from jmisilo/clip-gpt-captioning (the seed project):
+
+* ``clipgpt``: CLIP's ``pooler_output`` (as wide as GPT-2) goes through a post-norm
+  ``nn.TransformerEncoder`` as a sequence of ONE token, then Linear(width ->
+  prefix_length*width) makes the prefix (the seed calls prefix_length ``ep_len``).
 """
 from __future__ import annotations
 
@@ -117,6 +123,54 @@ class TransformerMapper(nn.Module):
         const = self.prefix_const.unsqueeze(0).expand(b, -1, -1).to(x.dtype)
         out = self.blocks(torch.cat([x, const], dim=1))
         return out[:, c.clip_length:]
+
+
+@dataclass(frozen=True)
+class ClipGptConfig:
+    clip_dim: int
+    width: int
+    prefix_length: int = 4  # the seed's ep_len
+    layers: int = 6
+    heads: int = 16
+    forward_expansion: int = 4
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        # The seed feeds the pooled vector to the encoder as it is: no projection to GPT-2's width.
+        if self.clip_dim != self.width:
+            raise MapperConfigError(f"mapper.type: clipgpt needs CLIP vectors as wide as GPT-2 (got {self.clip_dim} "
+                                    f"for n_embd {self.width}); use clip.output: pooler_output of a CLIP whose "
+                                    "vision width equals GPT-2's (ViT-B/32 + gpt2, ViT-L/14 + gpt2-medium)")
+        if self.width % self.heads:
+            raise MapperConfigError(f"mapper.heads: {self.heads} does not divide the prefix width {self.width} "
+                                    "(GPT-2's n_embd)")
+
+
+@register("clipgpt")
+class ClipGptMapper(nn.Module):
+    Config = ClipGptConfig
+
+    def __init__(self, config: ClipGptConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.width
+        block = nn.TransformerEncoderLayer(
+            d_model=width,
+            nhead=config.heads,
+            dim_feedforward=width * config.forward_expansion,
+            dropout=config.dropout,
+            activation="relu",
+            batch_first=True,
+            norm_first=False,  # post-norm, as the seed (torch's default)
+        )
+        self.encoder = nn.TransformerEncoder(block, num_layers=config.layers, enable_nested_tensor=False)
+        self.project = nn.Linear(width, config.prefix_length * width)
+
+    def forward(self, clip_vectors: torch.Tensor) -> torch.Tensor:
+        """[B, clip_dim] -> [B, prefix_length, width]; each vector is its own 1-token sequence."""
+        c = self.config
+        x = self.encoder(clip_vectors.unsqueeze(1)).squeeze(1)
+        return self.project(x).view(-1, c.prefix_length, c.width)
 
 
 def mapper_types() -> list[str]:

@@ -101,8 +101,6 @@ class ShardVectors:
         self.starts = np.concatenate([[0], np.cumsum(shard_rows)]).astype(np.int64)
         self.capacity = max(1, capacity)
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.reads = 0
-        self.read_seconds = 0.0
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, rows, side="right") - 1
@@ -113,10 +111,7 @@ class ShardVectors:
             return self.cache[s]
         while len(self.cache) >= self.capacity:
             self.cache.popitem(last=False)
-        t0 = time.perf_counter()
         table = read_feature_shard(self.paths[s])
-        self.read_seconds += time.perf_counter() - t0
-        self.reads += 1
         self.cache[s] = np.ascontiguousarray(table.embeddings, dtype=np.float32)
         return self.cache[s]
 

@@ -35,6 +35,7 @@ import torch
 
 from pipeline.core.checkpoint import digest_files
 from pipeline.core.files import write_csv, write_metrics
+from pipeline.models.trainable import finetune_gpt_parts
 from pipeline.train.loop import check_batch_size, rounded, run_job, sum_across
 from pipeline.models.captioner import ClipCaptioner, check_clip_folder, room_after_prefix
 from pipeline.models.mapper import count_parameters, mapper_class
@@ -123,6 +124,8 @@ class XeJob:
                                             finetune_gpt=params.finetune_gpt, gpt_source=source).to(device)
         if clip_dir is not None:
             check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
+        if params.finetune_gpt_layers is not None:  # train only these parts of GPT-2 (the seed's model)
+            finetune_gpt_parts(model.gpt, params.finetune_gpt_layers)
 
         self.batches_per_epoch = len(data.train) // params.batch_size
         if self.batches_per_epoch == 0:
