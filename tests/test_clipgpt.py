@@ -9,6 +9,8 @@ import torch
 
 from pipeline.core.params import MapperParams, ParamsError, TrainParams, parse_params
 from pipeline.models.captioner import ClipCaptioner
+from pipeline.core.params import Decoding
+from pipeline.text.decoding import decode_batch
 from pipeline.models.mapper import (ClipGptConfig, ClipGptMapper, MapperConfigError, count_parameters,
                                     from_config_dict, make_config)
 from pipeline.models.trainable import finetune_gpt_parts
@@ -91,7 +93,7 @@ def test_clipgpt_trains_through_the_train_entry_point(tmp_path, tiny_gpt_dir, sc
         rows = list(csv.DictReader(f))
     assert float(rows[-1]["train_loss"]) < 0.9 * float(rows[0]["train_loss"])
     model = ClipCaptioner.load(tmp_path / "model")
-    assert model.mapper_type == "clipgpt" and model.mapper.config.prefix_length == 2
+    assert model.mapper.kind == "clipgpt" and model.mapper.config.prefix_length == 2
     base, _ = load_tiny_gpt(tiny_gpt_dir)
     now, before = model.gpt.state_dict(), base.state_dict()
     changed = {n for n in before if not torch.equal(now[n], before[n])}
@@ -120,6 +122,6 @@ def test_the_seed_recipe_trains_on_demo_features_at_tiny_width(tmp_path, tiny_gp
     assert float(rows[-1]["train_loss"]) < 0.9 * float(rows[0]["train_loss"])
     model = ClipCaptioner.load(tmp_path / "model")
     c = model.mapper.config
-    assert (model.mapper_type, c.prefix_length, c.layers, c.heads, c.forward_expansion, c.dropout) == \
+    assert (model.mapper.kind, c.prefix_length, c.layers, c.heads, c.forward_expansion, c.dropout) == \
         ("clipgpt", 4, 6, 16, 4, 0.1)
-    assert model.features["dim"] == 32 and len(model.caption(torch.randn(2, 32), max_new_tokens=3)) == 2
+    assert model.features["dim"] == 32 and len(decode_batch(model, torch.randn(2, 32), Decoding(max_new_tokens=3), ["a", "b"])) == 2

@@ -18,6 +18,8 @@ from click.testing import CliRunner
 from pipeline.imports.run import import_clipcap
 from pipeline.imports.weights import ImportFailed
 from pipeline.models.captioner import ClipCaptioner
+from pipeline.core.params import Decoding
+from pipeline.text.decoding import decode_batch
 from pipeline.models.pretrained import load_gpt
 from stages.cli import capline
 
@@ -129,7 +131,7 @@ def test_clipcap_transformer_import_gives_clipcaps_logits(tmp_path, hub_gpt_dir,
     assert cfg["features"]["model_id"] == "clip" and (tmp_path / "m/clip/config.json").is_file()
     assert cfg["finetune_gpt"] is True and cfg["mapper"]["layers"] == LAYERS
     assert model.tokenizer.convert_ids_to_tokens(model.eos_token_id) == "."
-    assert len(model.caption(x, max_new_tokens=4)) == 3
+    assert len(decode_batch(model, x, Decoding(max_new_tokens=4), ["a", "b", "c"])) == 3
 
 
 @torch.no_grad()
@@ -192,7 +194,7 @@ def test_clip_gpt_captioning_import_gives_the_seeds_prefix_and_gpt(tmp_path, tin
                     "--gpt", tiny_gpt_dir, "--out", tmp_path / "m")
     assert result.exit_code == 0, result.output
     model = ClipCaptioner.load(tmp_path / "m")
-    assert model.mapper_type == "clipgpt" and model.features["output"] == "pooler_output"
+    assert model.mapper.kind == "clipgpt" and model.features["output"] == "pooler_output"
     x, ids = torch.randn(3, W), torch.randint(2, 12, (3, 4))
     assert torch.allclose(model.prefix(x), seed_prefix(state, x), atol=1e-4)
     # GPT-2 reads the prefix as capline's forward feeds it (positions added once: docs/import.md).
