@@ -219,14 +219,14 @@ def test_checkpoint_of_other_params_is_ignored_with_the_reason(xe, tmp_path, cap
     with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(Stopped):
         run(root, feats, "other", other, checkpoint_dir=ckpt, stop_after=1)
     assert "step-000000002 ignored: made by another run (scst.lr: 0.002 there, 0.004 here)" in caplog.text
-    assert "resumed from" not in caplog.text
+    assert "resuming from" not in caplog.text
     # It started over: one step done, its own checkpoint in place of the other run's.
     assert steps() == ["step-000000001"]
     assert load_checkpoint(ckpt / "step-000000001").identity["scst"]["lr"] == 4e-3
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(Stopped):
         run(root, feats, "other", other.model_copy(update={"log_every": 3}), checkpoint_dir=ckpt, stop_after=2)
-    assert f"scst: resumed from {ckpt / 'step-000000001'}" in caplog.text and "ignored" not in caplog.text
+    assert f"scst: resuming from {ckpt / 'step-000000001'}" in caplog.text and "ignored" not in caplog.text
 
 
 @needs_java
@@ -239,7 +239,9 @@ def test_reward_is_cider_d_with_the_training_splits_document_frequencies(xe, tmp
     which the test computes itself."""
     from pipeline.text.cider import CiderD
     from pipeline.text.tokenizer import fast_ptb_tokenize, ptb_tokenize
+    from pipeline.core.params import Decoding
     from pipeline.models.captioner import ClipCaptioner
+    from pipeline.text.decoding import decode_batch
 
     root, _ = xe
     table = scene_table(n_per_class=3, splits=("train",))
@@ -264,7 +266,9 @@ def test_reward_is_cider_d_with_the_training_splits_document_frequencies(xe, tmp
 
     model = ClipCaptioner.load(root / "xe").eval()
     vectors = torch.from_numpy(table.embeddings[train_rows])
-    greedy = [fast_ptb_tokenize(c) for c in model.caption(vectors, num_beams=1, max_new_tokens=params.max_tokens)]
+    d = Decoding(num_beams=1, max_new_tokens=params.max_tokens)
+    nbest = decode_batch(model, vectors, d, [table.keys[i] for i in train_rows])
+    greedy = [fast_ptb_tokenize(caps[0].text) for caps in nbest]
     flat = ptb_tokenize([c for i in train_rows + val_rows for c in table.captions[i]])
     refs = [flat[2 * j:2 * j + 2] for j in range(len(train_rows) + len(val_rows))]  # two captions an image
     train_refs, val_refs = refs[:len(train_rows)], refs[len(train_rows):]
