@@ -76,6 +76,12 @@ async def _multipart_image(request: Request, body: bytes) -> bytes:
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartParser
 
+    boundary = _boundary(request.headers.get("content-type", ""))
+    # python-multipart accepts a body cut short (no closing boundary) as a shorter form: refuse it here.
+    if boundary is None or b"--" + boundary + b"--" not in body:
+        raise ServeError(400, "bad_multipart", "the multipart body has no boundary parameter or no closing "
+                                               "boundary (cut short?)")
+
     async def stream():
         yield body
 
@@ -99,6 +105,15 @@ async def _multipart_image(request: Request, body: bytes) -> bytes:
         return await files[0].read()
     finally:
         await form.close()
+
+
+def _boundary(content_type: str) -> Optional[bytes]:
+    from email.message import Message
+
+    msg = Message()
+    msg["content-type"] = content_type
+    value = msg.get_param("boundary")
+    return value.encode("latin-1") if isinstance(value, str) and value else None
 
 
 def _json_url(body: bytes) -> str:
