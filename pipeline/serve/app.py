@@ -65,12 +65,15 @@ class Service:
         except RecordFailure as err:
             raise ServeError(502, "fetch_failed", f"{url[:200]}: {err.status}: {err.reason}") from None
 
-    def pixels(self, data: bytes, from_url: bool):
-        """Decoded, checked pixels; the image's own fault is 400/413, a fetched one's is 502."""
+    def prepare(self, data: bytes, from_url: bool) -> tuple[Any, str]:
+        """(decoded and checked pixels, the image's sha256); the image's own fault is 400/413, a fetched one's 502.
+
+        The sha256 names the image in the reply and seeds sampling: the same image, the same captions.
+        """
         from pipeline.embed.preprocess import ImageDecodeError, TooManyPixels
 
         try:
-            return self.loaded.embedder.pre.to_uint8(data)
+            return self.loaded.embedder.pre.to_uint8(data), hashlib.sha256(data).hexdigest()
         except TooManyPixels as err:
             raise ServeError(502 if from_url else 413, "too_many_pixels", str(err)) from None
         except ImageDecodeError as err:
@@ -92,8 +95,7 @@ def make_app(service: Service) -> Starlette:
             data = wanted.data
             if data is None:
                 data = await run_in_threadpool(service.fetch, wanted.url)
-            pixels = await run_in_threadpool(service.pixels, data, wanted.url is not None)
-            key = hashlib.sha256(data).hexdigest()  # seeds sampling: the same image, the same captions
+            pixels, key = await run_in_threadpool(service.prepare, data, wanted.url is not None)
             captions = await asyncio.wrap_future(service.batcher.submit((pixels, key)))
         except ClientDisconnect:
             service.metrics.disconnected()
