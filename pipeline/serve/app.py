@@ -118,8 +118,10 @@ def make_app(service: Service) -> Starlette:
         })
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": service.identity, "queue_depth": service.batcher.depth,
-                             "max_batch": options.max_batch})
+        alive = service.batcher.alive
+        return JSONResponse({"status": "ok" if alive else "model worker stopped", "model": service.identity,
+                             "queue_depth": service.batcher.depth, "max_batch": options.max_batch},
+                            status_code=200 if alive else 503)
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(service.metrics.render(service.batcher.depth, options.max_batch),

@@ -41,6 +41,10 @@ class MicroBatcher:
         return self
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def depth(self) -> int:
         """Items waiting for a batch (not the one being run)."""
         return self._queue.qsize()
@@ -50,6 +54,8 @@ class MicroBatcher:
         with self._lock:
             if self._closed:
                 raise QueueFull("the server is shutting down")
+            if not self._thread.is_alive():  # nothing would ever answer: refuse instead of hanging
+                raise QueueFull("the model worker has stopped")
             if self._queue.qsize() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} images already wait for the model")
             self._queue.put((item, future))
