@@ -53,7 +53,7 @@ def build_model(size: str, root: Path) -> tuple[Path, str]:
     captions = ["a red circle on the left", "two blue squares and a green triangle", "a big yellow disc"] * 20
     clip, gpt = root / "clip", root / "gpt"
     if size == "demo":
-        from pipeline.core.params import DemoClip, DemoGpt, parse_params
+        from pipeline.core.params import parse_params
         from pipeline.pin.demo import build_demo_clip, build_demo_gpt
 
         p = parse_params({})
@@ -64,7 +64,6 @@ def build_model(size: str, root: Path) -> tuple[Path, str]:
         c, g = p.clip.demo, p.gpt.demo
         what = (f"demo: CLIP ViT hidden {c.hidden_size}, {c.layers} layers, patch {c.patch_size}, "
                 f"{p.data.demo.image_size} px; GPT-2 n_embd {g.n_embd}, {g.n_layer} layers; prefix 10")
-        assert isinstance(c, DemoClip) and isinstance(g, DemoGpt)
     else:
         from pipeline.pin.realsize import build_realsize_clip, build_realsize_gpt
 
