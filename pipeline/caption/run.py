@@ -107,19 +107,29 @@ def resolve_decoding(model_dir: Path, overrides: Mapping[str, object],
     return validated(Decoding, values, name)
 
 
-def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optional[Decoding] = None,
-                   clip_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                   batch_size: int = 16, progress: bool = True,
-                   on_result: Optional[Callable[[CaptionResult], None]] = None) -> list[CaptionResult]:
-    """Captions for every image the inputs name, in input order; failures carry their reason.
+@dataclass
+class LoadedCaptioner:
+    """A model folder ready to caption: the captioner, its CLIP embedder, the decoding and its length cap."""
+    model: ClipCaptioner
+    embedder: ImageEmbedder
+    decoding: Decoding
+    limit: int  # max_new_tokens after check_room
+    fetch_params: DownloadParams  # the download stage's limits (size, pixels, timeouts) for inputs
+
+    def caption_pixels(self, pixels_uint8: list[torch.Tensor], image_ids: Sequence[str]) -> list[list[Caption]]:
+        """Captions of decoded images (``embedder.pre.to_uint8``), one forward pass for the batch."""
+        with torch.inference_mode():
+            vectors = self.embedder(pixels_uint8)
+            return decode_batch(self.model, vectors, self.decoding, list(image_ids), max_new_tokens=self.limit)
+
+
+def load_captioner(model_dir: str | Path, decoding: Optional[Decoding] = None, clip_dir: str | Path | None = None,
+                   device: str = "auto", precision: str = "auto") -> LoadedCaptioner:
+    """Load a model folder and its CLIP for captioning (checked against the training features).
 
     ``decoding`` None: the model folder's saved defaults. ``clip_dir`` None: the
-    model folder's ``clip/``. ``on_result`` sees each result as soon as its batch is done.
+    model folder's ``clip/``.
     """
-    from tqdm import tqdm
-
-    from pipeline.download.fetch import Fetcher
-
     dev = choose_device(device, key="--device")
     resolved = choose_precision(precision, dev, key="--precision")
     model = ClipCaptioner.load(model_dir)
@@ -136,15 +146,32 @@ def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optio
     d = decoding if decoding is not None else resolve_decoding(Path(model_dir), {})
     limit = check_room(model, d, name=option_name)
     model = prepare_for_inference(model, dev, resolved)
-    fetcher = Fetcher(fetch_params)
+    return LoadedCaptioner(model, embedder, d, limit, fetch_params)
+
+
+def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optional[Decoding] = None,
+                   clip_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
+                   batch_size: int = 16, progress: bool = True,
+                   on_result: Optional[Callable[[CaptionResult], None]] = None) -> list[CaptionResult]:
+    """Captions for every image the inputs name, in input order; failures carry their reason.
+
+    ``decoding`` None: the model folder's saved defaults. ``clip_dir`` None: the
+    model folder's ``clip/``. ``on_result`` sees each result as soon as its batch is done.
+    """
+    from tqdm import tqdm
+
+    from pipeline.download.fetch import Fetcher
+
+    loaded = load_captioner(model_dir, decoding, clip_dir=clip_dir, device=device, precision=precision)
+    fetcher = Fetcher(loaded.fetch_params)
 
     known, shards = count_known(inputs)
     results: list[CaptionResult] = []
     with tqdm(total=None if shards else known, desc="caption", unit="img",
               disable=not progress or (known <= batch_size and not shards)) as bar, \
-            ThreadPoolExecutor(max_workers=fetch_params.workers) as pool:
+            ThreadPoolExecutor(max_workers=loaded.fetch_params.workers) as pool:
         for batch in _batches(iter_inputs(inputs), batch_size):
-            done = _caption_batch(batch, model, embedder, d, limit, fetcher, pool)
+            done = _caption_batch(batch, loaded, fetcher, pool)
             for r in done:
                 results.append(r)
                 if on_result is not None:
@@ -164,14 +191,13 @@ def _batches(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
         yield batch
 
 
-def _caption_batch(batch: list[Entry], model: ClipCaptioner, embedder: ImageEmbedder, d: Decoding, limit: int,
-                   fetcher, pool: ThreadPoolExecutor) -> list[CaptionResult]:
+def _caption_batch(batch: list[Entry], loaded: LoadedCaptioner, fetcher, pool: ThreadPoolExecutor) -> list[CaptionResult]:
     from pipeline.download.errors import RecordFailure
     from pipeline.embed.preprocess import ImageDecodeError
 
     def load(entry: Item) -> torch.Tensor:
         data = entry.data if entry.data is not None else fetcher.fetch(entry.url)
-        return embedder.pre.to_uint8(data)
+        return loaded.embedder.pre.to_uint8(data)
 
     results = [CaptionResult(e.name, e.image_id) for e in batch]
     futures = {i: pool.submit(load, e) for i, e in enumerate(batch) if isinstance(e, Item)}
@@ -188,9 +214,7 @@ def _caption_batch(batch: list[Entry], model: ClipCaptioner, embedder: ImageEmbe
         except ImageDecodeError as err:
             results[i].error = str(err)
     if ok:
-        with torch.inference_mode():
-            vectors = embedder(pixels)
-            captions = decode_batch(model, vectors, d, [results[i].image_id for i in ok], max_new_tokens=limit)
+        captions = loaded.caption_pixels(pixels, [results[i].image_id for i in ok])
         for i, caps in zip(ok, captions):
             results[i].captions = caps
     return results

@@ -31,6 +31,10 @@ class ImageDecodeError(CaplineError):
     """One image that cannot be used; recorded in the status file, never embedded."""
 
 
+class TooManyPixels(ImageDecodeError):
+    """An image claiming more pixels than the cap (a decompression bomb), refused before decoding."""
+
+
 def _size_of(value: Any) -> dict:
     if isinstance(value, int):
         return {"height": value, "width": value}
@@ -111,7 +115,7 @@ class Preprocessor:
             w, h = im.size
             # Checked before decoding: a small file can claim billions of pixels.
             if w * h > self.max_pixels:
-                raise ImageDecodeError(f"{w}x{h} pixels exceeds the limit of {self.max_pixels}")
+                raise TooManyPixels(f"{w}x{h} pixels exceeds the limit of {self.max_pixels}")
             if w < 1 or h < 1:
                 raise ImageDecodeError(f"empty image {w}x{h}")
             if self.mode == "fast" and im.format == "JPEG":
@@ -127,6 +131,8 @@ class Preprocessor:
             return im.convert("RGB")
         except ImageDecodeError:
             raise
+        except Image.DecompressionBombError as err:  # Pillow's own check, at twice its pixel limit
+            raise TooManyPixels(str(err)) from None
         except Exception as err:
             # Pillow's plugins raise whatever their parsers meet on hostile bytes
             # (TypeError, OverflowError, struct.error, ...): none of it may stop the run.

@@ -1,0 +1,1 @@
+"""`capline serve`: an HTTP captioning service with micro-batching (docs/serve.md)."""
