@@ -38,10 +38,16 @@ class ClipTower(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.TransformerEncoderLayer's fused inference kernel (the transformer mapper's) has no ONNX form.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def export_clip(clip, output: str, normalize: bool, image_hw: tuple[int, int], path: Path) -> None:
