@@ -13,8 +13,10 @@ import click
               help="onnx only: int8 weights in the linear layers (dynamic quantisation)")
 @click.option("--metrics", default="data/metrics/eval.json", show_default=True, type=click.Path(dir_okay=False),
               help="the model's evaluation metrics, copied in (and into the model card) when the file exists")
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="hf only: the params file whose data/model/train sections the model card records, when it exists")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="folder to write")
-def export(model_dir: str, fmt: str, quantize: str | None, metrics: str, out_dir: str) -> None:
+def export(model_dir: str, fmt: str, quantize: str | None, metrics: str, params_path: str, out_dir: str) -> None:
     """Export the model folder MODEL for deployment into OUT (written whole or not at all)."""
     from pathlib import Path
 
@@ -29,5 +31,5 @@ def export(model_dir: str, fmt: str, quantize: str | None, metrics: str, out_dir
             raise ParamsError("--quantize applies to --format onnx only")
         from pipeline.export.hf import export_hf
 
-        export_hf(model_dir, out_dir, metrics=Path(metrics))
+        export_hf(model_dir, out_dir, metrics=Path(metrics), params=Path(params_path))
     click.echo(f"exported {model_dir} ({fmt}{' ' + quantize if quantize else ''}) -> {out_dir}", err=True)
