@@ -126,9 +126,9 @@ def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optio
 
     fetch_params = DownloadParams()
     if use_onnx(model_dir, backend):
-        model, embedder = _load_onnx(model_dir, clip_dir, device, precision, fetch_params.max_pixels)
+        model, embedder = load_onnx_backend(model_dir, clip_dir, device, precision, fetch_params.max_pixels)
     else:
-        model, embedder = _load_torch(model_dir, clip_dir, device, precision, fetch_params.max_pixels)
+        model, embedder = load_torch_backend(model_dir, clip_dir, device, precision, fetch_params.max_pixels)
     d = decoding if decoding is not None else resolve_decoding(Path(model_dir), {})
     limit = check_room(model, d, name=option_name)
     fetcher = Fetcher(fetch_params)
@@ -157,7 +157,7 @@ def use_onnx(model_dir: str | Path, backend: str) -> bool:
     return backend == "onnx" or (backend == "auto" and is_onnx_folder(model_dir))
 
 
-def _load_torch(model_dir, clip_dir, device: str, precision: str, max_pixels: int):
+def load_torch_backend(model_dir, clip_dir, device: str, precision: str, max_pixels: int):
     """(ClipCaptioner in the chosen precision, ImageEmbedder of its CLIP)."""
     dev = choose_device(device, key="--device")
     resolved = choose_precision(precision, dev, key="--precision")
@@ -174,8 +174,9 @@ def _load_torch(model_dir, clip_dir, device: str, precision: str, max_pixels: in
     return prepare_for_inference(model, dev, resolved), embedder
 
 
-def _load_onnx(model_dir, clip_dir, device: str, precision: str, max_pixels: int):
-    """(OnnxCaptioner, OnnxEmbedder) of an exported folder: the CPU, in the precision it was exported in."""
+def load_onnx_backend(model_dir, clip_dir, device: str, precision: str, max_pixels: int, threads: int = 0):
+    """(OnnxCaptioner, OnnxEmbedder) of an exported folder: the CPU, in the precision it was exported in;
+    ``threads`` 0 lets ONNX Runtime pick."""
     from pipeline.caption.onnx_backend import OnnxCaptioner, OnnxEmbedder
 
     if clip_dir is not None:
@@ -183,7 +184,7 @@ def _load_onnx(model_dir, clip_dir, device: str, precision: str, max_pixels: int
     if device not in ("auto", "cpu") or precision != "auto":
         raise CaptionInputError("--backend onnx runs on the CPU in the precision it was exported in; "
                                 "leave --device and --precision at auto")
-    return OnnxCaptioner(model_dir), OnnxEmbedder(model_dir, max_pixels=max_pixels)
+    return OnnxCaptioner(model_dir, threads), OnnxEmbedder(model_dir, threads, max_pixels=max_pixels)
 
 
 def _batches(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
