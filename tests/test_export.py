@@ -100,6 +100,18 @@ def test_int8_export_is_quantised_and_captions_nearly_as_pytorch_fp32(exported):
     assert agreement([b[0] for b in beams], [w[0] for w in captions(model_dir, images, BEAM, precision="fp32")]) >= 0.9
 
 
+def test_export_replaces_only_an_earlier_export(exported, tmp_path):
+    model_dir, _, _, _ = exported
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"mine")
+    runner = CliRunner()
+    for out in (tmp_path / "photos", model_dir):
+        result = runner.invoke(capline, ["export", "--model", str(model_dir), "--format", "onnx", "--out", str(out)])
+        assert result.exit_code == 1 and ("refusing" in result.output or "model folder itself" in result.output)
+    assert (tmp_path / "photos" / "a.jpg").read_bytes() == b"mine"
+    assert (model_dir / "captioner.json").is_file()
+
+
 def test_backend_is_chosen_by_option_or_folder(exported):
     model_dir, onnx_dir, _, images = exported
     runner = CliRunner()
