@@ -115,6 +115,8 @@ class OrtGpt(PreTrainedModel, GenerationMixin):
 class OnnxCaptioner:
     """What ``decode_batch`` and ``check_room`` read of a ``ClipCaptioner``, on ONNX Runtime."""
 
+    device = torch.device("cpu")
+
     def __init__(self, folder: str | Path, threads: int = 0) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -131,8 +133,6 @@ class OnnxCaptioner:
         gpt_config = GPT2Config(**self.manifest["gpt_config"])
         self.gpt = OrtGpt(gpt_config, session(folder / self.manifest["decoder"], threads)).eval()
         self.gpt.generation_config = GenerationConfig.from_pretrained(folder)
-
-    device = torch.device("cpu")
 
     @property
     def eos_token_id(self) -> int:
