@@ -22,6 +22,7 @@ COMMANDS = {
     "generate": "Caption feature shards with batched beam search.",
     "evaluate": "Score captions with pycocoevalcap and write the HTML report.",
     "caption": "Caption image files with a trained model.",
+    "export": "Export a trained model for deployment: ONNX Runtime (fp32/int8) or a Hugging Face folder.",
     "serve": "Serve captions over HTTP (micro-batched) with a trained model.",
     "params": "Apply a recipe from configs/ to params.yaml; check a params file.",
     "import": "Turn ClipCap's or clip-gpt-captioning's released weights into a model folder.",

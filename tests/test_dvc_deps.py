@@ -94,7 +94,7 @@ def test_no_import_cycle_between_pipeline_packages():
 # packages. A package may import shared packages and the packages of earlier stages only.
 SHARED = ("core", "formats", "models", "text")
 STAGES = ("prepare", "pin", "download", "embed", "train", "scst", "generate", "evaluate", "caption", "imports",
-          "serve")
+          "export", "serve")
 
 
 def _package_imports() -> set[tuple[str, str]]:

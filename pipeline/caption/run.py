@@ -29,6 +29,7 @@ from pipeline.core.params import Decoding, DownloadParams, validated
 from pipeline.core.runtime import PRECISION_OF_DTYPE_NAME, choose_device, choose_precision
 
 FORMATS = ("jsonl", "coco", "tsv")
+BACKENDS = ("auto", "torch", "onnx")
 
 
 def option_name(key: str) -> str:
@@ -124,45 +125,40 @@ class LoadedCaptioner:
 
 
 def load_captioner(model_dir: str | Path, decoding: Optional[Decoding] = None, clip_dir: str | Path | None = None,
-                   device: str = "auto", precision: str = "auto") -> LoadedCaptioner:
+                   device: str = "auto", precision: str = "auto", backend: str = "auto") -> LoadedCaptioner:
     """Load a model folder and its CLIP for captioning (checked against the training features).
 
     ``decoding`` None: the model folder's saved defaults. ``clip_dir`` None: the
-    model folder's ``clip/``.
+    model folder's ``clip/``. ``backend``: ``torch``, ``onnx`` (an exported folder on
+    ONNX Runtime) or ``auto`` (``onnx`` when the folder is an ONNX export).
     """
-    dev = choose_device(device, key="--device")
-    resolved = choose_precision(precision, dev, key="--precision")
-    model = ClipCaptioner.load(model_dir)
-    clip = Path(clip_dir) if clip_dir is not None else model.clip_dir
-    if clip is None:
-        raise ModelError(f"{model_dir}: the model folder has no clip/ (trained without --clip); "
-                         "pass --clip with the CLIP folder that made its features")
     fetch_params = DownloadParams()
-    embedder = ImageEmbedder(clip, model.features, dev, None if precision == "auto" else resolved,
-                             max_pixels=fetch_params.max_pixels)
-    if embedder.dim != model.clip_dim:
-        raise CaptionInputError(f"clip folder {clip}: gives {embedder.dim}-wide vectors, the model expects "
-                                f"{model.clip_dim}")
+    if use_onnx(model_dir, backend):
+        model, embedder = load_onnx_backend(model_dir, clip_dir, device, precision, fetch_params.max_pixels)
+    else:
+        model, embedder = load_torch_backend(model_dir, clip_dir, device, precision, fetch_params.max_pixels)
     d = decoding if decoding is not None else resolve_decoding(Path(model_dir), {})
     limit = check_room(model, d, name=option_name)
-    model = prepare_for_inference(model, dev, resolved)
     return LoadedCaptioner(model, embedder, d, limit, fetch_params)
 
 
 def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optional[Decoding] = None,
                    clip_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
                    batch_size: int = 16, progress: bool = True,
-                   on_result: Optional[Callable[[CaptionResult], None]] = None) -> list[CaptionResult]:
+                   on_result: Optional[Callable[[CaptionResult], None]] = None,
+                   backend: str = "auto") -> list[CaptionResult]:
     """Captions for every image the inputs name, in input order; failures carry their reason.
 
     ``decoding`` None: the model folder's saved defaults. ``clip_dir`` None: the
     model folder's ``clip/``. ``on_result`` sees each result as soon as its batch is done.
+    ``backend``: see ``load_captioner``.
     """
     from tqdm import tqdm
 
     from pipeline.download.fetch import Fetcher
 
-    loaded = load_captioner(model_dir, decoding, clip_dir=clip_dir, device=device, precision=precision)
+    loaded = load_captioner(model_dir, decoding, clip_dir=clip_dir, device=device, precision=precision,
+                            backend=backend)
     fetcher = Fetcher(loaded.fetch_params)
 
     known, shards = count_known(inputs)
@@ -178,6 +174,45 @@ def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optio
                     on_result(r)
             bar.update(len(done))
     return results
+
+
+def use_onnx(model_dir: str | Path, backend: str) -> bool:
+    """Whether ``backend`` (auto, torch, onnx) means ONNX Runtime for this folder."""
+    from pipeline.caption.onnx_backend import is_onnx_folder
+
+    if backend not in BACKENDS:
+        raise CaptionInputError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend == "onnx" or (backend == "auto" and is_onnx_folder(model_dir))
+
+
+def load_torch_backend(model_dir, clip_dir, device: str, precision: str, max_pixels: int):
+    """(ClipCaptioner in the chosen precision, ImageEmbedder of its CLIP)."""
+    dev = choose_device(device, key="--device")
+    resolved = choose_precision(precision, dev, key="--precision")
+    model = ClipCaptioner.load(model_dir)
+    clip = Path(clip_dir) if clip_dir is not None else model.clip_dir
+    if clip is None:
+        raise ModelError(f"{model_dir}: the model folder has no clip/ (trained without --clip); "
+                         "pass --clip with the CLIP folder that made its features")
+    embedder = ImageEmbedder(clip, model.features, dev, None if precision == "auto" else resolved,
+                             max_pixels=max_pixels)
+    if embedder.dim != model.clip_dim:
+        raise CaptionInputError(f"clip folder {clip}: gives {embedder.dim}-wide vectors, the model expects "
+                                f"{model.clip_dim}")
+    return prepare_for_inference(model, dev, resolved), embedder
+
+
+def load_onnx_backend(model_dir, clip_dir, device: str, precision: str, max_pixels: int, threads: int = 0):
+    """(OnnxCaptioner, OnnxEmbedder) of an exported folder: the CPU, in the precision it was exported in;
+    ``threads`` 0 lets ONNX Runtime pick."""
+    from pipeline.caption.onnx_backend import OnnxCaptioner, OnnxEmbedder
+
+    if clip_dir is not None:
+        raise CaptionInputError("--clip: an ONNX folder holds its own CLIP graph")
+    if device not in ("auto", "cpu") or precision != "auto":
+        raise CaptionInputError("--backend onnx runs on the CPU in the precision it was exported in; "
+                                "leave --device and --precision at auto")
+    return OnnxCaptioner(model_dir, threads), OnnxEmbedder(model_dir, threads, max_pixels=max_pixels)
 
 
 def _batches(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
