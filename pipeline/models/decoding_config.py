@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from pipeline.core.errors import ParamsError
+from pipeline.core.params import Decoding, validated
+from pipeline.core.vocabulary import NOT_APPLICABLE
 from pipeline.models.pretrained import ModelError
-from pipeline.core.params import Decoding
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
 GENERATION_CONFIG = "generation_config.json"
 DECODING_FIELDS = tuple(Decoding.model_fields)
-# Values a saved generation config may leave out, because they do not apply to its mode.
-_NOT_APPLICABLE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "length_penalty": 1.0}
 
 
 def generation_config(d: Decoding, eos_token_id: int, pad_token_id: int,
@@ -55,36 +54,9 @@ def decoding_from_config(config: "GenerationConfig | dict") -> Decoding:
     """The ``Decoding`` a generation config describes (fields it leaves out take their 'off' value)."""
     values = config if isinstance(config, dict) else config.to_dict()
     known = {k: values[k] for k in DECODING_FIELDS if values.get(k) is not None}
-    for key, off in _NOT_APPLICABLE.items():
+    for key, (off, _) in NOT_APPLICABLE.items():  # left out of the file where they do not apply
         known.setdefault(key, off)
-    return validated_decoding(known, name=lambda key: key)
-
-
-def validated_decoding(values: dict, name) -> Decoding:
-    """``Decoding(**values)``; a bad value or combination is a ParamsError naming ``name(key)``."""
-    from pydantic import ValidationError
-
-    try:
-        return Decoding(**values)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            msg = e["msg"].removeprefix("Value error, ")
-            key = str(e["loc"][0]) if e["loc"] else msg.split(":", 1)[0]
-            if not e["loc"] and ":" in msg.split(" ")[0]:
-                msg = msg.split(":", 1)[1].strip()
-            for field in sorted(DECODING_FIELDS, key=len, reverse=True):
-                msg = _replace_word(msg, field, name(field))
-            if e["loc"] and e.get("input") is not None and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
-            lines.append(f"{name(key)}: {msg}")
-        raise ParamsError("; ".join(lines)) from None
-
-
-def _replace_word(text: str, word: str, new: str) -> str:
-    import re
-
-    return re.sub(rf"(?<![\w.-]){re.escape(word)}(?![\w])", new, text)
+    return validated(Decoding, known)
 
 
 def save_generation_config(d: Decoding, out_dir: Path, eos_token_id: int, pad_token_id: int) -> Path:
