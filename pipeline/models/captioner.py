@@ -27,7 +27,6 @@ from torch import nn
 from pipeline.formats.features import attr_value
 from pipeline.core.files import replace_dir, temp_dir_for
 from pipeline.models import mapper as mappers
-from pipeline.models.decoding_config import generation_config, load_decoding, model_defaults, save_generation_config
 from pipeline.models.mapper import count_parameters
 from pipeline.models.pretrained import PIN_FILE, ModelError
 
@@ -202,6 +201,10 @@ class ClipCaptioner(nn.Module):
         try:
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
             save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
+            # (imported here: the decoding settings need the params schema, hence pydantic, which
+            # building and training a captioner do not; the GPU check's model-only part runs without)
+            from pipeline.models.decoding_config import generation_config, model_defaults, save_generation_config
+
             # GPT-2's own generation_config.json says the same as the folder's.
             decoding = model_defaults(self.caption_room)
             self.gpt.generation_config = generation_config(decoding, self.eos_token_id, self.pad_token_id)
@@ -252,6 +255,8 @@ class ClipCaptioner(nn.Module):
         model = cls(mapper, gpt, tokenizer, features=cfg.get("features"),
                     finetune_gpt=bool(cfg.get("finetune_gpt", False)), gpt_source=cfg.get("gpt_source"))
         model.model_dir = model_dir
+        from pipeline.models.decoding_config import generation_config, load_decoding, model_defaults
+
         # Decoding defaults come from the captioner's folder, never from GPT-2's own file.
         decoding = load_decoding(model_dir) or model_defaults(model.caption_room)
         model.gpt.generation_config = generation_config(decoding, model.eos_token_id, model.pad_token_id)
