@@ -22,7 +22,7 @@ from transformers import GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pipeline.models.captioner import gpt_positions, room_after_prefix
+from pipeline.models.captioner import TokenLimits
 from pipeline.models.pretrained import ModelError
 
 MANIFEST = "onnx.json"
@@ -113,7 +113,7 @@ class OrtGpt(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
 
-class OnnxCaptioner:
+class OnnxCaptioner(TokenLimits):
     """What ``decode_batch`` and ``check_room`` read of a ``ClipCaptioner``, on ONNX Runtime."""
 
     device = torch.device("cpu")
@@ -134,24 +134,6 @@ class OnnxCaptioner:
         gpt_config = GPT2Config(**self.manifest["gpt_config"])
         self.gpt = OrtGpt(gpt_config, session(folder / self.manifest["decoder"], threads)).eval()
         self.gpt.generation_config = GenerationConfig.from_pretrained(folder)
-
-    @property
-    def eos_token_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
-
-    @property
-    def max_positions(self) -> int:
-        return gpt_positions(self.gpt.config)
-
-    @property
-    def caption_room(self) -> int:
-        """Caption tokens that fit GPT-2's positions after the prefix (as ClipCaptioner's)."""
-        return room_after_prefix(self.gpt.config, self.prefix_length)
 
     def prefix(self, clip_vectors: torch.Tensor) -> torch.Tensor:
         (prefix,) = self.mapper.run(None, {"features": clip_vectors.float().cpu().numpy()})

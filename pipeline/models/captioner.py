@@ -39,7 +39,35 @@ FORMAT_VERSION = 2
 FEATURE_KEYS = ("model_id", "model_revision", "output", "normalized")
 
 
-class ClipCaptioner(nn.Module):
+class TokenLimits:
+    """What decoding reads of a captioner besides its tensors: EOS and pad ids, GPT-2's
+    positions and the caption room after the prefix. Shared by ``ClipCaptioner`` and
+    the ONNX Runtime captioner; needs ``tokenizer``, ``gpt.config`` and ``prefix_length``."""
+
+    tokenizer: Any
+    gpt: Any
+    prefix_length: int
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def max_positions(self) -> int:
+        return gpt_positions(self.gpt.config)
+
+    @property
+    def caption_room(self) -> int:
+        """Caption tokens that fit GPT-2's positions after the prefix."""
+        return room_after_prefix(self.gpt.config, self.prefix_length)
+
+
+class ClipCaptioner(TokenLimits, nn.Module):
     def __init__(
         self,
         mapper: nn.Module,
@@ -78,26 +106,8 @@ class ClipCaptioner(nn.Module):
 
     # ----------------------------------------------------------------- properties
     @property
-    def eos_token_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
-
-    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    @property
-    def max_positions(self) -> int:
-        return gpt_positions(self.gpt.config)
-
-    @property
-    def caption_room(self) -> int:
-        """Caption tokens that fit GPT-2's positions after the prefix."""
-        return room_after_prefix(self.gpt.config, self.prefix_length)
 
     def train(self, mode: bool = True) -> "ClipCaptioner":
         super().train(mode)
