@@ -34,6 +34,9 @@ def scst(params_path: str, model_dir: str, features_dir: str, out_dir: str, curv
     validation CIDEr-D is written to --out. scst.epochs 0 copies --model through.
     Checkpoints at each epoch's end (and every scst.checkpoint_every steps): run the
     same command again after a kill and it resumes where the last one was taken.
+    Under torchrun (e.g. `torchrun --nproc-per-node 2 -m stages.cli scst`) it trains
+    with DistributedDataParallel, scst.batch_size images per step in all, and only
+    rank 0 writes.
     """
     from pipeline.scst.run import scst as run_scst
 
