@@ -20,7 +20,7 @@ from pipeline.models.captioner import ClipCaptioner
 from pipeline.core.params import MapperParams
 from stages.cli import capline
 from tests.helpers.loopback import Reply
-from tests.helpers.models import TINY_CLIP, copy_model, load_tiny_gpt
+from tests.helpers.models import TINY_CLIP, clip_feature_attrs, copy_model, fit_captions, load_tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,10 +39,6 @@ def reference_vectors(clip_dir, paths):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, hub_clip_dir, tiny_gpt_dir):
-    from pipeline.models.pretrained import model_identity
-    from pipeline.embed.preprocess import Preprocessor
-    from pipeline.models.pretrained import image_processor_class
-
     root = tmp_path_factory.mktemp("caption")
     clip_dir = copy_model(hub_clip_dir, root / "clip")  # a copy: a test hides it by renaming it
     images = []
@@ -52,29 +48,14 @@ def setup(tmp_path_factory, hub_clip_dir, tiny_gpt_dir):
         p = root / f"img{i}.png"
         Image.fromarray(arr).save(p)
         images.append(p)
-    model_id, revision = model_identity(clip_dir)
-    pre = Preprocessor.from_processor(image_processor_class().from_pretrained(clip_dir), "processor")
-    features = {"model_id": model_id, "model_revision": revision, "output": "image_embeds", "dtype": "float32",
-                "normalized": True, "preprocess": pre.describe(), "format_version": 1, "dim": 16}
+    features = clip_feature_attrs(clip_dir, 16)
     gpt, tok = load_tiny_gpt(tiny_gpt_dir)
     torch.manual_seed(0)
     model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok,
-                                        features=features,
-                          finetune_gpt=True)
+                                        features=features, finetune_gpt=True)
     # Teach it one caption per image, so that captions depend on the image.
-    vectors = reference_vectors(clip_dir, images)
-    rows = [model.encode_caption(c, 10) for c in ["a red circle", "one blue square here", "a green triangle",
-                                                  "one yellow circle here"]]
-    t = max(map(len, rows))
-    ids = torch.tensor([r + [model.pad_token_id] * (t - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        opt.zero_grad()
-        model(vectors, ids, mask).backward()
-        opt.step()
-    model.eval()
+    fit_captions(model, reference_vectors(clip_dir, images),
+                 ["a red circle", "one blue square here", "a green triangle", "one yellow circle here"], 60)
     model.save(root / "model", clip_dir=clip_dir)
     return root, clip_dir, images
 

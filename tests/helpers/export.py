@@ -41,15 +41,10 @@ def trained_captioner(out: Path, clip_dir: Path, gpt_dir: Path, images: list[Pat
 
     from pipeline.caption.run import ImageEmbedder
     from pipeline.core.params import MapperParams
-    from pipeline.embed.preprocess import Preprocessor
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.models.pretrained import image_processor_class, model_identity
-    from tests.helpers.models import load_tiny_gpt
+    from tests.helpers.models import clip_feature_attrs, fit_captions, load_tiny_gpt
 
-    model_id, revision = model_identity(clip_dir)
-    pre = Preprocessor.from_processor(image_processor_class().from_pretrained(clip_dir), "processor")
-    features = {"model_id": model_id, "model_revision": revision, "output": "image_embeds", "dtype": "float32",
-                "normalized": True, "preprocess": pre.describe(), "format_version": 1, "dim": 16}
+    features = clip_feature_attrs(clip_dir, 16)
     gpt, tok = load_tiny_gpt(gpt_dir)
     torch.manual_seed(0)
     mapper = MapperParams(type="transformer", prefix_length=3, clip_length=2, layers=1, heads=2).model_dump()
@@ -58,15 +53,5 @@ def trained_captioner(out: Path, clip_dir: Path, gpt_dir: Path, images: list[Pat
     vectors = embedder([embedder.pre.to_uint8(p.read_bytes()) for p in images[:TRAINED]]).clone()  # not an inference tensor
     captions = [f"{'a' if i % 2 else 'one'} {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]}"
                 for i in range(TRAINED)]
-    rows = [model.encode_caption(c, 10) for c in captions]
-    t = max(map(len, rows))
-    ids = torch.tensor([r + [model.pad_token_id] * (t - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(vectors, ids, mask).backward()
-        opt.step()
-    model.eval()
+    fit_captions(model, vectors, captions, steps)
     return model.save(out, clip_dir=clip_dir)

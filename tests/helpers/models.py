@@ -135,6 +135,36 @@ def reference_embeddings(model_dir: Path, images: list[bytes], output: str = "im
 
 
 # ------------------------------------------------------------- shared model folders
+def clip_feature_attrs(clip_dir: Path, dim: int) -> dict:
+    """The feature attributes embed records for ``clip_dir``'s ``image_embeds`` (processor
+    preprocessing, normalized fp32), as a model trained on them holds them."""
+    from pipeline.embed.preprocess import Preprocessor
+    from pipeline.models.pretrained import image_processor_class, model_identity
+
+    model_id, revision = model_identity(clip_dir)
+    pre = Preprocessor.from_processor(image_processor_class().from_pretrained(clip_dir), "processor")
+    return {"model_id": model_id, "model_revision": revision, "output": "image_embeds", "dtype": "float32",
+            "normalized": True, "preprocess": pre.describe(), "format_version": 1, "dim": dim}
+
+
+def fit_captions(model, vectors, captions: list[str], steps: int, lr: float = 1e-2) -> None:
+    """Teach ``model`` one caption per vector (Adam, whole batch), so that its captions depend
+    on the image; it ends in eval mode."""
+    import torch
+
+    rows = [model.encode_caption(c, 10) for c in captions]
+    t = max(map(len, rows))
+    ids = torch.tensor([r + [model.pad_token_id] * (t - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (t - len(r)) for r in rows])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(vectors, ids, mask).backward()
+        opt.step()
+    model.eval()
+
+
 def write_pin(folder: Path, pin: dict) -> None:
     """pin.json, as the models stage writes it for a hub model."""
     (Path(folder) / "pin.json").write_text(json.dumps(pin))

@@ -24,16 +24,13 @@ def make_served_model(folder: Path, clip_dir: Path, gpt_dir: Path, prefix_length
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.core.params import MapperParams
-    from pipeline.embed.preprocess import Preprocessor
     from pipeline.models.captioner import ClipCaptioner
-    from pipeline.models.pretrained import image_processor_class, load_clip, model_identity
+    from pipeline.models.pretrained import load_clip
+    from tests.helpers.models import clip_feature_attrs
 
-    model_id, revision = model_identity(clip_dir)
     clip, _ = load_clip(clip_dir)
     dim = int(clip.config.projection_dim)
-    pre = Preprocessor.from_processor(image_processor_class().from_pretrained(clip_dir), "processor")
-    features = {"model_id": model_id, "model_revision": revision, "output": "image_embeds", "dtype": "float32",
-                "normalized": True, "preprocess": pre.describe(), "format_version": 1, "dim": dim}
+    features = clip_feature_attrs(clip_dir, dim)
     gpt = AutoModelForCausalLM.from_pretrained(gpt_dir, trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(gpt_dir, trust_remote_code=False)
     torch.manual_seed(0)
