@@ -8,6 +8,7 @@ prepared sources) that replace the previous ones only once whole.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
@@ -88,6 +89,20 @@ def remove_temporaries(final: str | Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def written_whole(final: str | Path) -> Iterator[Path]:
+    """``with written_whole(out) as tmp:`` fill ``tmp``; when the block ends, ``tmp`` takes
+    ``out``'s place (``replace_dir``). On any exception, or a kill, ``out`` stays as it
+    was and ``tmp`` goes (a killed run's leftover goes with the next ``temp_dir_for``)."""
+    tmp = temp_dir_for(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
 
 
 def replace_dir(tmp: str | Path, final: str | Path) -> None:

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from pipeline.core.files import replace_dir, temp_dir_for
+from pipeline.core.files import written_whole
 from pipeline.models.pretrained import ModelError
 
 CODE = Path(__file__).with_name("hf_code")
@@ -57,8 +57,7 @@ def export_hf(model_dir: str | Path, out: str | Path, metrics: Optional[Path] = 
     state.update({f"gpt.{k}": v for k, v in model.gpt.state_dict().items() if k != "lm_head.weight"})
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
     out = Path(out)
-    tmp = temp_dir_for(out)
-    try:
+    with written_whole(out) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in CODE_FILES:
@@ -71,8 +70,4 @@ def export_hf(model_dir: str | Path, out: str | Path, metrics: Optional[Path] = 
             shutil.copy2(metrics, tmp / "eval.json")
             scores = json.loads(Path(metrics).read_text())
         (tmp / "README.md").write_text(model_card(captioner, scores, params))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out)
     return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.caption.onnx_backend import FORMAT, FORMAT_VERSION, MANIFEST
-from pipeline.core.files import replace_dir, temp_dir_for
+from pipeline.core.files import written_whole
 from pipeline.models.pretrained import ModelError
 
 GRAPHS = {"clip": "clip.onnx", "mapper": "mapper.onnx", "decoder": "decoder.onnx"}
@@ -48,8 +48,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: Optional[str] 
     features = model.features
     image_hw = _image_hw(processor, clip)
     out = Path(out)
-    tmp = temp_dir_for(out)
-    try:
+    with written_whole(out) as tmp:
         staged = tmp / ".fp32" if quantize else tmp
         staged.mkdir(exist_ok=True)
         export_clip(clip, str(features.get("output", "image_embeds")), bool(features.get("normalized", True)),
@@ -72,10 +71,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: Optional[str] 
             "image_size": list(image_hw), "source": _source(Path(model_dir)),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out)
     return out
 
 

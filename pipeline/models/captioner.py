@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.formats.features import attr_value
-from pipeline.core.files import replace_dir, temp_dir_for
+from pipeline.core.files import written_whole
 from pipeline.models import mapper as mappers
 from pipeline.models.mapper import count_parameters
 from pipeline.models.pretrained import PIN_FILE, ModelError
@@ -207,8 +207,7 @@ class ClipCaptioner(TokenLimits, nn.Module):
         config = self.config_dict()
         if clip_dir is not None:
             config["clip"] = {"dir": CLIP_SUBDIR, **check_clip_folder(Path(clip_dir), self.features)}
-        tmp = temp_dir_for(model_dir)
-        try:
+        with written_whole(model_dir) as tmp:
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.mapper.state_dict().items()}
             save_file(state, str(tmp / MAPPER_WEIGHTS), metadata={"format": "pt"})
             # (imported here: the decoding settings need the params schema, hence pydantic, which
@@ -229,10 +228,6 @@ class ClipCaptioner(TokenLimits, nn.Module):
                 if not (tmp / CLIP_SUBDIR / PIN_FILE).exists():
                     (tmp / CLIP_SUBDIR / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_dir(tmp, model_dir)
         return model_dir
 
     @classmethod

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from pipeline.core.files import replace_dir, temp_dir_for
+from pipeline.core.files import written_whole
 from pipeline.models.pretrained import LOCAL, PIN_FILE, ModelError, image_processor_class, weights_sha256
 
 if TYPE_CHECKING:
@@ -153,8 +152,7 @@ def run(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path])
         check_hub_model(kind, model_id, revision)  # before any other work
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(out_dir)
-    try:
+    with written_whole(out_dir) as tmp:
         extra: dict[str, Any] = {}
         if model_id == DEMO:
             resolved = LOCAL
@@ -181,10 +179,6 @@ def run(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path])
             resolved = LOCAL if _is_local(model_id) else (commit or _cached_commit(model_id, revision) or revision)
         pin = {"model_id": model_id, "revision": resolved, "sha256": weights_sha256(tmp), "kind": kind, **extra}
         (tmp / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return pin
 
 
