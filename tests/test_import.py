@@ -90,12 +90,16 @@ def clipcap_transformer_prefix(s: dict, x: torch.Tensor) -> torch.Tensor:
     return h[:, CL:]
 
 
-def gpt_logits(gpt_dir, s: dict, prefix: str, prefix_embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """GPT2LMHeadModel (the original LM) with the checkpoint's weights, reading cat(prefix, wte(ids))."""
+def gpt_logits(gpt_dir, s: dict, prefix: str, prefix_embeds: torch.Tensor, ids: torch.Tensor,
+               positions_by_hand: bool = False) -> torch.Tensor:
+    """GPT2LMHeadModel (the original LM) with the checkpoint's weights, reading cat(prefix, wte(ids)),
+    plus wpe(positions) added by hand before GPT-2 adds them itself where the original does so."""
     gpt, _ = load_gpt(gpt_dir)
     gpt.load_state_dict({k[len(prefix):]: v for k, v in s.items()
                          if k.startswith(prefix) and not re.search(r"\.attn\.(bias|masked_bias)$", k)})
     embeds = torch.cat([prefix_embeds, gpt.transformer.wte(ids)], dim=1)
+    if positions_by_hand:
+        embeds = embeds + gpt.transformer.wpe(torch.arange(embeds.shape[1]))
     return gpt(inputs_embeds=embeds).logits
 
 
@@ -197,8 +201,9 @@ def test_clip_gpt_captioning_import_gives_the_seeds_prefix_and_gpt(tmp_path, tin
     assert model.mapper.kind == "clipgpt" and model.features["output"] == "pooler_output"
     x, ids = torch.randn(3, W), torch.randint(2, 12, (3, 4))
     assert torch.allclose(model.prefix(x), seed_prefix(state, x), atol=1e-4)
-    # GPT-2 reads the prefix as capline's forward feeds it (positions added once: docs/import.md).
-    want = gpt_logits(tiny_gpt_dir, state, "td.model.", seed_prefix(state, x), ids)[:, SEED_K - 1:-1]
+    # The seed's forward: wpe added by hand to cat(prefix, wte(ids)), then again inside GPT-2.
+    want = gpt_logits(tiny_gpt_dir, state, "td.model.", seed_prefix(state, x), ids,
+                      positions_by_hand=True)[:, SEED_K - 1:-1]
     assert torch.allclose(our_logits(model, x, ids), want.reshape(-1, want.shape[-1]), atol=1e-4)
     wrong = invoke("clip-gpt-captioning", save(tmp_path, state), "--size", "large", "--gpt", tiny_gpt_dir,
                    "--out", tmp_path / "m2")

@@ -56,6 +56,11 @@ def import_clip_gpt_captioning(weights: str | Path, size: str, gpt_dir: str | Pa
     gpt, tokenizer = load_gpt(Path(gpt_dir))
     m = clipgpt.clipgpt_mapper(keys, size, int(gpt.config.hidden_size))
     _load_gpt_weights(keys, "td.model.", gpt)
+    # The seed adds wpe(positions) to its input embeddings by hand and GPT-2 adds them
+    # again, so its model sees 2 * wpe. Doubling wpe here gives that forward exactly
+    # through GPT-2's own single addition (training, generate and export unchanged).
+    with torch.no_grad():
+        gpt.transformer.wpe.weight.mul_(2)
     return _write(m, gpt, tokenizer, Path(gpt_dir), "pooler_output", out_dir, clip_dir)
 
 

@@ -203,17 +203,14 @@ def load_gpt(model_dir: Path):
 
 
 def image_processor_class() -> type:
-    """CLIPImageProcessor, or its PIL twin where transformers would fall back anyway.
+    """CLIP's image processor on its PIL backend, whatever else is installed.
 
-    transformers 5 backs CLIPImageProcessor with torchvision; without it, it falls
-    back to CLIPImageProcessorPil with a warning. Asking for that class directly
-    gives the same processing without the noise.
+    transformers 5 backs CLIPImageProcessor with torchvision where torchvision is
+    installed (open_clip brings it) and with PIL (CLIPImageProcessorPil) where not;
+    the two resize differently in the last bits. The PIL one is what transformers 4
+    and CLIP's own preprocessing use, so features and pinned folders are the same on
+    every machine.
     """
     import transformers
 
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        if hasattr(transformers, "CLIPImageProcessorPil"):
-            return transformers.CLIPImageProcessorPil
-    return transformers.CLIPImageProcessor
+    return getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
