@@ -17,6 +17,8 @@ COMMANDS = {
     "models": "Pin CLIP or GPT-2 from the hub (or build the demo's small models).",
     "download": "Fetch images into webdataset tar shards with a status per record.",
     "embed": "Compute CLIP vectors of image shards into HDF5 feature shards.",
+    "datastore": "Encode a caption collection with CLIP's text tower into a FAISS index (retrieval).",
+    "retrieve": "Find each image's nearest datastore captions, its own excluded (retrieval).",
     "train": "Train the ClipCap mapper (and optionally GPT-2) on feature shards.",
     "scst": "Fine-tune a captioner with self-critical training (CIDEr-D reward).",
     "generate": "Caption feature shards with batched beam search.",

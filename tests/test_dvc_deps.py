@@ -93,7 +93,7 @@ def test_no_import_cycle_between_pipeline_packages():
 # The tree mirrors the DAG: one package per stage, in the DAG's order, above the shared
 # packages. A package may import shared packages and the packages of earlier stages only.
 SHARED = ("core", "formats", "models", "text")
-STAGES = ("prepare", "pin", "download", "embed", "train", "scst", "generate", "evaluate", "caption", "imports",
+STAGES = ("prepare", "pin", "download", "embed", "retrieval", "train", "scst", "generate", "evaluate", "caption", "imports",
           "export", "serve")
 
 

@@ -318,6 +318,28 @@ class EvaluateParams(Section):
         None, description="folder of a whole CLIP (save_pretrained) for CLIPScore; null: the pinned CLIP")
 
 
+# --------------------------------------------------------------------- retrieval
+class RetrievalParams(Section):
+    """Retrieval augmentation (SmallCap): a datastore of captions and each image's nearest ones."""
+
+    source: str = Field("train", min_length=1, description="captions of the datastore: train (the training split's captions, from the feature shards) or a caption file: COCO captions .json, .tsv/.csv, .jsonl, .txt (one caption a line)")
+    max_caption_tokens: int = Field(25, ge=1, description="longer captions (GPT-2 tokens, as the captioner reads them) are dropped from the datastore and counted")
+    batch_size: int = Field(256, ge=1, description="captions per CLIP text tower call while the datastore is encoded")
+    index: Literal["auto", "flat", "ivf"] = Field("auto", description="flat: exact inner product (IndexFlatIP); ivf: inverted lists (IndexIVFFlat, or IndexIVFPQ with ivf_pq_m); auto: flat up to flat_max_captions")
+    flat_max_captions: int = Field(1_000_000, ge=1, description="auto: the largest datastore searched exactly (docs/retrieval.md has the measurement)")
+    ivf_nlist: Optional[int] = Field(None, ge=1, description="ivf: number of inverted lists; null: 4 x sqrt(captions)")
+    ivf_nprobe: int = Field(32, ge=1, description="ivf: lists searched per query (more: slower, closer to exact)")
+    ivf_pq_m: int = Field(0, ge=0, description="ivf: product-quantiser sub-vectors of 8 bits (must divide the width); 0: no compression (IndexIVFFlat)")
+    k: int = Field(4, ge=1, description="captions kept per image (the prompt's)")
+    retrieve_candidates: int = Field(15, ge=1, description="nearest captions searched per image before its own are excluded; the k nearest others are kept")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetrievalParams":
+        if self.retrieve_candidates < self.k:
+            raise ValueError(f"retrieve_candidates: {self.retrieve_candidates} is less than k {self.k}")
+        return self
+
+
 # ------------------------------------------------------------------------ all
 class Params(Section):
     # One device for every stage that runs a model (embed, train, generate): they
@@ -332,6 +354,7 @@ class Params(Section):
     scst: ScstParams = ScstParams()
     generate: GenerateParams = GenerateParams()
     evaluate: EvaluateParams = EvaluateParams()
+    retrieval: RetrievalParams = RetrievalParams()
 
     @field_validator("device")
     @classmethod
