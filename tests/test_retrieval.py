@@ -404,3 +404,35 @@ def test_capline_datastore_and_retrieve_commands(world, tmp_path):
                                      "--datastore", str(tmp_path / "none"), "--out", str(tmp_path / "nb2"),
                                      "--metrics", str(tmp_path / "nb2.json")])
     assert result.exit_code == 1 and "run `capline datastore` first" in result.output
+
+
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    """Under torchrun the ranks encode alternate chunks and rank 0 builds the index; retrieve splits
+    the feature shards; both give what one process gives, and one metrics file each."""
+    import yaml
+
+    from pipeline.core.runtime import Rank
+    from pipeline.retrieval.datastore import build_datastore
+    from pipeline.retrieval.retrieve import retrieve_shards
+    from tests.helpers.torchrun import run_torchrun, standalone
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"device": "cpu", "retrieval": {"batch_size": 1}}))  # 24 captions: 2 chunks
+    paths = ["--features", str(world["features"])]
+    run_torchrun(standalone(2, ["datastore", "--params", str(params), *paths, "--clip", str(world["clip"]),
+                                "--gpt", str(world["gpt"]), "--out", str(tmp_path / "ds"),
+                                "--metrics", str(tmp_path / "ds.json")]), tmp_path)
+    run_torchrun(standalone(2, ["retrieve", "--params", str(params), *paths, "--datastore", str(tmp_path / "ds"),
+                                "--out", str(tmp_path / "nb"), "--metrics", str(tmp_path / "nb.json")]), tmp_path)
+    ds = json.loads((tmp_path / "ds.json").read_text())
+    assert (ds["chunks"], ds["chunks_encoded"], ds["world_size"], ds["built"]) == (2, 1, 2, True)  # rank 0: chunk 0
+    nb = json.loads((tmp_path / "nb.json").read_text())
+    assert (nb["world_size"], nb["shards_written"], nb["images"]) == (2, 2, len(world["keys"]))
+    assert not list(tmp_path.glob("*.rank*.json"))
+
+    one = _params(batch_size=1)
+    build_datastore(one, world["features"], world["clip"], world["gpt"], tmp_path / "ds1", Rank(), progress=False)
+    assert (tmp_path / "ds" / "index.faiss").read_bytes() == (tmp_path / "ds1" / "index.faiss").read_bytes()
+    retrieve_shards(one.retrieval, world["features"], tmp_path / "ds1", tmp_path / "nb1", Rank(), progress=False)
+    for name in ("00000.h5", "00001.h5"):
+        assert _neighbours_file(tmp_path / "nb" / name) == _neighbours_file(tmp_path / "nb1" / name)
