@@ -6,7 +6,8 @@ image's key is excluded (by key, not by text: the same words under another key a
 another image's caption and a fair neighbour, while a copy of the image's caption
 under its own key is still its own). SmallCap needs this for training images,
 whose captions are the targets; it is applied to every split, because a datastore
-made from a caption file may hold the val and test references too. The search
+made from a caption file may hold the val and test references too. Images whose
+vectors are byte-identical (one picture under two keys) count as one image. The search
 takes ``retrieve_candidates`` nearest captions; an image whose own captions crowd
 out the k others is searched again with room for all of them.
 
@@ -16,6 +17,7 @@ equals this run's. Rank r of N handles feature shards r, r+N, ... as embed does.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -28,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.errors import CaplineError
-from pipeline.core.fingerprint import RedoLog, code_sha256, describe_difference, file_sha256, library_versions
+from pipeline.core.fingerprint import RedoLog, code_sha256, describe_difference, digest, file_sha256, library_versions
 from pipeline.core.params import RetrievalParams
 from pipeline.core.runtime import Rank
 from pipeline.formats.features import FeatureShardError, list_feature_shards, read_feature_shard
@@ -50,15 +52,19 @@ class Owners:
     code_of: dict[str, int]
     counts: np.ndarray  # [keys] captions per key
 
+    alias: dict[str, str]  # key of a duplicate image -> the key it duplicates
+
     @classmethod
-    def of(cls, keys: Sequence[Optional[str]]) -> "Owners":
+    def of(cls, keys: Sequence[Optional[str]], alias: Optional[dict[str, str]] = None) -> "Owners":
+        alias = alias or {}
         code_of: dict[str, int] = {}
-        codes = np.array([NO_KEY if k is None else code_of.setdefault(k, len(code_of)) for k in keys], np.int64)
+        codes = np.array([NO_KEY if k is None else code_of.setdefault(alias.get(k, k), len(code_of)) for k in keys],
+                         np.int64)
         counts = np.bincount(codes[codes >= 0], minlength=len(code_of))
-        return cls(codes, code_of, counts)
+        return cls(codes, code_of, counts, alias)
 
     def code(self, key: str) -> int:
-        return self.code_of.get(key, UNKNOWN_KEY)
+        return self.code_of.get(self.alias.get(key, key), UNKNOWN_KEY)
 
     def own_count(self, code: int) -> int:
         return int(self.counts[code]) if code >= 0 else 0
@@ -96,6 +102,21 @@ def nearest_others(index: Any, queries: np.ndarray, query_keys: Sequence[str], o
         else:
             out_ids[row], out_scores[row] = ids[row, cols], scores[row, cols]
     return out_ids, out_scores, stats
+
+
+def duplicate_images(shards: Sequence[Path]) -> dict[str, str]:
+    """Images whose vector is byte-identical to an earlier one's (the same picture under
+    another key): key -> the first such key, in shard order. Their captions are one
+    image's captions, so each is excluded from the other's neighbours."""
+    first: dict[bytes, str] = {}
+    alias: dict[str, str] = {}
+    for shard in shards:
+        table = read_feature_shard(shard)
+        for key, row in zip(table.keys, table.embeddings):
+            owner = first.setdefault(hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest(), key)
+            if owner != key:
+                alias[key] = owner
+    return alias
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -137,18 +158,21 @@ def retrieve_shards(params: RetrievalParams, features: Path, datastore: Path, ou
     if rank.is_main:
         _remove_orphans(out, {s.stem for s in shards})
 
+    # Every shard, not only this rank's: a duplicate may sit in any of them.
+    alias = duplicate_images(shards)
     is_ivf = store.manifest["index"]["kind"] != "flat"
-    base = {"datastore": store.manifest["fingerprint"], "k": params.k, "candidates": params.retrieve_candidates,
+    base = {"datastore": store.manifest["fingerprint"], "duplicates_sha256": digest(sorted(alias.items())),
+            "k": params.k, "candidates": params.retrieve_candidates,
             "nprobe": params.ivf_nprobe if is_ivf else None, "format_version": FORMAT_VERSION,
             "code_sha256": code_sha256("pipeline.retrieval.retrieve"),
             "libraries": library_versions("faiss-cpu", "faiss-gpu", "numpy")}
-    owners = Owners.of(store.keys)
+    owners = Owners.of(store.keys, alias)
     index = for_search(store.index, params.ivf_nprobe)
     summary: dict[str, Any] = {
         "rank": rank.rank, "world_size": rank.world_size, "datastore_captions": len(store),
         "index": store.manifest["index"]["type"], "k": params.k, "candidates": params.retrieve_candidates,
         "shards_total": len(shards), "shards_mine": len(mine), "shards_kept": 0, "shards_written": 0,
-        "images": 0, "excluded_own": 0, "searched_again": 0, "images_with_own_text_neighbour": 0,
+        "images": 0, "duplicate_images": len(alias), "excluded_own": 0, "searched_again": 0, "images_with_own_text_neighbour": 0,
         "seconds_search": 0.0,
     }
     redo = RedoLog(log, "retrieve")

@@ -27,7 +27,7 @@ def run_datastore(params: Params, features: Path, clip: Path, gpt: Path, out: Pa
 
 def combine(summaries: list[dict]) -> dict:
     first = summaries[0]
-    out = {k: first[k] for k in ("datastore_captions", "index", "k", "candidates", "world_size")}
+    out = {k: first[k] for k in ("datastore_captions", "index", "k", "candidates", "world_size", "duplicate_images")}
     out["shards"] = first["shards_total"]
     out.update({k: sum(s[k] for s in summaries) for k in SUMMED})
     out["seconds"] = round(max(s["seconds"] for s in summaries), 3)
