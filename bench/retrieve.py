@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from pipeline.core.params import RetrievalParams
-from pipeline.retrieval.index import build_index, for_search, nlist_for, search
+from pipeline.retrieval.index import build_index, for_search, search
 
 
 def unit_vectors(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray | None) -> np.ndarray:

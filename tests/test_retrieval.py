@@ -226,11 +226,10 @@ def test_a_datastore_of_another_clip_is_refused_naming_both(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
     # The same model id and revision with another width is refused too, naming both widths.
-    from pipeline.formats.features import FeatureTable
+    from pipeline.formats.features import FeatureTable, read_attrs
     from tests.helpers.features import write_features
 
-    attrs = {k: v for k, v in __import__("pipeline.formats.features", fromlist=["read_attrs"]).read_attrs(
-        next(world["features"].glob("*.h5"))).items()}
+    attrs = read_attrs(next(world["features"].glob("*.h5")))
     narrow = FeatureTable(keys=["a"], embeddings=np.ones((1, 8), np.float32), splits=["train"],
                           captions=[["a red circle"]], attrs=attrs)
     write_features(tmp_path / "narrow", narrow, 1)

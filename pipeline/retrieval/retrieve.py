@@ -150,8 +150,8 @@ def retrieve_shards(params: RetrievalParams, features: Path, datastore: Path, ou
     if not shards:
         raise FeatureShardError(f"{features}: no feature shards (*.h5); run the embed stage first")
     mine = [s for i, s in enumerate(shards) if rank.owns(i)]
-    # Every shard of this rank is checked before any work: features of another CLIP stop the run here.
-    for shard in mine:
+    # Every shard is checked before any work (all are read for duplicates): features of another CLIP stop here.
+    for shard in shards:
         head = read_feature_shard(shard, embeddings=False)
         check_same_clip(store.folder, store.manifest, shard, head.attrs, head.attrs["dim"])
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +172,8 @@ def retrieve_shards(params: RetrievalParams, features: Path, datastore: Path, ou
         "rank": rank.rank, "world_size": rank.world_size, "datastore_captions": len(store),
         "index": store.manifest["index"]["type"], "k": params.k, "candidates": params.retrieve_candidates,
         "shards_total": len(shards), "shards_mine": len(mine), "shards_kept": 0, "shards_written": 0,
-        "images": 0, "duplicate_images": len(alias), "excluded_own": 0, "searched_again": 0, "images_with_own_text_neighbour": 0,
-        "seconds_search": 0.0,
+        "images": 0, "duplicate_images": len(alias), "excluded_own": 0, "searched_again": 0,
+        "images_with_own_text_neighbour": 0, "seconds_search": 0.0,
     }
     redo = RedoLog(log, "retrieve")
     for shard in tqdm(mine, unit="shard", desc="retrieve", disable=not progress):
