@@ -256,6 +256,17 @@ def test_fewer_captions_than_k_is_a_clear_error(world, tmp_path):
                         progress=False)
 
 
+def test_a_clip_without_text_tower_is_refused_before_work(world, tiny_clip_dir, tmp_path):
+    from pipeline.core.errors import CaplineError
+    from pipeline.core.runtime import Rank
+    from pipeline.retrieval.datastore import build_datastore
+
+    with pytest.raises(CaplineError, match=r"text tower, and .*clip has none usable"):
+        build_datastore(_params(), world["features"], tiny_clip_dir, world["gpt"], tmp_path / "store", Rank(),
+                        progress=False)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "store.partial").exists()
+
+
 def test_empty_and_long_captions_are_dropped_and_counted(world, tmp_path):
     from pipeline.core.runtime import Rank
     from pipeline.retrieval.run import run_datastore

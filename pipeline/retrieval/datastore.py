@@ -23,7 +23,7 @@ from pipeline.core.errors import CaplineError
 from pipeline.core.fingerprint import code_sha256, digest, library_versions
 from pipeline.core.params import Params
 from pipeline.core.runtime import Rank, barrier, choose_device, process_group
-from pipeline.models.pretrained import model_identity
+from pipeline.models.pretrained import clip_text_missing, model_identity
 from pipeline.retrieval.captions import read_collection
 from pipeline.retrieval.chunks import EncodedChunks
 from pipeline.retrieval.index import FLAT, build_index, choose_kind, nlist_for
@@ -43,6 +43,10 @@ def build_datastore(params: Params, features: Path, clip_dir: Path, gpt_dir: Pat
     t0 = time.perf_counter()
     r = params.retrieval
     device = choose_device(params.device, rank, key="device")
+    missing = clip_text_missing(Path(clip_dir))
+    if missing is not None:  # before any work: a vision-only CLIP folder cannot encode captions
+        raise CaplineError(f"the datastore encodes captions with CLIP's text tower, and {clip_dir} has none "
+                           f"usable ({missing}); pin a whole CLIP (`capline models clip`)")
     collection = read_collection(r.source, Path(features))
     kept = keep_short(collection, load_tokenizer(gpt_dir), r.max_caption_tokens)
     captions = kept.captions
