@@ -44,10 +44,10 @@ def _features(folder: Path, clip: Path, keys: list[str], captions: list[list[str
     from tests.helpers.models import clip_feature_attrs
 
     vectors = _encode(clip, [c[0] for c in captions])
-    vectors = vectors + 1e-3 * np.random.default_rng(0).normal(size=vectors.shape).astype(np.float32)
+    vectors = vectors + 1e-2 * np.random.default_rng(0).normal(size=vectors.shape).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    if same:
-        vectors[keys.index(same[1])] = vectors[keys.index(same[0])]
+    if same:  # the same picture again: equal but for the last bits (another batch)
+        vectors[keys.index(same[1])] = vectors[keys.index(same[0])] * np.float32(1 + 1e-7)
     made = clip_feature_attrs(clip, vectors.shape[1])
     made.pop("dim")
     table = FeatureTable(keys=keys, embeddings=vectors, splits=splits, captions=captions,
@@ -166,11 +166,12 @@ def test_an_image_never_retrieves_its_own_captions_even_planted_twice(world, tmp
 
 
 def test_the_same_image_under_another_key_is_excluded_too(world, tmp_path):
-    """x2 is x's picture again (a byte-identical vector) under another key: x2's captions are x's
+    """x2 is x's picture again (its vector equal but for the last bits) under another key: x2's captions are x's
     own, so neither image gets the other's; a merely similar image's captions stay."""
     from pipeline.core.runtime import Rank
     from pipeline.retrieval.datastore import build_datastore
-    from pipeline.retrieval.retrieve import Owners, duplicate_images, nearest_others, retrieve_shards, unit_rows
+    from pipeline.retrieval.duplicates import duplicate_images
+    from pipeline.retrieval.retrieve import Owners, nearest_others, retrieve_shards, unit_rows
     from pipeline.retrieval.store import Datastore
 
     keys = ["x", "w", "x2", "y", "z"]
@@ -195,6 +196,25 @@ def test_the_same_image_under_another_key_is_excluded_too(world, tmp_path):
     table = load_features(features)
     ids, _, _ = nearest_others(store.index, unit_rows(table.embeddings[:1]), ["x"], Owners.of(store.keys), 2, 3)
     assert "x2" in {owner[i] for i in ids[0]}
+
+
+def test_duplicates_are_found_across_shards_and_only_they(tmp_path):
+    from pipeline.formats.features import FeatureTable
+    from pipeline.retrieval.duplicates import duplicate_images
+    from tests.helpers.features import FEATURE_ATTRS, write_features
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(2000, 64)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    copies = base[:50] * (1 + 1e-6 * rng.normal(size=(50, 1))).astype(np.float32)  # last-bit differences
+    near = base[50:100] + 0.02 * rng.normal(size=(50, 64)).astype(np.float32)  # cos ~0.99: another picture
+    vectors = np.concatenate([base, copies, near]).astype(np.float32)
+    keys = [f"k{i:04d}" for i in range(len(vectors))]
+    table = FeatureTable(keys=keys, embeddings=vectors, splits=["train"] * len(keys),
+                         captions=[["c"]] * len(keys), attrs=dict(FEATURE_ATTRS))
+    write_features(tmp_path / "f", table, shards=3)
+    found = duplicate_images(sorted((tmp_path / "f").glob("*.h5")))
+    assert found == {f"k{2000 + i:04d}": f"k{i:04d}" for i in range(50)}
 
 
 def test_exclusion_holds_when_own_captions_fill_every_candidate(world):

@@ -7,7 +7,8 @@ another image's caption and a fair neighbour, while a copy of the image's captio
 under its own key is still its own). SmallCap needs this for training images,
 whose captions are the targets; it is applied to every split, because a datastore
 made from a caption file may hold the val and test references too. Images whose
-vectors are byte-identical (one picture under two keys) count as one image. The search
+vectors are the same up to rounding (one picture under two keys, duplicates.py)
+count as one image. The search
 takes ``retrieve_candidates`` nearest captions; an image whose own captions crowd
 out the k others is searched again with room for all of them.
 
@@ -17,7 +18,6 @@ equals this run's. Rank r of N handles feature shards r, r+N, ... as embed does.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -36,6 +36,7 @@ from pipeline.core.runtime import Rank
 from pipeline.formats.features import FeatureShardError, list_feature_shards, read_feature_shard
 from pipeline.formats.neighbours import (FORMAT_VERSION, NeighbourShardError, NeighbourTable, made_from,
                                          read_neighbour_attrs, write_neighbour_shard)
+from pipeline.retrieval.duplicates import duplicate_images
 from pipeline.retrieval.index import for_search, search
 from pipeline.retrieval.store import Datastore, check_same_clip
 
@@ -102,21 +103,6 @@ def nearest_others(index: Any, queries: np.ndarray, query_keys: Sequence[str], o
         else:
             out_ids[row], out_scores[row] = ids[row, cols], scores[row, cols]
     return out_ids, out_scores, stats
-
-
-def duplicate_images(shards: Sequence[Path]) -> dict[str, str]:
-    """Images whose vector is byte-identical to an earlier one's (the same picture under
-    another key): key -> the first such key, in shard order. Their captions are one
-    image's captions, so each is excluded from the other's neighbours."""
-    first: dict[bytes, str] = {}
-    alias: dict[str, str] = {}
-    for shard in shards:
-        table = read_feature_shard(shard)
-        for key, row in zip(table.keys, table.embeddings):
-            owner = first.setdefault(hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest(), key)
-            if owner != key:
-                alias[key] = owner
-    return alias
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
