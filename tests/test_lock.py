@@ -149,4 +149,4 @@ def test_run_installs_the_locks_with_hashes():
         assert str(lock.relative_to(ROOT)) in run
         assert (lock.parent / (lock.stem + ".in")).exists()
     # the set-up stamp changes when the lock does
-    assert re.search(r'want="\$\(cat [^)]*"\$lock"', run)
+    assert re.search(r'want="\$\(cat [^)]*"\$lock" ', run)
