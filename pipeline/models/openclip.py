@@ -7,14 +7,12 @@ its eval transform) and ``open_clip_model.safetensors`` (the state dict), beside
 (``load_weights=False``, so no network) and loads the state dict strictly.
 
 open_clip (and with it torchvision) is imported only here and only when an open_clip
-model is used, so the rest of capline never imports torchvision.
+model is used.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,30 +25,13 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL's Image.Resampling values, as torchvision maps them
 
-_TORCHVISION_OPS: Any = None  # the Library that defines torchvision's op schemas; kept alive
-
 
 def import_open_clip() -> Any:
-    """The ``open_clip`` module.
+    """The ``open_clip`` module, imported on first use only. It imports torchvision, which
+    ``pipeline/core/torchvision_compat.py`` lets import beside a CPU torch."""
+    import open_clip
 
-    A CPU torch beside a torchvision built for CUDA fails ``import torchvision`` with
-    "operator torchvision::nms does not exist": its compiled ops do not load, and two
-    fake-tensor registrations at import need their schemas. CLIP never calls detection
-    ops, so on that error alone the two schemas are defined and the import retried.
-    """
-    global _TORCHVISION_OPS
-    try:
-        return importlib.import_module("open_clip")
-    except RuntimeError as err:
-        if "torchvision::nms does not exist" not in str(err):
-            raise
-    for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "open_clip")]:
-        del sys.modules[name]  # partly imported; a retry must start clean
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_OPS = lib
-    return importlib.import_module("open_clip")
+    return open_clip
 
 
 def is_open_clip_folder(model_dir: Path) -> bool:
