@@ -181,7 +181,7 @@ def test_clipscore_uses_both_open_clip_towers(rn_dir, tmp_path):
 
 # -------------------------------------------------------------------- caption
 def test_caption_embeds_images_as_open_clip_does(vit_dir, tiny_gpt_dir, tmp_path):
-    from pipeline.caption.run import caption_inputs
+    from pipeline.caption.run import ImageEmbedder, caption_inputs
     from pipeline.core.params import Decoding, MapperParams
     from pipeline.embed.preprocess import Preprocessor
     from pipeline.models.captioner import ClipCaptioner
@@ -203,6 +203,10 @@ def test_caption_embeds_images_as_open_clip_does(vit_dir, tiny_gpt_dir, tmp_path
                                         features=features, finetune_gpt=True)
     fit_captions(model, vectors, ["a red circle", "one blue square here", "a green triangle"], 60)
     model.save(tmp_path / "model", clip_dir=vit_dir)
+    saved = ClipCaptioner.load(tmp_path / "model")  # its clip/ copy embeds the images
+    embedder = ImageEmbedder(saved.clip_dir, saved.features, torch.device("cpu"))
+    got = embedder([embedder.pre.to_uint8(p.read_bytes()) for p in paths])
+    np.testing.assert_allclose(got.numpy(), vectors.numpy(), rtol=0, atol=2e-6)
     beam = Decoding(num_beams=2, max_new_tokens=6)
     results = caption_inputs(tmp_path / "model", [str(p) for p in paths], beam, precision="fp32", progress=False)
     assert [r.error for r in results] == [None] * 3
