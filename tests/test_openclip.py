@@ -212,6 +212,11 @@ def test_caption_embeds_images_as_open_clip_does(vit_dir, tiny_gpt_dir, tmp_path
     assert [r.error for r in results] == [None] * 3
     assert [r.texts[0] for r in results] == ["a red circle", "one blue square here", "a green triangle"]
 
+    from pipeline.export.onnx import export_onnx
+
+    with pytest.raises(ModelError, match="its CLIP is an open_clip model; the export handles Hugging Face CLIPs only"):
+        export_onnx(tmp_path / "model", tmp_path / "onnx")
+
 
 # --------------------------------------------------------------- ClipCap import
 def test_clipcaps_rn50x4_transformer_release_imports_with_an_rn50x4_folder(hub_gpt_dir, tmp_path):
