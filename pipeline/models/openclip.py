@@ -146,7 +146,7 @@ def load_open_clip(model_dir: Path) -> OpenClip:
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    preprocess_cfg = config.get("preprocess_cfg") or {}
+    preprocess_cfg = {**_default_preprocess(config["model_cfg"]), **(config.get("preprocess_cfg") or {})}
     reason = unsupported(config["model_cfg"], preprocess_cfg)
     if reason is not None:
         raise ModelError(f"clip model folder {model_dir}: not supported: {reason}")
@@ -168,10 +168,12 @@ def load_open_clip(model_dir: Path) -> OpenClip:
         raise ModelError(f"clip model folder {model_dir}: weights do not fit the open_clip config "
                          f"({', '.join(sorted(problems)[:5])}{' ...' if len(problems) > 5 else ''})")
     return OpenClip(model=model.eval(), folder=model_dir, model_cfg=config["model_cfg"],
-                    transform=OpenClipTransform.from_cfg({**_default_preprocess(), **preprocess_cfg}))
+                    transform=OpenClipTransform.from_cfg(preprocess_cfg))
 
 
-def _default_preprocess() -> dict:
-    # open_clip's PreprocessCfg defaults (OpenAI's mean and std), for configs that omit a key.
-    return {"size": 224, "interpolation": "bicubic", "mean": (0.48145466, 0.4578275, 0.40821073),
+def _default_preprocess(model_cfg: dict) -> dict:
+    # What open_clip's local-dir loader uses for keys a config omits: PreprocessCfg's
+    # defaults (OpenAI's mean and std) at the image tower's size.
+    return {"size": model_cfg.get("vision_cfg", {}).get("image_size", 224), "interpolation": "bicubic",
+            "resize_mode": "shortest", "mean": (0.48145466, 0.4578275, 0.40821073),
             "std": (0.26862954, 0.26130258, 0.27577711)}
