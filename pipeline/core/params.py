@@ -363,7 +363,7 @@ class EvaluateParams(Section):
     report_images: int = Field(200, ge=1, description="images shown in the HTML report")
     thumbnail_size: int = Field(128, ge=16, description="longer side of the report's thumbnails, pixels")
     clipscore_model: Optional[str] = Field(
-        None, description="folder of a whole CLIP (save_pretrained) for CLIPScore; null: the pinned CLIP")
+        None, description="folder of a whole CLIP (save_pretrained, or a pinned open_clip folder) for CLIPScore; null: the pinned CLIP")
 
 
 # ------------------------------------------------------------------------ all
