@@ -129,6 +129,19 @@ def test_preprocessing_is_open_clips_eval_transform(folder, request):
         assert torch.equal(got, want)  # bit for bit
 
 
+def test_fast_mode_decodes_large_jpegs_smaller_and_stays_close(vit_dir):
+    from pipeline.embed.preprocess import Preprocessor
+
+    _, transform = load_clip(vit_dir)
+    exact, fast = Preprocessor.from_processor(transform, "processor"), Preprocessor.from_processor(transform, "fast")
+    data = photo_jpeg(5, 400, 300)
+    assert exact.decode(data).size == (400, 300) and max(fast.decode(data).size) <= 100
+    a, b = (p.normalize(p.to_uint8(data)[None]) for p in (exact, fast))
+    assert a.shape == b.shape == (1, 3, 32, 32)
+    assert 0 < (a - b).abs().mean() < 0.05
+    assert json.loads(fast.describe())["mode"] == "fast" != json.loads(exact.describe())["mode"]
+
+
 # ---------------------------------------------------------------------- embed
 def test_embed_writes_open_clips_vectors(vit_dir, tmp_path):
     from pipeline.core.params import ClipParams, DataParams
