@@ -46,6 +46,7 @@ def pin_open_clip(name: str, tag: str, out: Path) -> dict[str, Any]:
                 name, pretrained=None if seed is not None else tag, force_quick_gelu=quick_gelu)
     except Exception as err:  # download and checkpoint failures come in many kinds
         raise ModelError(f"{what}: open_clip could not build or fetch it ({type(err).__name__}: {err}); "
-                         "its weights come from the Hugging Face hub (HF_HUB_OFFLINE, the network)") from err
+                         "open_clip fetches the weights from the Hugging Face hub: check the network, or fill "
+                         "the cache elsewhere and set HF_HUB_OFFLINE=1") from err
     tokenizer = write_folder(out, model.eval(), model_cfg, dict(model.visual.preprocess_cfg))
     return {"model": name, "pretrained": tag, "version": open_clip.__version__, "tokenizer": tokenizer}
