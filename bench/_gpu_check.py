@@ -39,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline.core.files import read_metrics  # noqa: E402  (the checkout, on the path above)
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 THINGS = ["dog", "cat", "bus", "pizza", "man", "woman", "bicycle", "table", "kite", "train", "horse", "clock"]
@@ -353,7 +354,7 @@ def part_torchrun(cfg, args, tmp: Path, gpt_dir: Path, model_dir: Path, features
                               "--curve", str(tmp / "loss-ddp.csv"), "--val-curve", str(tmp / "val-ddp.csv"),
                               "--checkpoints", str(tmp / "checkpoints-ddp"),
                               "--metrics", str(tmp / "train-ddp.json")], workdir, timeout=300)
-    m = json.loads((tmp / "train-ddp.json").read_text())
+    m = read_metrics(tmp / "train-ddp.json")
     report.row("torchrun", "capline train, 2 processes (DDP)", samples_per_s=m["samples_per_s"],
                world_size=m["world_size"], steps=m["steps"], wall_s=round(wall, 1))
     out = tmp / "captions-torchrun"
@@ -363,7 +364,7 @@ def part_torchrun(cfg, args, tmp: Path, gpt_dir: Path, model_dir: Path, features
     one = json.loads((tmp / "captions" / "results.json").read_text())
     two = json.loads((out / "results.json").read_text())
     same = sum(a == b for a, b in zip(one, two))
-    m = json.loads((tmp / "generate-torchrun.json").read_text())
+    m = read_metrics(tmp / "generate-torchrun.json")
     report.row("torchrun", "capline generate, 2 processes", captions_per_s=m["captions_per_s"],
                world_size=m["world_size"], identical_to_one_process=f"{same}/{len(one)}", wall_s=round(wall, 1))
     # Rows are split by index and gathered back: a misplaced row would make most captions

@@ -32,6 +32,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.core.files import read_metrics  # noqa: E402  (the checkout, on the path above)
+
 STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed", "train", "scst", "generate", "generate_xe",
           "evaluate")
 
@@ -126,7 +129,7 @@ def main() -> None:
             print(f"  {stage:<11} {seconds:7.1f} s   peak RSS {rss:6.0f} MiB", flush=True)
         total = time.perf_counter() - total
 
-        metrics = {name: json.loads((repo / "data" / "metrics" / f"{name}.json").read_text())
+        metrics = {name: read_metrics(repo / "data" / "metrics" / f"{name}.json")
                    for name in ("embed", "train", "scst", "generate", "eval")}
         result = {
             "bench": "realsize",

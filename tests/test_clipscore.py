@@ -53,11 +53,12 @@ def _direct(clip: Path, images: dict[str, bytes], captions: dict[str, str]) -> d
     import io
 
     from PIL import Image
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
+    from pipeline.models.pretrained import image_processor_class
 
     model = CLIPModel.from_pretrained(clip).eval()
     tok = AutoTokenizer.from_pretrained(clip)
-    proc = CLIPImageProcessor.from_pretrained(clip)
+    proc = image_processor_class().from_pretrained(clip)
 
     def text(t: str) -> np.ndarray:
         enc = tok(["A photo depicts " + t], return_tensors="pt")

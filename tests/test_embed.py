@@ -280,18 +280,18 @@ def test_bf16_run(tmp_path, clip_dir, images):
 
 
 def _processor_pixels(folder, image):
-    from transformers import CLIPImageProcessor
+    from pipeline.models.pretrained import image_processor_class
 
-    return CLIPImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"][0]
+    return image_processor_class().from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 @pytest.mark.parametrize("mode,size", [("RGB", (50, 80)), ("L", (70, 40)), ("RGBA", (40, 40)), ("P", (33, 90))])
 def test_preprocess_matches_processor_on_odd_images(clip_24_crop_30, mode, size):
     # Crop larger than the resized image: exercises HF's zero padding too.
     folder = clip_24_crop_30
-    from transformers import CLIPImageProcessor
+    from pipeline.models.pretrained import image_processor_class
 
-    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(folder))
+    pre = Preprocessor.from_processor(image_processor_class().from_pretrained(folder))
     rng = np.random.default_rng(1)
     arr = rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8)
     im = Image.fromarray(arr, "RGBA").convert(mode)
@@ -310,9 +310,9 @@ def test_center_crop_matches_processor_when_the_excess_is_odd(clip_33_crop_24, s
     # Resized to a shorter side of 33 and cropped to 24: 9 (odd) pixels to drop on an
     # axis, where an off-by-one crop would shift the image by a pixel.
     folder = clip_33_crop_24
-    from transformers import CLIPImageProcessor
+    from pipeline.models.pretrained import image_processor_class
 
-    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(folder))
+    pre = Preprocessor.from_processor(image_processor_class().from_pretrained(folder))
     arr = np.random.default_rng(2).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -324,9 +324,9 @@ def test_center_crop_matches_processor_when_the_excess_is_odd(clip_33_crop_24, s
 
 def test_fast_mode_close_to_processor_and_limits(tiny_clip_dir):
     folder = tiny_clip_dir  # image_size 32
-    from transformers import CLIPImageProcessor
+    from pipeline.models.pretrained import image_processor_class
 
-    proc = CLIPImageProcessor.from_pretrained(folder)
+    proc = image_processor_class().from_pretrained(folder)
     exact, fast = Preprocessor.from_processor(proc), Preprocessor.from_processor(proc, "fast")
     data = photo_jpeg(3, 640, 480)
     a = exact.normalize(exact.to_uint8(data)[None])
@@ -345,13 +345,14 @@ def test_fast_mode_close_to_processor_and_limits(tiny_clip_dir):
 
 
 def test_bf16_agrees_with_fp32_on_real_size_vit_b32():
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from pipeline.models.pretrained import image_processor_class
 
     from pipeline.embed.encoder import Encoder
 
     torch.manual_seed(0)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=512)).eval()
-    pre = Preprocessor.from_processor(CLIPImageProcessor())
+    pre = Preprocessor.from_processor(image_processor_class()())
     pixels = torch.stack([pre.to_uint8(photo_jpeg(i, 640, 480)) for i in range(4)])
     x = pre.normalize(pixels)
     fp32 = Encoder.build(model, torch.device("cpu"), "fp32", "image_embeds", True)(x)
@@ -362,10 +363,10 @@ def test_bf16_agrees_with_fp32_on_real_size_vit_b32():
 
 
 def test_any_decode_exception_is_the_images_status_line(tmp_path, clip_dir):
-    from transformers import CLIPImageProcessor
+    from pipeline.models.pretrained import image_processor_class
 
     odd = tiff_raising_type_error()
-    pre = Preprocessor.from_processor(CLIPImageProcessor.from_pretrained(clip_dir))
+    pre = Preprocessor.from_processor(image_processor_class().from_pretrained(clip_dir))
     with pytest.raises(ImageDecodeError, match="TypeError"):
         pre.to_uint8(odd)
     root = tmp_path / "images"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline.core.files import read_metrics
 from pipeline.formats.features import load_features
 from stages.cli import capline
 from tests.helpers.images import make_image_dir
@@ -43,7 +44,7 @@ def test_help_names_options():
 def test_cli_writes_features_and_metrics(setup, tmp_path):
     result = CliRunner().invoke(capline, ["embed"] + args(setup, tmp_path / "f", tmp_path / "m" / "embed.json"))
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "m" / "embed.json").read_text())
+    metrics = read_metrics(tmp_path / "m" / "embed.json")
     assert metrics["images"] == 11 and metrics["failed"] == 1 and metrics["shards_written"] == 3
     assert metrics["precision"] == "fp32" and metrics["device"] == "cpu" and metrics["images_per_s"] > 0
     assert load_features(tmp_path / "f").attrs["model_id"] == "t/clip"
@@ -84,7 +85,7 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     a, b = load_features(single), load_features(tmp_path / "dist")
     assert a.keys == b.keys and a.splits == b.splits and a.captions == b.captions
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
-    metrics = json.loads((tmp_path / "dist.json").read_text())
+    metrics = read_metrics(tmp_path / "dist.json")
     assert metrics["world_size"] == 2 and metrics["images"] == 11 and metrics["shards_written"] == 3
 
 

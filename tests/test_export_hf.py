@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.caption.run import caption_inputs
+from pipeline.core import torchvision_compat
 from pipeline.core.params import Decoding
 from stages.cli import capline
 from tests.helpers.export import make_images, trained_captioner
@@ -53,10 +54,21 @@ def hf_export(tmp_path_factory, hub_clip_dir, tiny_gpt_dir):
     return model, root / "hf", [str(p) for p in images]
 
 
+def torchvision_guard(folder) -> str:
+    """A folder whose sitecustomize installs capline's torchvision guard (a copy of the one
+    module, which needs only torch): this environment's torchvision is PyPI's CUDA build
+    beside the CPU torch, where transformers' own import of it fails without the guard
+    (pipeline/core/torchvision_compat.py). A user of the folder has a matching pair."""
+    folder.mkdir()
+    (folder / "torchvision_compat.py").write_text(open(torchvision_compat.__file__).read())
+    (folder / "sitecustomize.py").write_text("import torchvision_compat\ntorchvision_compat.install()\n")
+    return str(folder)
+
+
 def test_the_folder_loads_offline_alone_and_captions_as_capline(hf_export, tmp_path):
     model_dir, hf_dir, images = hf_export
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": "",
-           "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
+           "PYTHONPATH": torchvision_guard(tmp_path / "site"), "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", LOAD_AND_CAPTION, str(hf_dir), *images], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,50 +22,10 @@ from pipeline.core.params import Decoding
 from pipeline.text.decoding import decode_batch
 from pipeline.models.pretrained import load_gpt
 from stages.cli import capline
+from tests.helpers.clipcap import (CL, CLIP, HEADS, K, LAYERS, W, clipcap_transformer_state, rand, released_gpt,
+                                   save)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-W, CLIP, K, CL, LAYERS, HEADS = 32, 16, 3, 2, 2, 8  # hub_gpt_dir is 32 wide; tiny_clip_dir's image_embeds 16
-
-
-def rand(*shape):
-    return torch.randn(*shape) * 0.2
-
-
-def released_gpt(gpt_dir, prefix: str, mask_buffers: bool) -> dict:
-    """GPT-2's weights, fine-tuned (perturbed), under ``prefix``; with the causal-mask
-    buffers old transformers versions saved (as in ClipCap's files)."""
-    gpt, _ = load_gpt(gpt_dir)
-    torch.manual_seed(7)
-    state = {}
-    for name, t in gpt.state_dict().items():
-        state[prefix + name] = t + 0.05 * torch.randn_like(t) if t.is_floating_point() else t
-    state[prefix + "lm_head.weight"] = state[prefix + "transformer.wte.weight"]  # tied, saved twice
-    if mask_buffers:
-        n = gpt.config.n_positions
-        for i in range(gpt.config.n_layer):
-            state[f"{prefix}transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
-            state[f"{prefix}transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    return state
-
-
-def clipcap_transformer_state(gpt_dir, clip_dim=CLIP) -> dict:
-    torch.manual_seed(0)
-    p = "clip_project."
-    state = {p + "linear.weight": rand(CL * W, clip_dim), p + "linear.bias": rand(CL * W),
-             p + "prefix_const": torch.randn(K, W)}
-    for i in range(LAYERS):
-        q = f"{p}transformer.layers.{i}."
-        state.update({
-            q + "norm1.weight": 1 + rand(W), q + "norm1.bias": rand(W),
-            q + "attn.to_queries.weight": rand(W, W),          # bias=False in ClipCap
-            q + "attn.to_keys_values.weight": rand(2 * W, W),  # bias=False
-            q + "attn.project.weight": rand(W, W), q + "attn.project.bias": rand(W),
-            q + "norm2.weight": 1 + rand(W), q + "norm2.bias": rand(W),
-            q + "mlp.fc1.weight": rand(2 * W, W), q + "mlp.fc1.bias": rand(2 * W),
-            q + "mlp.fc2.weight": rand(W, 2 * W), q + "mlp.fc2.bias": rand(W),
-        })
-    return {**state, **released_gpt(gpt_dir, "gpt.", mask_buffers=True)}
 
 
 def clipcap_transformer_prefix(s: dict, x: torch.Tensor) -> torch.Tensor:
@@ -106,12 +66,6 @@ def gpt_logits(gpt_dir, s: dict, prefix: str, prefix_embeds: torch.Tensor, ids: 
 def our_logits(model: ClipCaptioner, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The imported captioner's logits predicting each caption token (its training forward)."""
     return model._real_token_logits(x, ids, torch.ones_like(ids))
-
-
-def save(tmp_path, state: dict, name="weights.pt"):
-    path = tmp_path / name
-    torch.save(state, path)
-    return path
 
 
 def invoke(*args):
@@ -239,10 +193,13 @@ def test_every_key_is_mapped_or_the_import_names_it(tmp_path, hub_gpt_dir):
     assert not (tmp_path / "m").exists()
 
 
-def test_an_rn50x4_mapper_is_refused_with_the_reason(tmp_path, hub_gpt_dir):
+def test_an_rn50x4_mapper_needs_a_640_wide_clip(tmp_path, hub_gpt_dir, hub_clip_dir, caplog):
     state = clipcap_transformer_state(hub_gpt_dir, clip_dim=640)
-    with pytest.raises(ImportFailed, match="RN50x4.*needs open_clip, which capline does not support yet"):
+    with pytest.raises(ImportFailed, match=r"--clip .*: its image_embeds is \d+ wide, the checkpoint's mapper reads 640"):
+        import_clipcap(save(tmp_path, state), "transformer", K, CL, hub_gpt_dir, tmp_path / "m", hub_clip_dir)
+    with caplog.at_level("WARNING"):
         import_clipcap(save(tmp_path, state), "transformer", K, CL, hub_gpt_dir, tmp_path / "m")
+    assert "open_clip:RN50x4/openai" in caplog.text
     with pytest.raises(ImportFailed, match="--prefix-length 40, but the checkpoint's shapes say 3"):
         import_clipcap(save(tmp_path, state), "transformer", 40, CL, hub_gpt_dir, tmp_path / "m")
 

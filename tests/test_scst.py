@@ -16,6 +16,7 @@ import torch
 from tests.helpers.torchrun import run_torchrun, standalone
 from tests.helpers.features import scene_table, write_features
 from tests.helpers.models import save_tiny_gpt
+from pipeline.core.files import read_metrics
 from pipeline.core.params import MapperParams, ScstParams, TrainParams
 
 needs_java = pytest.mark.skipif(
@@ -139,7 +140,7 @@ def test_reward_rises_and_outputs_are_written(xe):
     assert np.mean(learned[-4:]) > np.mean(still) + 0.3, (learned, still)
     curve = read_csv(root / "mean" / "reward.csv")
     assert len(curve) >= SCST.epochs and all(float(r["sample_tokens"]) > 1 for r in curve)
-    assert json.loads((root / "mean" / "scst.json").read_text()) == metrics
+    assert read_metrics(root / "mean" / "scst.json") == metrics
     assert metrics["best_epoch"] == max(range(len(rows)), key=lambda e: (float(rows[e]["val_cider"]), -e))
     assert metrics["val_cider_best"] >= metrics["val_cider_xe"]
     assert metrics["tokenizer_agreement"] == 1.0 and 0 < metrics["reward_fraction"] < 1
@@ -334,7 +335,7 @@ def test_two_processes_equal_one_process(xe, tmp_path):
     for name, nproc in (("two", 2), ("one", 1)):
         run_torchrun(standalone(nproc, _scst_args(root, feats, tmp_path, name, params)), cwd=tmp_path)
     two, one = tmp_path / "two", tmp_path / "one"
-    m2, m1 = json.loads((two / "scst.json").read_text()), json.loads((one / "scst.json").read_text())
+    m2, m1 = read_metrics(two / "scst.json"), read_metrics(one / "scst.json")
     assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 24
     for name in ("mapper.safetensors", "gpt/model.safetensors"):
         a, b = load_file(two / "model" / name), load_file(one / "model" / name)

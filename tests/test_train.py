@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.files import read_metrics
 from pipeline.core.checkpoint import load_checkpoint
 from pipeline.formats.features import FeatureShardError
 from pipeline.models.captioner import ClipCaptioner, tokenize_captions
@@ -72,7 +73,7 @@ def test_training_lowers_the_loss_and_writes_everything(data, tmp_path):
     assert float(vals[-1]["val_loss"]) < float(vals[0]["val_loss"])
     assert {int(r["epoch"]) for r in rows} == set(range(1, TRAIN.epochs + 1))
 
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    saved = read_metrics(tmp_path / "metrics.json")
     assert saved == metrics
     # 12 classes x 4 images, a third of each class in train (j % 3 == 0: 2 of 4), 2 captions each.
     assert metrics["train_images"] == 24 and metrics["train_pairs"] == 48
@@ -377,7 +378,7 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
               "keep: last, finetune_gpt: false%s}\n")
     two = _torchrun(tmp_path, feats, gpt, "two", common % "", 2)
     one = _torchrun(tmp_path, feats, gpt, "one", common % ", grad_accum: 2", 1)
-    m2, m1 = json.loads((two / "train.json").read_text()), json.loads((one / "train.json").read_text())
+    m2, m1 = read_metrics(two / "train.json"), read_metrics(one / "train.json")
     assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 12
     a, b = _weights(two / "model"), _weights(one / "model")
     for k in a:
@@ -409,7 +410,7 @@ def test_checkpoint_of_another_world_size_is_ignored(data, tmp_path):
     # The only difference is the world size: everything else of the identity agrees.
     assert "step-000000004 ignored: made by another run (world_size: 1 there, 2 here)" in stderr
     assert "resuming from" not in stderr
-    metrics = json.loads((two / "train.json").read_text())
+    metrics = read_metrics(two / "train.json")
     assert metrics["world_size"] == 2 and metrics["resumed_from_step"] == 0 and metrics["steps"] == 6
     assert len(read_curve(two / "loss.csv")) == 6
 
@@ -428,7 +429,7 @@ def test_two_nodes_on_loopback_equal_one_process(data, tmp_path):
     run_nodes([node(2, r, port, args) for r in (0, 1)], cwd=tmp_path)
     one = _torchrun(tmp_path, feats, gpt, "one", common % ", grad_accum: 2", 1)
     two = tmp_path / "nodes"
-    m2, m1 = json.loads((two / "train.json").read_text()), json.loads((one / "train.json").read_text())
+    m2, m1 = read_metrics(two / "train.json"), read_metrics(one / "train.json")
     assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["steps"] == m1["steps"] == 12
     a, b = _weights(two / "model"), _weights(one / "model")
     for k in a:

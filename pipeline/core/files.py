@@ -64,10 +64,39 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
+def is_timing(key: str) -> bool:
+    """Wall times and rates: they differ from run to run of the same inputs."""
+    return "seconds" in key or key.endswith("_per_s")
+
+
+def timings_path(path: str | Path) -> Path:
+    """Where the timings of the metrics file ``path`` go: ``timings/`` beside it."""
+    path = Path(path)
+    return path.parent / "timings" / path.name
+
+
 def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> None:
-    """A stage's metrics file for ``dvc metrics show``: flat JSON, one format for every stage."""
+    """A stage's metrics for ``dvc metrics show``: flat JSON, one format for every stage.
+
+    What the inputs decide goes to ``path``, a stage output whose hash dvc.lock records;
+    wall times and rates go to ``timings_path(path)``, which dvc.yaml lists as
+    metrics outside every stage, so the same inputs give the same dvc.lock.
+    """
     clean = {k: finite_or_none(v) for k, v in metrics.items()}
-    write_json(path, clean, indent=2, ensure_ascii=False, allow_nan=False)
+    write_json(path, {k: v for k, v in clean.items() if not is_timing(k)}, indent=2, ensure_ascii=False,
+               allow_nan=False)
+    timings = {k: v for k, v in clean.items() if is_timing(k)}
+    if timings:
+        timings_path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(timings_path(path), timings, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A metrics file with its timings merged back in (what ``write_metrics`` split)."""
+    metrics = json.loads(Path(path).read_text())
+    if timings_path(path).is_file():
+        metrics.update(json.loads(timings_path(path).read_text()))
+    return metrics
 
 
 def temp_dir_for(final: str | Path) -> Path:

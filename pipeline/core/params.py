@@ -31,6 +31,11 @@ GPT2_SMALL_WIDTH = 768
 # auto | cpu | mps | cuda | cuda:N (checked here without torch; runtime.choose_device
 # resolves it on the machine).
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda|cuda:\d+)$"
+# clip.model open_clip:NAME/TAG: an open_clip architecture and one of its pretrained
+# tags, or ``random`` / ``random-SEED`` for seeded random weights (tests, dry runs).
+OPEN_CLIP_PREFIX = "open_clip:"
+_OPEN_CLIP_SPEC = re.compile(r"^open_clip:(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*)/(?P<tag>[A-Za-z0-9][A-Za-z0-9_.\-]*)$")
+_RANDOM_TAG = re.compile(r"^random(?:-(?P<seed>\d+))?$")
 
 
 class Section(BaseModel):
@@ -101,6 +106,24 @@ class DownloadParams(Section):
 
 
 # ---------------------------------------------------------------------- clip/embed
+def parse_open_clip(spec: str) -> Optional[tuple[str, str]]:
+    """(model name, pretrained tag) of an ``open_clip:NAME/TAG`` spec; None for any other
+    model name; ValueError (naming the expected form) for a malformed one."""
+    if not spec.startswith(OPEN_CLIP_PREFIX):
+        return None
+    m = _OPEN_CLIP_SPEC.match(spec)
+    if m is None:
+        raise ValueError("expected open_clip:NAME/TAG (e.g. open_clip:RN50x4/openai, "
+                         "open_clip:ViT-B-32/laion2b_s34b_b79k; TAG random or random-SEED for random weights)")
+    return m.group("name"), m.group("tag")
+
+
+def random_seed(tag: str) -> Optional[int]:
+    """The seed of an open_clip ``random``/``random-SEED`` tag (0 for ``random``); None for a pretrained tag."""
+    m = _RANDOM_TAG.match(tag)
+    return None if m is None else int(m.group("seed") or 0)
+
+
 class DemoClip(Section):
     """Size of the small CLIP vision tower built for the offline demo."""
 
@@ -130,15 +153,33 @@ class DemoClip(Section):
 class ClipParams(Section):
     """The CLIP image encoder and how its vectors are computed."""
 
-    model: str = Field(DEMO, description="hub id, local folder, 'demo' or 'realsize'")
-    revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
+    model: str = Field(DEMO, description="hub id, local folder, 'demo', 'realsize' or open_clip:NAME/TAG (an open_clip model and pretrained tag, e.g. open_clip:RN50x4/openai; TAG random or random-SEED: seeded random weights)")
+    revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded (open_clip models: leave at main, the tag names the weights)")
     output: Literal["image_embeds", "pooler_output"] = Field("image_embeds", description="image_embeds (the projected CLIP embedding) or pooler_output (the vision tower's pooled output)")
     normalize: bool = Field(True, description="L2-normalise the vectors")
     precision: Precision = Field("auto", description="auto (bf16 on CUDA with bf16 and on CPUs with avx512_bf16/AMX, fp16 on older CUDA, else fp32), fp32, bf16, fp16")
     batch_size: int = Field(64, ge=1, description="images per model call")
     workers: int = Field(2, ge=0, description="DataLoader decode processes")
-    preprocess: Literal["processor", "fast"] = Field("processor", description="processor: exactly CLIPImageProcessor; fast: JPEG draft decoding (see docs/embed.md)")
+    preprocess: Literal["processor", "fast"] = Field("processor", description="processor: exactly CLIPImageProcessor (open_clip models: exactly open_clip's eval transform); fast: JPEG draft decoding (see docs/embed.md)")
     demo: DemoClip = DemoClip()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        parse_open_clip(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClipParams":
+        if parse_open_clip(self.model) is None:
+            return self
+        if self.output != "image_embeds":
+            raise ValueError(f"output: {self.output!r} has no open_clip counterpart; open_clip models give "
+                             "image_embeds (encode_image, the projected embedding)")
+        if self.revision != "main":
+            raise ValueError(f"revision: {self.revision!r}: open_clip models are named by their pretrained tag "
+                             "(open_clip:NAME/TAG); leave revision at main")
+        return self
 
 
 # --------------------------------------------------------------------------- gpt
@@ -164,6 +205,13 @@ class GptParams(Section):
     model: str = Field(DEMO, description="hub id, local folder, 'demo' or 'realsize'")
     revision: str = Field("main", description="hub branch, tag or 40-hex commit; the resolved commit is recorded")
     demo: DemoGpt = DemoGpt()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if value.startswith(OPEN_CLIP_PREFIX):
+            raise ValueError("open_clip models are CLIPs (clip.model), not GPT-2")
+        return value
 
 
 # ------------------------------------------------------------------------ mapper
@@ -315,7 +363,7 @@ class EvaluateParams(Section):
     report_images: int = Field(200, ge=1, description="images shown in the HTML report")
     thumbnail_size: int = Field(128, ge=16, description="longer side of the report's thumbnails, pixels")
     clipscore_model: Optional[str] = Field(
-        None, description="folder of a whole CLIP (save_pretrained) for CLIPScore; null: the pinned CLIP")
+        None, description="folder of a whole CLIP (save_pretrained, or a pinned open_clip folder) for CLIPScore; null: the pinned CLIP")
 
 
 # --------------------------------------------------------------------- retrieval

@@ -23,6 +23,12 @@ class Encoder:
 
     @classmethod
     def build(cls, model: Any, device: torch.device, precision: str, output: str, normalize: bool) -> "Encoder":
+        from pipeline.models.openclip import OpenClip
+
+        if isinstance(model, OpenClip):  # an open_clip folder: its own encode_image
+            from pipeline.embed.openclip import OpenClipEncoder
+
+            return OpenClipEncoder.build(model, device, precision, output, normalize)  # type: ignore[return-value]
         model = model.to(device=device, dtype=dtype_of(precision)).eval()
         return cls(model=model, device=device, precision=precision, output=output, normalize=normalize)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.core.errors import CaplineError
 from pipeline.formats.imaging import open_image
+from pipeline.models.openclip import OpenClipTransform
 from pipeline.models.pretrained import ModelError
 from pipeline.core.errors import ParamsError
 
@@ -56,9 +57,14 @@ class Preprocessor:
     @classmethod
     def from_processor(cls, processor: Any, mode: str = "processor",
                        max_pixels: Optional[int] = None) -> "Preprocessor":
-        """Read a CLIPImageProcessor's settings; refuse settings this path cannot repeat."""
+        """Read a CLIPImageProcessor's settings; refuse settings this path cannot repeat.
+        An open_clip folder's transform gives its own twin (pipeline/embed/openclip.py)."""
         if mode not in ("processor", "fast"):
             raise ParamsError(f"clip.preprocess: {mode!r} is not one of processor, fast")
+        if isinstance(processor, OpenClipTransform):
+            from pipeline.embed.openclip import OpenClipPreprocessor
+
+            return OpenClipPreprocessor.from_transform(processor, mode, max_pixels)  # type: ignore[return-value]
         size = _size_of(getattr(processor, "size", None))
         shortest = hw = None
         if getattr(processor, "do_resize", True):
@@ -108,34 +114,14 @@ class Preprocessor:
 
     def decode(self, data: bytes) -> Image.Image:
         """Bytes to an RGB PIL image; any failure becomes ImageDecodeError."""
-        if not data:
-            raise ImageDecodeError("no image in the sample")
+        im = load_image(data, self.max_pixels, self._target if self.mode == "fast" else None)
         try:
-            im = open_image(data)
-            w, h = im.size
-            # Checked before decoding: a small file can claim billions of pixels.
-            if w * h > self.max_pixels:
-                raise TooManyPixels(f"{w}x{h} pixels exceeds the limit of {self.max_pixels}")
-            if w < 1 or h < 1:
-                raise ImageDecodeError(f"empty image {w}x{h}")
-            if self.mode == "fast" and im.format == "JPEG":
-                tw, th = self._target(w, h)
-                # draft keeps the result >= the requested size, so the resize below
-                # still only shrinks.
-                im.draft("RGB", (tw, th))
-            im.load()
             if "A" in im.getbands() or im.info.get("transparency") is not None:
                 im = im.convert("RGBA")
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 return Image.alpha_composite(white, im).convert("RGB")
             return im.convert("RGB")
-        except ImageDecodeError:
-            raise
-        except Image.DecompressionBombError as err:  # Pillow's own check, at twice its pixel limit
-            raise TooManyPixels(str(err)) from None
         except Exception as err:
-            # Pillow's plugins raise whatever their parsers meet on hostile bytes
-            # (TypeError, OverflowError, struct.error, ...): none of it may stop the run.
             raise ImageDecodeError(f"cannot decode image: {type(err).__name__}: {err}") from None
 
     def to_uint8(self, data: bytes) -> torch.Tensor:
@@ -164,6 +150,39 @@ class Preprocessor:
             std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
             x = (x - mean) / std
         return x
+
+
+def load_image(data: bytes, max_pixels: int,
+               draft_to: Optional[Callable[[int, int], tuple[int, int]]] = None) -> Image.Image:
+    """Untrusted bytes to a decoded PIL image in its own mode; any failure is ImageDecodeError.
+
+    ``draft_to(w, h)``: the (width, height) the image will be resized to; a JPEG is then
+    decoded at the smallest 1/2, 1/4 or 1/8 scale that stays at least that large.
+    """
+    if not data:
+        raise ImageDecodeError("no image in the sample")
+    try:
+        im = open_image(data)
+        w, h = im.size
+        # Checked before decoding: a small file can claim billions of pixels.
+        if w * h > max_pixels:
+            raise TooManyPixels(f"{w}x{h} pixels exceeds the limit of {max_pixels}")
+        if w < 1 or h < 1:
+            raise ImageDecodeError(f"empty image {w}x{h}")
+        if draft_to is not None and im.format == "JPEG":
+            # draft keeps the result >= the requested size, so the resize after it
+            # still only shrinks.
+            im.draft("RGB", draft_to(w, h))
+        im.load()
+        return im
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as err:  # Pillow's own check, at twice its pixel limit
+        raise TooManyPixels(str(err)) from None
+    except Exception as err:
+        # Pillow's plugins raise whatever their parsers meet on hostile bytes
+        # (TypeError, OverflowError, struct.error, ...): none of it may stop the run.
+        raise ImageDecodeError(f"cannot decode image: {type(err).__name__}: {err}") from None
 
 
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:

@@ -31,6 +31,7 @@ from pipeline.formats.features import (FORMAT_VERSION, IDENTITY_ATTRS, FeatureSh
                                read_attrs, write_feature_shard)
 from pipeline.core.fingerprint import RedoLog, code_sha256, describe_difference, digest, file_sha256, library_versions
 from pipeline.formats.image_shards import ImageShardError, list_shards
+from pipeline.models.openclip import is_open_clip_folder
 from pipeline.models.pretrained import load_clip, model_identity
 from pipeline.core.files import remove_temporaries, write_jsonl
 from pipeline.core.partial import PartialShards
@@ -39,7 +40,8 @@ from pipeline.core.runtime import DTYPE_NAMES, Rank, choose_device, choose_preci
 
 log = logging.getLogger(__name__)
 
-# Libraries whose versions can change the vectors or the file's bytes.
+# Libraries whose versions can change the vectors or the file's bytes (and
+# open_clip_torch for open_clip models).
 LIBRARIES = ("torch", "transformers", "pillow", "h5py", "numpy")
 
 
@@ -128,7 +130,7 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
     made_with = {
         "batch_size": clip.batch_size, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction,
         "device": device.type, "code_sha256": code_sha256("pipeline.embed.shards"),
-        "libraries": library_versions(*LIBRARIES),
+        "libraries": library_versions(*LIBRARIES, *(("open_clip_torch",) if is_open_clip_folder(model_dir) else ())),
     }
 
     partial = PartialShards(out_dir)

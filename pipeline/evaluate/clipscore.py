@@ -12,7 +12,8 @@ references word things differently.
 Images are read from the image tar shards and embedded with the embed stage's own
 preprocessing and encoder (``pipeline.embed``), so they see exactly what the
 features were made from; texts go through CLIP's text tower
-(``pipeline.models.pretrained.load_clip_text``). A blank caption says nothing
+(``pipeline.models.pretrained.load_clip_text``; for an open_clip folder, its
+``encode_text`` and open_clip's tokenizer). A blank caption says nothing
 about its image: it scores 0 (scoring the bare prompt would reward silence).
 """
 from __future__ import annotations
@@ -63,28 +64,39 @@ class ClipScorer:
     def load(cls, folder: Path, device: Optional[torch.device] = None, batch_size: int = 64) -> "ClipScorer":
         from pipeline.embed.encoder import Encoder
         from pipeline.embed.preprocess import Preprocessor
+        from pipeline.models.openclip import OpenClip
         from pipeline.models.pretrained import load_clip, load_clip_text
         from pipeline.core.runtime import choose_device
 
         device = device or choose_device("auto")
         vision, processor = load_clip(folder)
-        text, tokenizer = load_clip_text(folder)
+        # An open_clip model holds both towers: loaded once.
+        text, tokenizer = (vision, vision.tokenizer()) if isinstance(vision, OpenClip) else load_clip_text(folder)
         encoder = Encoder.build(vision, device, "fp32", "image_embeds", normalize=True)
-        limit = int(getattr(text.config, "max_position_embeddings", 77))
+        if isinstance(text, OpenClip):
+            limit = text.context_length
+        else:
+            limit = int(getattr(text.config, "max_position_embeddings", 77))
         return cls(Path(folder), encoder, Preprocessor.from_processor(processor, "processor"), text.to(device),
                    tokenizer, device, batch_size, limit)
 
     @torch.inference_mode()
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """[N, D] normalised embeddings of ``PROMPT + text`` (CLIPScore's prompt added here)."""
+        from pipeline.models.openclip import OpenClip
+
+        open_clip = isinstance(self.text_model, OpenClip)
         out = []
         for lo in range(0, len(texts), self.batch_size):
             batch = [PROMPT + t for t in texts[lo:lo + self.batch_size]]
-            enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
-            emb = self.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
+            if open_clip:  # open_clip's tokenizer pads and cuts at the context length itself
+                emb = self.text_model.model.encode_text(self.tokenizer(batch).to(self.device))
+            else:
+                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                     return_tensors="pt").to(self.device)
+                emb = self.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
             out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
-        dim = int(self.text_model.config.projection_dim)
+        dim = self.text_model.embed_dim if open_clip else int(self.text_model.config.projection_dim)
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
     def images(self, images_dir: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ def export_hf(model_dir: str | Path, out: str | Path, metrics: Optional[Path] = 
     from pipeline.export.card import model_card
     from pipeline.export.target import check_target
     from pipeline.models.captioner import ClipCaptioner
+    from pipeline.models.openclip import is_open_clip_folder
     from pipeline.models.pretrained import load_clip
 
     model_dir = Path(model_dir)
@@ -40,6 +41,8 @@ def export_hf(model_dir: str | Path, out: str | Path, metrics: Optional[Path] = 
     if model.clip_dir is None:
         raise ModelError(f"{model_dir}: no clip/ folder (trained without --clip); the export needs the CLIP "
                          "that made its features")
+    if is_open_clip_folder(model.clip_dir):
+        raise ModelError(f"{model_dir}: its CLIP is an open_clip model; the export handles Hugging Face CLIPs only")
     clip, processor = load_clip(model.clip_dir)
     captioner = json.loads((model_dir / "captioner.json").read_text())
     features = model.features

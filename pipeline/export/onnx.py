@@ -35,6 +35,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: Optional[str] 
     from pipeline.export.quantize import quantize_int8
     from pipeline.export.target import check_target
     from pipeline.models.captioner import ClipCaptioner
+    from pipeline.models.openclip import is_open_clip_folder
     from pipeline.models.pretrained import load_clip
 
     if quantize not in (None, "int8"):
@@ -44,6 +45,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: Optional[str] 
     if model.clip_dir is None:
         raise ModelError(f"{model_dir}: no clip/ folder (trained without --clip); the export needs the CLIP "
                          "that made its features")
+    if is_open_clip_folder(model.clip_dir):
+        raise ModelError(f"{model_dir}: its CLIP is an open_clip model; the export handles Hugging Face CLIPs only")
     clip, processor = load_clip(model.clip_dir)
     features = model.features
     image_hw = _image_hw(processor, clip)

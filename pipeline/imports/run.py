@@ -12,11 +12,12 @@ from pipeline.imports import clipcap, clipgpt
 from pipeline.imports.keymap import Keys, gpt_state
 from pipeline.imports.weights import ImportFailed, load_state_dict
 from pipeline.models.captioner import ClipCaptioner
-from pipeline.models.pretrained import load_clip, load_gpt, model_identity, read_pin
+from pipeline.models.pretrained import ModelError, load_clip, load_gpt, model_identity, read_pin
 
 log = logging.getLogger(__name__)
 
-# ClipCap's COCO transformer checkpoint reads CLIP RN50x4 vectors: no Hugging Face CLIP has them.
+# ClipCap's COCO transformer checkpoint reads CLIP RN50x4 vectors: no Hugging Face CLIP
+# has them; open_clip's RN50x4 (open_clip:RN50x4/openai) does.
 RN50X4_DIM = 640
 
 
@@ -36,10 +37,9 @@ def import_clipcap(weights: str | Path, mapper: str, prefix_length: int, clip_le
         m = clipcap.transformer_mapper(keys, width, prefix_length, clip_length)
     else:
         raise ImportFailed(f"--mapper {mapper!r}: one of mlp, transformer")
-    if m.config.clip_dim == RN50X4_DIM:
-        raise ImportFailed(f"{weights}: this mapper reads {RN50X4_DIM}-wide CLIP RN50x4 vectors (ClipCap's COCO "
-                           "transformer checkpoint). capline embeds with Hugging Face CLIP models only, and none "
-                           "is RN50x4; it needs open_clip, which capline does not support yet (docs/import.md)")
+    if m.config.clip_dim == RN50X4_DIM and clip_dir is None:
+        log.warning("%s reads %d-wide CLIP RN50x4 vectors (ClipCap's COCO transformer checkpoint): pin "
+                    "clip.model open_clip:RN50x4/openai and pass it as --clip (docs/import.md)", weights, RN50X4_DIM)
     _load_gpt_weights(keys, "gpt.", gpt)
     period = tokenizer.convert_tokens_to_ids(".")
     if period is None or period == tokenizer.unk_token_id:
@@ -89,9 +89,13 @@ def _write(mapper: nn.Module, gpt: nn.Module, tokenizer, gpt_dir: Path, output: 
 
 def _clip_identity(clip_dir: Path, output: str, dim: int) -> dict:
     """The identity features record for ``clip_dir``, after checking its ``output`` is ``dim`` wide."""
+    from pipeline.embed.encoder import Encoder
+
     model, _ = load_clip(clip_dir)
-    cfg = model.config
-    got = int(cfg.projection_dim if output == "image_embeds" else cfg.hidden_size)
+    try:
+        got = Encoder.build(model, torch.device("cpu"), "fp32", output, normalize=False).dim
+    except ModelError as err:  # an open_clip folder has no pooler_output
+        raise ImportFailed(f"--clip {clip_dir}: {err}") from None
     if got != dim:
         raise ImportFailed(f"--clip {clip_dir}: its {output} is {got} wide, the checkpoint's mapper reads {dim}")
     model_id, revision = model_identity(clip_dir)

@@ -319,9 +319,10 @@ def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_tokens: int) 
 
 def check_clip_folder(clip_dir: Path, features: Mapping[str, Any]) -> dict:
     """The pin of ``clip_dir`` if it is the encoder that made ``features``; else a ModelError naming both."""
+    from pipeline.models.openclip import is_open_clip_folder
     from pipeline.models.pretrained import model_identity, read_pin
 
-    if not (clip_dir / "config.json").is_file():
+    if not (clip_dir / "config.json").is_file() and not is_open_clip_folder(clip_dir):
         raise ModelError(f"clip folder {clip_dir}: no config.json (missing or not a pinned model folder; "
                          "run `capline models clip`)")
     model_id, revision = model_identity(clip_dir)

@@ -6,6 +6,8 @@ recording what they are (``{"model_id", "revision", "sha256", "kind"}``; see
 through ``load_clip`` (CLIP's vision side), ``load_clip_text`` (its text side, for
 CLIPScore) and ``load_gpt``: ``trust_remote_code=False`` and never through pickle,
 and without transformers' "Loading weights" progress bars (the stages' own bars stay).
+A pinned open_clip folder (``pipeline/models/openclip.py``) loads through the same
+three CLIP functions, as an ``OpenClip`` and its ``OpenClipTransform``.
 """
 from __future__ import annotations
 
@@ -67,8 +69,10 @@ def model_identity(model_dir: Path) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------ loading
 def _check_dir(model_dir: Path, what: str) -> Path:
+    from pipeline.models.openclip import is_open_clip_folder
+
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / "config.json").is_file() and not (what == "clip" and is_open_clip_folder(model_dir)):
         raise ModelError(
             f"{what} model folder {model_dir}: no config.json (missing or not a save_pretrained folder; "
             f"run `capline models {what}`)"
@@ -125,14 +129,20 @@ def _load_tower(cls: Any, model_dir: Path, tower: str) -> Any:
 
 
 def load_clip(model_dir: Path):
-    """(CLIPVisionModelWithProjection in eval mode, image processor) from a pinned folder.
+    """(CLIPVisionModelWithProjection in eval mode, image processor) from a pinned folder;
+    (OpenClip, OpenClipTransform) from an open_clip folder.
 
     The folder may hold the whole CLIP or its vision tower alone; this is the one
     loader of the vision side (embedding, captioning, CLIPScore's images).
     """
     from transformers import CLIPVisionModelWithProjection
 
+    from pipeline.models.openclip import is_open_clip_folder, load_open_clip
+
     model_dir = _check_dir(model_dir, "clip")
+    if is_open_clip_folder(model_dir):
+        clip = load_open_clip(model_dir)
+        return clip, clip.transform
     try:
         model = _load_tower(CLIPVisionModelWithProjection, model_dir, "vision")
         processor = image_processor_class().from_pretrained(model_dir, trust_remote_code=False)
@@ -145,7 +155,11 @@ def load_clip(model_dir: Path):
 
 def clip_text_missing(model_dir: Path) -> Optional[str]:
     """Why ``model_dir`` has no usable CLIP text tower, or None when it has one."""
+    from pipeline.models.openclip import is_open_clip_folder
+
     model_dir = Path(model_dir)
+    if is_open_clip_folder(model_dir):
+        return None  # both towers, and open_clip's tokenizer comes with the package
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as err:
@@ -159,10 +173,16 @@ def clip_text_missing(model_dir: Path) -> Optional[str]:
 
 
 def load_clip_text(model_dir: Path):
-    """(CLIPTextModelWithProjection in eval mode, tokenizer) from a whole-CLIP folder."""
+    """(CLIPTextModelWithProjection in eval mode, tokenizer) from a whole-CLIP folder;
+    (OpenClip, its open_clip tokenizer) from an open_clip folder."""
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+    from pipeline.models.openclip import is_open_clip_folder, load_open_clip
+
     model_dir = _check_dir(model_dir, "clip")
+    if is_open_clip_folder(model_dir):
+        clip = load_open_clip(model_dir)
+        return clip, clip.tokenizer()
     reason = clip_text_missing(model_dir)
     if reason is not None:
         raise ModelError(reason)

@@ -1,9 +1,12 @@
-"""Pinning models: a model name (a hub id, a local folder, ``demo`` or ``realsize``)
-becomes a local folder that every later stage loads (``pipeline/models/pretrained.py``).
+"""Pinning models: a model name (a hub id, a local folder, ``demo``, ``realsize`` or an
+open_clip model ``open_clip:NAME/TAG``) becomes a local folder that every later stage
+loads (``pipeline/models/pretrained.py``).
 
 The folder is written by ``save_pretrained`` (safetensors) plus ``pin.json``
 recording what it is: ``{"model_id", "revision", "sha256", "kind"}``, where the
-revision is the hub commit the name resolved to. Later stages load only pinned
+revision is the hub commit the name resolved to (for open_clip models, which name no
+commit, the sha256 of the weights; ``open_clip`` then records the architecture, tag,
+open_clip version and tokenizer). Later stages load only pinned
 folders, so a run is reproducible even when the hub's ``main`` moves on.
 """
 from __future__ import annotations
@@ -142,13 +145,14 @@ def run(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path])
     """
     from pipeline.pin.demo import build_demo_clip, build_demo_gpt
     from pipeline.pin.realsize import build_realsize_clip, build_realsize_gpt
-    from pipeline.core.params import DEMO, REALSIZE
+    from pipeline.core.params import DEMO, REALSIZE, parse_open_clip
 
     if kind not in ("clip", "gpt"):
         raise ModelError(f"model kind {kind!r}: expected 'clip' or 'gpt'")
     section = params.clip if kind == "clip" else params.gpt
     model_id, revision = section.model, section.revision
-    if model_id not in (DEMO, REALSIZE) and not _is_local(model_id):
+    open_clip = parse_open_clip(model_id) if kind == "clip" else None
+    if model_id not in (DEMO, REALSIZE) and open_clip is None and not _is_local(model_id):
         check_hub_model(kind, model_id, revision)  # before any other work
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +166,11 @@ def run(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path])
             else:
                 build_demo_gpt(tmp, params.gpt.demo, _demo_captions(source_dir))
                 extra["demo"] = params.gpt.demo.model_dump()
+        elif open_clip is not None:
+            from pipeline.pin.openclip import pin_open_clip
+
+            extra["open_clip"] = pin_open_clip(*open_clip, tmp)
+            resolved = weights_sha256(tmp)  # open_clip names no commit: the weights' content stands for one
         elif model_id == REALSIZE:
             resolved = LOCAL
             if kind == "clip":  # both tokenizers learn the dataset's captions

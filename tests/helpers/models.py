@@ -96,7 +96,8 @@ def make_tiny_clip(folder: Path, image_size: int = 32, patch_size: int = 8, hidd
                    crop: Optional[int] = None) -> Path:
     """A random-weight CLIP vision tower + processor saved as the models stage would."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from pipeline.models.pretrained import image_processor_class
 
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
@@ -105,7 +106,7 @@ def make_tiny_clip(folder: Path, image_size: int = 32, patch_size: int = 8, hidd
     model = CLIPVisionModelWithProjection(cfg).eval()
     model.save_pretrained(folder)
     c = crop or image_size
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": c, "width": c}).save_pretrained(folder)
+    image_processor_class()(size={"shortest_edge": image_size}, crop_size={"height": c, "width": c}).save_pretrained(folder)
     if pin is not None:
         write_pin(folder, pin)
     return Path(folder)
@@ -118,10 +119,11 @@ def reference_embeddings(model_dir: Path, images: list[bytes], output: str = "im
 
     import torch
     from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
+    from pipeline.models.pretrained import image_processor_class
 
     model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
-    proc = CLIPImageProcessor.from_pretrained(model_dir)
+    proc = image_processor_class().from_pretrained(model_dir)
     rows = []
     with torch.no_grad():
         for data in images:
