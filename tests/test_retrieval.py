@@ -503,3 +503,27 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     retrieve_shards(one.retrieval, world["features"], tmp_path / "ds1", tmp_path / "nb1", Rank(), progress=False)
     for name in ("00000.h5", "00001.h5"):
         assert _neighbours_file(tmp_path / "nb" / name) == _neighbours_file(tmp_path / "nb1" / name)
+
+
+def test_an_open_clip_folder_encodes_the_datastore_with_its_own_text_tower(world, tmp_path):
+    """A pinned open_clip CLIP: the datastore's vectors are open_clip's own encode_text, normalised."""
+    import torch
+
+    from pipeline.core.runtime import Rank
+    from pipeline.retrieval.datastore import build_datastore
+    from pipeline.retrieval.store import Datastore
+    from tests.helpers.openclip import TINY_VIT, pin_open_clip_folder, reference_open_clip, register_tiny_models
+
+    register_tiny_models(tmp_path / "configs")
+    clip = pin_open_clip_folder(tmp_path / "clip", f"open_clip:{TINY_VIT}/random-3")
+    source = tmp_path / "captions.txt"
+    texts = ["a red circle", "one blue square here", "a green triangle on the left", "a yellow circle"]
+    source.write_text("\n".join(texts) + "\n")
+    build_datastore(_params(source=str(source), batch_size=3), world["features"], clip, world["gpt"],
+                    tmp_path / "store", Rank(), progress=False)
+    store = Datastore.load(tmp_path / "store")
+    assert store.manifest["dim"] == 16 and store.manifest["model_id"].startswith("open_clip:")
+    model, _, tokenizer = reference_open_clip(clip)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1).numpy()
+    assert np.allclose(store.index.reconstruct_n(0, 4), want, atol=1e-5)
