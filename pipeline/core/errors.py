@@ -15,3 +15,7 @@ class CaplineError(Exception):
 
 class ParamsError(CaplineError):
     """An invalid parameter; the message names the key (``mapper.layers: ...``)."""
+
+
+class ModelError(CaplineError):
+    """A model could not be pinned or loaded; the message names the model or folder."""

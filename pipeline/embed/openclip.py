@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline.core.runtime import dtype_of
-from pipeline.embed.preprocess import ImageDecodeError, load_image
+from pipeline.embed.decode import ImageDecodeError, load_image
 from pipeline.models.openclip import RESAMPLE, OpenClip, OpenClipTransform
 from pipeline.models.pretrained import ModelError
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.models.pretrained import ModelError
+from pipeline.core.errors import ModelError
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

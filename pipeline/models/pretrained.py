@@ -18,14 +18,10 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pipeline.core.errors import CaplineError
+from pipeline.core.errors import ModelError  # noqa: F401  (also re-exported for callers)
 
 PIN_FILE = "pin.json"
 LOCAL = "local"  # revision recorded for models that do not come from the hub
-
-
-class ModelError(CaplineError):
-    """A model could not be pinned or loaded; the message names the model or folder."""
 
 
 # ------------------------------------------------------------------------ hashing
