@@ -16,6 +16,7 @@ COMMANDS = {
     "prepare": "Fetch the dataset spec (or generate the offline demo) into data/source.",
     "models": "Pin CLIP or GPT-2 from the hub (or build the demo's small models).",
     "download": "Fetch images into webdataset tar shards with a status per record.",
+    "embed-plan": "Resolve clip.patch_tokens (auto: when mapper.type reads patch tokens) for embed.",
     "embed": "Compute CLIP vectors of image shards into HDF5 feature shards.",
     "train": "Train the ClipCap mapper (and optionally GPT-2) on feature shards.",
     "scst": "Fine-tune a captioner with self-critical training (CIDEr-D reward).",
@@ -27,8 +28,8 @@ COMMANDS = {
     "params": "Apply a recipe from configs/ to params.yaml; check a params file.",
     "import": "Turn ClipCap's or clip-gpt-captioning's released weights into a model folder.",
 }
-# Commands whose module and click object cannot take the command's name (a Python keyword).
-MODULE_NAMES = {"import": "import_"}
+# Commands whose module and click object cannot take the command's name (a Python keyword, a dash).
+MODULE_NAMES = {"import": "import_", "embed-plan": "embed_plan"}
 
 
 class LazyGroup(click.Group):

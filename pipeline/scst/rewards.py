@@ -38,7 +38,7 @@ def load_split(table, select: np.ndarray) -> tuple[torch.Tensor, list[list[str]]
     """Vectors and non-blank references of the selected rows that have any."""
     rows = [i for i in np.flatnonzero(select) if any(c and c.strip() for c in table.captions[i])]
     vectors = torch.from_numpy(np.ascontiguousarray(table.embeddings[rows], dtype=np.float32)) if rows \
-        else torch.zeros((0, table.embeddings.shape[1]))
+        else torch.zeros((0, *table.embeddings.shape[1:]))
     return vectors, [[c for c in table.captions[i] if c and c.strip()] for i in rows]
 
 
