@@ -262,3 +262,59 @@ def test_embed_stores_the_vision_towers_last_hidden_state(tmp_path, tiny_clip_di
     assert again["shards_written"] == 2
     with pytest.raises(FeatureShardError, match="clip.patch_tokens"):
         load_features(out, dataset="patch_tokens")
+
+
+# ------------------------------------------------------- caption, export
+@pytest.fixture(scope="module")
+def captioner_with_clip(tmp_path_factory, hub_clip_dir, tiny_gpt_dir):
+    """A cross-attention model folder with its CLIP (random cross-attention, big enough to matter)."""
+    from transformers import AutoConfig
+
+    from tests.helpers.models import clip_feature_attrs, copy_model
+
+    root = tmp_path_factory.mktemp("xattn-caption")
+    clip_dir = copy_model(hub_clip_dir, root / "clip")
+    width = int(AutoConfig.from_pretrained(clip_dir).vision_config.hidden_size)
+    gpt, tok = load_tiny_gpt(tiny_gpt_dir)
+    torch.manual_seed(0)
+    model = ClipCaptioner.from_settings(MAPPER.model_dump(), width, gpt, tok,
+                                        features=clip_feature_attrs(clip_dir, width))
+    for p in model.mapper.parameters():
+        p.data.normal_(0, 0.5)
+    model.save(root / "model", clip_dir=clip_dir)
+    images = []
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        path = root / f"img{i}.png"
+        from PIL import Image
+
+        Image.fromarray(rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)).save(path)
+        images.append(path)
+    return root, clip_dir, images
+
+
+def test_caption_reads_patch_tokens_of_the_saved_clip(captioner_with_clip):
+    from pipeline.caption.run import caption_inputs
+    from tests.helpers.models import reference_patch_tokens
+
+    root, clip_dir, images = captioner_with_clip
+    d = Decoding(num_beams=3, max_new_tokens=6)
+    results = caption_inputs(root / "model", [str(p) for p in images], d, precision="fp32", batch_size=2,
+                             progress=False)
+    tokens = reference_patch_tokens(clip_dir, [p.read_bytes() for p in images]).astype(np.float16)
+    want = decode_batch(ClipCaptioner.load(root / "model"), torch.from_numpy(tokens.astype(np.float32)), d,
+                        [str(p) for p in images])
+    assert [r.error for r in results] == [None] * 3
+    assert texts([r.captions for r in results]) == texts(want)
+
+
+@pytest.mark.parametrize("kind", ["onnx", "hf"])
+def test_exports_refuse_the_type_clearly(captioner_with_clip, tmp_path, kind):
+    from pipeline.export.hf import export_hf
+    from pipeline.export.onnx import export_onnx
+    from pipeline.models.pretrained import ModelError
+
+    root = captioner_with_clip[0]
+    with pytest.raises(ModelError, match="cross_attention cannot be exported"):
+        (export_onnx if kind == "onnx" else export_hf)(root / "model", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
