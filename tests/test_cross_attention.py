@@ -318,3 +318,54 @@ def test_exports_refuse_the_type_clearly(captioner_with_clip, tmp_path, kind):
     with pytest.raises(ModelError, match="cross_attention cannot be exported"):
         (export_onnx if kind == "onnx" else export_hf)(root / "model", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ scst
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="needs Java")
+def test_scst_trains_the_cross_attention_and_leaves_gpt2_alone(trained, tmp_path):
+    from pipeline.core.params import ScstParams
+    from pipeline.scst.run import scst
+
+    root, feats, _, _ = trained
+    params = ScstParams(epochs=2, batch_size=8, lr=1e-3, samples=3, max_tokens=8, precision="fp32")
+    scst(root / "model", feats, tmp_path / "model", tmp_path / "reward.csv", tmp_path / "val.csv",
+         tmp_path / "scst.json", params, progress=False)
+    before, after = ClipCaptioner.load(root / "model"), ClipCaptioner.load(tmp_path / "model")
+    assert after.mapper.kind == "cross_attention"
+    for name, p in before.gpt.state_dict().items():
+        assert torch.equal(p, after.gpt.state_dict()[name]), name
+    assert json.loads((tmp_path / "scst.json").read_text())["best_epoch"] in (0, 1, 2)
+
+
+# ------------------------------------------------------------------ embed plan
+def test_embed_plan_changes_only_when_the_answer_does(tmp_path):
+    """DVC reruns embed when the plan file's bytes change: switching between prefix mappers
+    leaves them as they are; cross_attention (with clip.patch_tokens auto) turns them on."""
+    from click.testing import CliRunner
+
+    from pipeline.embed.plan import read_plan
+    from stages.cli import capline
+
+    def plan(mapper_type: str, setting: str = "auto") -> bytes:
+        params = tmp_path / "params.yaml"
+        params.write_text(json.dumps({"mapper": {"type": mapper_type}, "clip": {"patch_tokens": setting}}))
+        out = tmp_path / f"plan-{mapper_type}-{setting}.json"
+        result = CliRunner().invoke(capline, ["embed-plan", "--params", str(params), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert read_plan(out) == json.loads(out.read_text())["patch_tokens"]
+        return out.read_bytes()
+
+    assert plan("mlp") == plan("transformer") == plan("clipgpt") == plan("cross_attention").replace(b"true", b"false")
+    assert json.loads(plan("cross_attention"))["patch_tokens"] is True
+    assert json.loads(plan("mlp", "true"))["patch_tokens"] is True
+
+
+def test_embed_refuses_a_plan_the_params_contradict(tmp_path):
+    from pipeline.core.errors import ParamsError
+    from pipeline.embed.run import run as embed
+
+    stale = tmp_path / "embed_plan.json"
+    stale.write_text('{"patch_tokens": false}\n')
+    params = parse_params({"mapper": {"type": "cross_attention"}})
+    with pytest.raises(ParamsError, match="capline embed-plan"):
+        embed(params, tmp_path / "images", tmp_path / "clip", tmp_path / "f", tmp_path / "m.json", Rank(), plan=stale)
