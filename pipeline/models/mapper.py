@@ -262,8 +262,9 @@ class CrossAttentionMapper(nn.Module):
         self.start = nn.Parameter(torch.randn(c.prefix_length, c.width) * 0.02)
         self.layers = nn.ModuleList(CrossAttention(c.width, c.clip_dim, c.inner, c.gpt_heads, c.dropout)
                                     for _ in range(c.gpt_layers))
-        # False: K/V copied to every row (beam, sample), as generate would expand
-        # encoder_hidden_states; the same results, for tests and bench/generate.py.
+        # False: every row (beam, sample) gets keys and values projected from its own copy of
+        # the patch tokens, once per computation, as passing encoder_hidden_states to generate
+        # would (it expands them per beam): the same results, for tests and bench/generate.py.
         self.share_kv = True
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -286,14 +287,19 @@ class CrossAttentionMapper(nn.Module):
             for block, layer in zip(blocks, self.layers):
                 k, v = layer.keys_values(tokens)
                 residual: dict = {}
+                copies: dict = {}  # rows per image -> keys and values of the copied tokens
 
                 def remember(_block, args, residual=residual):
                     residual["h"] = args[0]  # the block's input: the residual stream before self-attention
 
-                def add_cross(_attn, _args, out, layer=layer, k=k, v=v, residual=residual):
+                def add_cross(_attn, _args, out, layer=layer, k=k, v=v, residual=residual, copies=copies):
                     attn_out = out[0]
-                    rows = attn_out.shape[0] // k.shape[0]
-                    kk, vv = (k, v) if self.share_kv else (k.repeat_interleave(rows, 0), v.repeat_interleave(rows, 0))
+                    kk, vv = k, v
+                    if not self.share_kv:
+                        rows = attn_out.shape[0] // tokens.shape[0]
+                        if rows not in copies:
+                            copies[rows] = layer.keys_values(tokens.repeat_interleave(rows, 0))
+                        kk, vv = copies[rows]
                     return (attn_out + layer(residual["h"] + attn_out, kk, vv), *out[1:])
 
                 handles.append(block.register_forward_pre_hook(remember))
