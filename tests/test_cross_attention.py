@@ -369,3 +369,30 @@ def test_embed_refuses_a_plan_the_params_contradict(tmp_path):
     params = parse_params({"mapper": {"type": "cross_attention"}})
     with pytest.raises(ParamsError, match="capline embed-plan"):
         embed(params, tmp_path / "images", tmp_path / "clip", tmp_path / "f", tmp_path / "m.json", Rank(), plan=stale)
+
+
+# ------------------------------------------------------------------ DDP
+def test_ddp_two_processes_equal_one_process(trained, language_gpt, tmp_path):
+    """The cross-attention hooks under DistributedDataParallel: 2 gloo processes and 1 process
+    with 2 micro-batches end with the same weights."""
+    from safetensors.torch import load_file
+
+    from tests.helpers.torchrun import run_torchrun, standalone
+
+    feats = trained[1]
+    params = ("mapper: {type: cross_attention, prefix_length: 1, reduce_factor: 2}\n"
+              "train: {epochs: 1, batch_size: 8, lr: 0.01, warmup_steps: 1, precision: fp32, log_every: 1, "
+              "keep: last, finetune_gpt: false%s}\n")
+    out = {}
+    for name, nproc, extra in (("two", 2, ""), ("one", 1, ", grad_accum: 2")):
+        (tmp_path / f"{name}.yaml").write_text(params % extra)
+        d = tmp_path / name
+        args = ["train", "--params", str(tmp_path / f"{name}.yaml"), "--features", str(feats), "--gpt",
+                str(language_gpt), "--out", str(d / "model"), "--curve", str(d / "loss.csv"), "--val-curve",
+                str(d / "val.csv"), "--metrics", str(d / "train.json"), "--checkpoints", str(d / "ck"), "--no-progress"]
+        proc = run_torchrun(standalone(nproc, args), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = load_file(str(d / "model" / "mapper.safetensors"))
+    assert json.loads((tmp_path / "two" / "train.json").read_text())["world_size"] == 2
+    for k in out["one"]:
+        assert torch.allclose(out["two"][k], out["one"][k], rtol=1e-4, atol=1e-6), k
