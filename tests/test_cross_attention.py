@@ -396,3 +396,21 @@ def test_ddp_two_processes_equal_one_process(trained, language_gpt, tmp_path):
     assert json.loads((tmp_path / "two" / "train.json").read_text())["world_size"] == 2
     for k in out["one"]:
         assert torch.allclose(out["two"][k], out["one"][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_serve_captions_as_capline_caption(captioner_with_clip):
+    from pipeline.caption.run import caption_inputs
+    from pipeline.serve.app import ServeOptions
+    from pipeline.serve.run import build_service
+    from tests.helpers.serve import ServerThread, post_image
+
+    root, _, images = captioner_with_clip
+    d = Decoding(num_beams=2, num_return_sequences=2, max_new_tokens=6)
+    want = caption_inputs(root / "model", [str(p) for p in images[:2]], d, device="cpu", precision="fp32",
+                          batch_size=1, progress=False)
+    options = ServeOptions(max_batch=4, max_wait_ms=50, max_bytes=300_000, body_timeout=5.0)
+    with ServerThread(build_service(root / "model", options, d, device="cpu", precision="fp32")) as srv:
+        replies = [post_image(srv.port, p.read_bytes()) for p in images[:2]]
+    for reply, expected in zip(replies, want):
+        assert reply.status == 200, reply
+        assert [c["caption"] for c in reply.json()["captions"]] == [c.text for c in expected.captions]
