@@ -257,7 +257,10 @@ def test_embed_stores_the_vision_towers_last_hidden_state(tmp_path, tiny_clip_di
     # The pooled vectors beside them are unchanged.
     vectors = load_features(out).embeddings
     assert np.abs(vectors - reference_embeddings(clip_dir, images)).max() < 1e-5
-    # Turning patch tokens off remakes the shards without them (a setting that changes the bytes).
+    # A rerun with the same settings keeps every shard (resume); turning patch tokens off
+    # remakes them without (a setting that changes the bytes).
+    same = embed_shards(root, clip_dir, out, clip, Rank(), DataParams(), progress=False, patch_tokens=True)
+    assert (same["shards_kept"], same["shards_written"]) == (2, 0)
     again = embed_shards(root, clip_dir, out, clip, Rank(), DataParams(), progress=False)
     assert again["shards_written"] == 2
     with pytest.raises(FeatureShardError, match="clip.patch_tokens"):
