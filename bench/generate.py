@@ -10,6 +10,10 @@ same number of steps). In one run it measures:
   (b) transformers' ``generate``, one image at a time, fp32;
   (c) ClipCap's generate_beam, one image at a time, re-running GPT-2 on the whole
       sequence at every step (no KV cache), fp32.
+  (d) the cross_attention mapper (SmallCap: ViT-B/32's 50 x 768 patch tokens, reduce
+      factor 4) on the same GPT-2 and path, with each image's cross-attention keys and
+      values shared by its beams, and copied to every beam (as passing
+      ``encoder_hidden_states`` to generate would), checking that both give the same captions.
 The methods run in interleaved rounds, so a machine whose load changes during the
 run slows them alike. It checks that our path in fp32 gives the same captions as
 (b), counts how many of our default-precision captions equal fp32's and those of
@@ -17,7 +21,8 @@ batches of one image, reports FLOPs per caption, the machine's measured matmul r
 fraction of it reached, and the share of our time spent in the 50,257-wide LM head.
 The last line printed is a JSON object.
 
-    python bench/generate.py [--images 32] [--hf-images 32] [--ref-images 8] [--rounds 4] [--threads N]
+    python bench/generate.py [--images 32] [--hf-images 32] [--ref-images 8] [--xattn-images 16] [--rounds 4]
+                             [--threads N]
 """
 from __future__ import annotations
 
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32, help="prefixes for ours (one batch of the stage's size)")
     ap.add_argument("--hf-images", type=int, default=32, help="prefixes for transformers one at a time")
     ap.add_argument("--ref-images", type=int, default=8, help="prefixes for the no-KV-cache loop (slowest)")
+    ap.add_argument("--xattn-images", type=int, default=16,
+                    help="patch-token images for the cross_attention mapper, per variant and round")
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds the per-image methods are split into")
@@ -149,12 +156,29 @@ def main() -> None:
         ids = gpt.generate(inputs_embeds=prefix, attention_mask=torch.ones(1, 10, dtype=torch.long), **hf_kwargs)
         return fp32.decode(ids)[0]
 
-    times = {"ours": 0.0, "hf": 0.0, "ref": 0.0}
-    counts = {"ours": 0, "hf": 0, "ref": 0}
+    # (d) SmallCap's architecture: cross-attention to ViT-B/32's patch tokens at reduce factor 4.
+    xattn_fp32 = ClipCaptioner.from_settings(MapperParams(type="cross_attention", prefix_length=1).model_dump(),
+                                             768, copy.deepcopy(gpt), _Tok()).eval()
+    xattn = prepare_for_inference(xattn_fp32, device, precision)
+    patch_tokens = torch.randn(args.xattn_images, 50, 768)
+    xkeys = [f"x{i}" for i in range(args.xattn_images)]
+
+    def xattn_run(shared: bool) -> list[str]:
+        xattn.mapper.share_kv = shared
+        out = []
+        for lo in range(0, args.xattn_images, stage.batch_size):
+            out += decode_batch(xattn, patch_tokens[lo:lo + stage.batch_size], stage, xkeys[lo:lo + stage.batch_size])
+        xattn.mapper.share_kv = True
+        return [caps[0].text for caps in out]
+
+    times = {"ours": 0.0, "hf": 0.0, "ref": 0.0, "xattn": 0.0, "xattn_copied": 0.0}
+    counts = {"ours": 0, "hf": 0, "ref": 0, "xattn": 0, "xattn_copied": 0}
+    xattn_same = True
     hf_captions: list[str] = []
     ours_captions: list[str] = []
     with torch.inference_mode():
         decode_batch(ours, vectors[:2], stage, keys[:2])  # warm-up
+        decode_batch(xattn, patch_tokens[:2], stage, xkeys[:2])
         hf_one(0)
     hf_split = [range(r * args.hf_images // args.rounds, (r + 1) * args.hf_images // args.rounds)
                 for r in range(args.rounds)]
@@ -174,6 +198,15 @@ def main() -> None:
             reference_beam(fp32, vectors[i], args.beams, args.tokens)
         times["ref"] += time.perf_counter() - t
         counts["ref"] += len(ref_split[r])
+        if args.xattn_images:
+            captions = {}
+            for shared, name in ((True, "xattn"), (False, "xattn_copied")):
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    captions[name] = xattn_run(shared)
+                times[name] += time.perf_counter() - t
+                counts[name] += args.xattn_images
+            xattn_same = xattn_same and captions["xattn"] == captions["xattn_copied"]
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{k} {counts[k] / max(times[k], 1e-9):.3f} captions/s" for k in times), flush=True)
 
@@ -225,6 +258,12 @@ def main() -> None:
         "matmul_gflops_fp32": round(rate_fp32, 1), "matmul_gflops_bf16": round(rate_bf16, 1),
         "lm_head_share_of_time": round(head_seconds / ours_seconds_per_run, 3),
     }
+    if args.xattn_images:
+        res["xattn_captions_per_s"] = round(counts["xattn"] / times["xattn"], 3)
+        res["xattn_copied_kv_captions_per_s"] = round(counts["xattn_copied"] / times["xattn_copied"], 3)
+        res["ratio_xattn_shared_cache"] = round(res["xattn_captions_per_s"] / res["xattn_copied_kv_captions_per_s"], 2)
+        res["xattn_shared_cache_same_captions"] = xattn_same
+        res["xattn_trainable_params"] = sum(p.numel() for p in xattn_fp32.mapper.parameters())
     res["ratio_vs_hf_per_image"] = round(res["ours"] / res["hf_per_image"], 2)
     res["ratio_vs_no_kv_cache_loop"] = round(res["ours"] / res["no_kv_cache_loop"], 2)
     res["ours_gflops"] = round(res["ours"] * flops["total"] / 1e9, 1)
@@ -241,6 +280,11 @@ def main() -> None:
           f"ours runs {res['ours_gflops']} GFLOP/s = {res['fraction_of_matmul_bound']:.0%} of the matmul bound "
           f"(fp32 {res['matmul_gflops_fp32']}, bf16 {res['matmul_gflops_bf16']} GFLOP/s); "
           f"the fp32 LM head takes {res['lm_head_share_of_time']:.0%} of our time")
+    if args.xattn_images:
+        print(f"cross_attention (50 x 768 patch tokens, reduce factor 4, {precision}): "
+              f"{res['xattn_captions_per_s']} captions/s with keys/values shared by the beams, "
+              f"{res['xattn_copied_kv_captions_per_s']} copied to every beam (shared x{res['ratio_xattn_shared_cache']}"
+              f"; same captions: {xattn_same})")
     print(json.dumps(res))
 
 

@@ -16,6 +16,10 @@ are drawn to match COCO's (GPT-2 tokens: mean 11, sd 3, plus EOS).
                  left with requires_grad (its parameters are only left out of the
                  optimizer), so its weight gradients are computed.
 
+  xattn:         our step with the cross_attention mapper instead (SmallCap: ViT-B/32's
+                 50 x 768 patch tokens, reduce factor 4, the same frozen GPT-2 and the
+                 same batches of captions), against "ours" (the prefix mapper).
+
 It first checks that both losses agree on a batch where no padding is needed (every
 caption 40 tokens, no token id 0), then times steps of each, alternating, and
 reports samples/s, tokens/s and the fraction of this machine's measured matmul rate,
@@ -44,6 +48,8 @@ from pipeline.train.data import BUCKET_BATCHES, Captions, MemoryVectors, collate
 
 CLIP_DIM, FIXED_LEN, PREFIX = 512, 40, 10
 MAPPER = MapperParams(type="transformer", prefix_length=PREFIX, clip_length=10, layers=8, heads=8)
+XATTN = MapperParams(type="cross_attention", prefix_length=1, reduce_factor=4)
+PATCH_TOKENS, PATCH_WIDTH, PATCH_IMAGES = 50, 768, 256  # ViT-B/32; images the captions' rows cycle over
 
 
 def our_step(model, opt, scaler, trainable, batch, global_tokens: int, device, amp: str) -> int:
@@ -66,12 +72,12 @@ class _Tok:
     pad_token_id = None
 
 
-def build(seed: int = 0) -> ClipCaptioner:
+def build(seed: int = 0, mapper: MapperParams = MAPPER, clip_dim: int = CLIP_DIM) -> ClipCaptioner:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     gpt = GPT2LMHeadModel(GPT2Config())
-    return ClipCaptioner.from_settings(MAPPER.model_dump(), CLIP_DIM, gpt, _Tok(), finetune_gpt=False)
+    return ClipCaptioner.from_settings(mapper.model_dump(), clip_dim, gpt, _Tok(), finetune_gpt=False)
 
 
 def coco_like(n: int, seed: int = 0) -> Captions:
@@ -172,6 +178,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=40)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--no-xattn", action="store_true", help="skip the cross_attention mapper's case")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,8 +258,33 @@ def main() -> None:
             tokens += int(caps.lengths[b].sum())
         return time.perf_counter() - t0, samples, tokens
 
+    # The cross_attention mapper on the same batches of captions, patch tokens instead of vectors.
+    xmodel = build(mapper=XATTN, clip_dim=PATCH_WIDTH)
+    xmodel.train()
+    xtrainable = [p for p in xmodel.parameters() if p.requires_grad]
+    xopt = make_optimizer(xtrainable, TrainParams(lr=1e-4), device)
+    xcaps = Captions(rows=caps.rows % PATCH_IMAGES, offsets=caps.offsets, flat=caps.flat)
+    xtokens = MemoryVectors(np.random.default_rng(6).normal(size=(PATCH_IMAGES, PATCH_TOKENS, PATCH_WIDTH))
+                            .astype(np.float16))
+
+    def run_xattn(n: int) -> tuple[float, int, int]:
+        samples = tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            b = ours_batches[counter["xattn"] % len(ours_batches)]  # the batches "ours" times
+            counter["xattn"] += 1
+            batch = collate(xcaps, xtokens, b, xmodel.pad_token_id)
+            tokens += our_step(xmodel, xopt, scaler, xtrainable, batch, int(caps.lengths[b].sum()), device, amp)
+            samples += len(b)
+        return time.perf_counter() - t0, samples, tokens
+
+    counter["xattn"] = 0
     run_ours(2)  # warm-up (first calls allocate and pick kernels)
     run_cc(1)
+    xattn_rates: list[float] = []
+    if not args.no_xattn:
+        run_xattn(1)
+        counter["xattn"] = 0
     ours_rates, cc_rates, ours_tok_rates, cc_tok_rates, ours_tokens = [], [], [], [], []
     for r in range(args.rounds):
         s, n, t = run_ours(args.steps)
@@ -262,7 +294,11 @@ def main() -> None:
         s, n, t = run_cc(args.steps)
         cc_rates.append(n / s)
         cc_tok_rates.append(t / s)
-        print(f"round {r + 1}: ours {ours_rates[-1]:.2f} samples/s, ClipCap-style loop {cc_rates[-1]:.2f} samples/s")
+        if not args.no_xattn:
+            s, n, t = run_xattn(args.steps)
+            xattn_rates.append(n / s)
+        print(f"round {r + 1}: ours {ours_rates[-1]:.2f} samples/s, ClipCap-style loop {cc_rates[-1]:.2f} samples/s"
+              + (f", cross_attention {xattn_rates[-1]:.2f} samples/s" if xattn_rates else ""))
 
     ours, ref = statistics.median(ours_rates), statistics.median(cc_rates)
     bf16_rate = matmul_rate(torch.bfloat16)
@@ -290,6 +326,14 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "losses_agree_unpadded": agree,
     }
+    if xattn_rates:
+        xattn = statistics.median(xattn_rates)
+        result["xattn_samples_per_s"] = round(xattn, 2)
+        result["ratio_xattn_vs_prefix"] = round(xattn / ours, 2)
+        result["xattn_trainable_params"] = sum(p.numel() for p in xtrainable)
+        result["rounds"]["xattn"] = [round(x, 2) for x in xattn_rates]
+        print(f"cross_attention mapper (50 x 768 patch tokens, reduce factor 4): {xattn:.2f} samples/s, "
+              f"x{result['ratio_xattn_vs_prefix']} the prefix mapper's {ours:.2f} on the same batches")
     print(json.dumps(result))
 
 

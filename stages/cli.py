@@ -16,6 +16,7 @@ COMMANDS = {
     "prepare": "Fetch the dataset spec (or generate the offline demo) into data/source.",
     "models": "Pin CLIP or GPT-2 from the hub (or build the demo's small models).",
     "download": "Fetch images into webdataset tar shards with a status per record.",
+    "embed-plan": "Resolve clip.patch_tokens (auto: when mapper.type reads patch tokens) for embed.",
     "embed": "Compute CLIP vectors of image shards into HDF5 feature shards.",
     "datastore": "Encode a caption collection with CLIP's text tower into a FAISS index (retrieval).",
     "retrieve": "Find each image's nearest datastore captions, its own excluded (retrieval).",
@@ -29,8 +30,8 @@ COMMANDS = {
     "params": "Apply a recipe from configs/ to params.yaml; check a params file.",
     "import": "Turn ClipCap's or clip-gpt-captioning's released weights into a model folder.",
 }
-# Commands whose module and click object cannot take the command's name (a Python keyword).
-MODULE_NAMES = {"import": "import_"}
+# Commands whose module and click object cannot take the command's name (a Python keyword, a dash).
+MODULE_NAMES = {"import": "import_", "embed-plan": "embed_plan"}
 
 
 class LazyGroup(click.Group):

@@ -57,7 +57,7 @@ def test_mapper_config_refuses_a_width_gpt_does_not_have():
 
 
 def test_unknown_mapper_type_names_the_key_and_the_choices():
-    with pytest.raises(MapperConfigError, match=r"mapper.type: 'lstm' is not one of clipgpt, mlp, transformer"):
+    with pytest.raises(MapperConfigError, match=r"mapper.type: 'lstm' is not one of clipgpt, cross_attention, mlp, transformer"):
         make_config({"type": "lstm", "prefix_length": 2}, 8, 32)
 
 

@@ -77,7 +77,7 @@ def test_unknown_mapper_type_stops_training_before_anything_is_loaded(tmp_path):
 
     mapper = parse_params({"mapper": {"type": "lstm"}}).mapper
     train_params = parse_params({}).train
-    with pytest.raises(MapperConfigError, match="mapper.type: 'lstm' is not one of clipgpt, mlp, transformer"):
+    with pytest.raises(MapperConfigError, match="mapper.type: 'lstm' is not one of clipgpt, cross_attention, mlp, transformer"):
         train(tmp_path / "no-features", tmp_path / "no-gpt", tmp_path / "m", tmp_path / "c.csv",
               tmp_path / "t.json", mapper, train_params, progress=False, checkpoint_dir=tmp_path / "ck")
     assert not (tmp_path / "m").exists()

@@ -40,8 +40,8 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_then_experiment(repo: Path):
     out = _run(["dvc", "repro"], repo)
     assert _stages_run(out) == {
-        "prepare", "model_clip", "model_gpt", "download", "embed", "train", "scst", "generate", "generate_xe",
-        "evaluate"
+        "prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "train", "scst", "generate",
+        "generate_xe", "evaluate"
     }
 
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
@@ -117,6 +117,10 @@ def test_repro_then_experiment(repo: Path):
                 "--no-progress", str(shard)], repo)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert rows and all(r.get("captions") for r in rows)
+
+    # Another prefix mapper: embed_plan reruns and writes the same answer, so embed does not.
+    out = _run(["dvc", "exp", "run", "-S", "mapper.type=mlp"], repo)
+    assert _stages_run(out) == {"embed_plan", "train", "scst", "generate", "generate_xe", "evaluate"}
 
 
 def _lock_outs(repo: Path, stage: str) -> dict:

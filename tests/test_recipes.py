@@ -46,6 +46,11 @@ EXPECTED = {
         "train.weight_decay": 0.0, "train.grad_clip": 1.3, "train.finetune_gpt": True,
         "train.finetune_gpt_layers": ["wte", "wpe", 0, -1, "ln_f"], "train.max_caption_tokens": 20,
         "train.precision": "fp16", "train.seed": 100, "generate.num_beams": 1, "generate.max_new_tokens": 20},
+    # SmallCap's settings (its train.py) without retrieval: ViT-B/32 patch tokens, GPT-2 small frozen.
+    "smallcap-coco.yaml": {"data.source": "karpathy", "clip.model": "openai/clip-vit-base-patch32",
+                           "clip.patch_tokens": "auto", "gpt.model": "gpt2", "mapper.type": "cross_attention",
+                           "mapper.reduce_factor": 4, "mapper.prefix_length": 1, "train.lr": 1e-4,
+                           "train.batch_size": 64, "train.epochs": 10, "train.finetune_gpt": False},
     "realsize.yaml": {"clip.model": "realsize", "gpt.model": "realsize", "data.demo.style": "photo",
                       "mapper.type": "transformer", "mapper.layers": 8, "train.finetune_gpt": False},
 }

@@ -182,7 +182,7 @@ def test_killed_embed_resumes_under_dvc_repro(tmp_path_factory):
     repo = copy_project(tmp_path_factory.mktemp("killed"), EMBED)
     features = repo / "data/features"
     log = repo.parent / "killed.log"
-    run(["dvc", "repro", "download", "model_clip"], repo)
+    run(["dvc", "repro", "download", "model_clip", "embed_plan"], repo)
 
     proc = _start(["dvc", "repro", "embed"], repo, log)
     _kill_when(proc, lambda: features.is_dir() and any(features.glob("*.h5")), log)

@@ -139,6 +139,12 @@ class OnnxCaptioner(TokenLimits):
         (prefix,) = self.mapper.run(None, {"features": clip_vectors.float().cpu().numpy()})
         return torch.from_numpy(prefix)
 
+    def attending(self, clip_vectors: torch.Tensor):
+        """Nothing to attach: exported models are prefix models (export refuses cross-attention)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         from pipeline.models.captioner import ClipCaptioner
 

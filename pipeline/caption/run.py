@@ -63,7 +63,7 @@ class ImageEmbedder:
     """CLIP as the training features were made, from the recorded settings."""
 
     def __init__(self, clip_dir: Path, features: dict, device: torch.device, precision: Optional[str] = None,
-                 max_pixels: Optional[int] = None) -> None:
+                 max_pixels: Optional[int] = None, patch_tokens: bool = False) -> None:
         from pipeline.embed.encoder import Encoder
         from pipeline.embed.preprocess import Preprocessor
         from pipeline.models.pretrained import load_clip, model_identity
@@ -90,14 +90,17 @@ class ImageEmbedder:
             precision = choose_precision(precision, device)
         self.encoder = Encoder.build(model, device, precision, str(features.get("output", "image_embeds")),
                                      bool(features.get("normalized", True)))
+        self.patch_tokens = patch_tokens  # a cross-attention model reads the vision tower's last hidden state
 
     @property
     def dim(self) -> int:
-        return self.encoder.dim
+        return self.encoder.token_shape[1] if self.patch_tokens else self.encoder.dim
 
     def __call__(self, pixels_uint8: list[torch.Tensor]) -> torch.Tensor:
         batch = self.pre.normalize(torch.stack(pixels_uint8).to(self.encoder.device))
-        return self.encoder(batch)
+        vectors, tokens = self.encoder.encode(batch, patch_tokens=self.patch_tokens)
+        # Patch tokens through fp16, exactly as embed stored the training features.
+        return tokens.float() if self.patch_tokens else vectors
 
 
 def resolve_decoding(model_dir: Path, overrides: Mapping[str, object],
@@ -195,7 +198,7 @@ def load_torch_backend(model_dir, clip_dir, device: str, precision: str, max_pix
         raise ModelError(f"{model_dir}: the model folder has no clip/ (trained without --clip); "
                          "pass --clip with the CLIP folder that made its features")
     embedder = ImageEmbedder(clip, model.features, dev, None if precision == "auto" else resolved,
-                             max_pixels=max_pixels)
+                             max_pixels=max_pixels, patch_tokens=model.mapper.patch_tokens)
     if embedder.dim != model.clip_dim:
         raise CaptionInputError(f"clip folder {clip}: gives {embedder.dim}-wide vectors, the model expects "
                                 f"{model.clip_dim}")

@@ -161,6 +161,10 @@ class ClipParams(Section):
     batch_size: int = Field(64, ge=1, description="images per model call")
     workers: int = Field(2, ge=0, description="DataLoader decode processes")
     preprocess: Literal["processor", "fast"] = Field("processor", description="processor: exactly CLIPImageProcessor (open_clip models: exactly open_clip's eval transform); fast: JPEG draft decoding (see docs/embed.md)")
+    patch_tokens: Literal["auto", "true", "false"] = Field(
+        "auto", description="also store the vision tower's last hidden state (fp16, [tokens, width] per image; "
+                            "ViT-B/32: 75 KiB an image): true, false, or auto (when mapper.type reads them, "
+                            "resolved by the embed_plan stage)")
     demo: DemoClip = DemoClip()
 
     @field_validator("model")
@@ -220,13 +224,14 @@ class MapperParams(Section):
 
     # Checked against the registry in pipeline/models/mapper.py when the train stage starts:
     # a new mapper type is one class there, with no change here.
-    type: str = Field("transformer", min_length=1, description="a registered mapper type: transformer, mlp or clipgpt (pipeline/models/mapper.py)")
+    type: str = Field("transformer", min_length=1, description="a registered mapper type: transformer, mlp, clipgpt or cross_attention (pipeline/models/mapper.py)")
     prefix_length: int = Field(10, ge=1, le=256, description="GPT-2 input embeddings made from one CLIP vector (K)")
     clip_length: int = Field(10, ge=1, le=256, description="transformer only: tokens made from the CLIP vector")
     layers: int = Field(4, ge=1, le=64, description="transformer and clipgpt: self-attention blocks")
     heads: int = Field(8, ge=1, description="transformer and clipgpt: attention heads; must divide GPT-2's width")
     mlp_ratio: float = Field(2.0, gt=0, description="transformer only: feed-forward width as a multiple of GPT-2's width")
     forward_expansion: int = Field(4, ge=1, le=64, description="clipgpt only: feed-forward width as a multiple of GPT-2's width (the seed's forward_expansion)")
+    reduce_factor: int = Field(4, ge=1, le=64, description="cross_attention only: the cross-attention width is GPT-2's n_embd / reduce_factor (SmallCap: 4, 7M parameters with GPT-2 small)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the mapper")
     # Width of the prefix embeddings; None takes GPT-2's n_embd, a number must equal it.
     width: Optional[int] = Field(None, ge=1, description="prefix width; null takes GPT-2's n_embd, a number must equal it")
@@ -419,6 +424,13 @@ class Params(Section):
             check_against_gpt(self.mapper, self.gpt.demo.n_embd)
         elif self.gpt.model == REALSIZE:
             check_against_gpt(self.mapper, GPT2_SMALL_WIDTH)
+        if self.mapper.type == "cross_attention":
+            if self.train.finetune_gpt_layers is not None:
+                raise ParamsError("train.finetune_gpt_layers: mapper.type cross_attention keeps GPT-2 frozen "
+                                  "(only its cross-attention trains); set it to null")
+            if self.clip.patch_tokens == "false":
+                raise ParamsError("clip.patch_tokens: mapper.type cross_attention reads patch tokens; set it to "
+                                  "auto or true")
         return self
 
 
@@ -428,6 +440,8 @@ def check_against_gpt(mapper: MapperParams, n_embd: int) -> None:
         raise ParamsError(f"mapper.width: {mapper.width} does not match GPT-2's n_embd {n_embd}")
     if mapper.type in ("transformer", "clipgpt") and n_embd % mapper.heads:
         raise ParamsError(f"mapper.heads: {mapper.heads} does not divide GPT-2's n_embd {n_embd}")
+    if mapper.type == "cross_attention" and n_embd % mapper.reduce_factor:
+        raise ParamsError(f"mapper.reduce_factor: {mapper.reduce_factor} does not divide GPT-2's n_embd {n_embd}")
 
 
 def validated(model: type[BaseModel], values: dict[str, Any], name: Callable[[str], str] = lambda key: key):

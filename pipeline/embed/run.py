@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
+from pipeline.embed.plan import patch_tokens_wanted, read_plan
 from pipeline.embed.shards import embed_shards
 from pipeline.core.files import write_metrics
-from pipeline.core.params import Params
+from pipeline.core.params import Params, ParamsError
 from pipeline.core.runtime import Rank, choose_device, gather, process_group, rank_path
 
 # Ranks may finish hours apart on uneven shards; only the final gather waits.
@@ -25,7 +27,7 @@ def combine(summaries: list[dict]) -> dict:
     wall = max(s["seconds"]["total"] for s in summaries)
     images = sum(s["images"] for s in summaries)
     out = {k: first[k] for k in ("device", "precision", "dtype", "output", "normalized", "preprocess",
-                                 "batch_size", "workers", "model_id", "model_revision", "world_size")}
+                                 "batch_size", "workers", "patch_tokens", "model_id", "model_revision", "world_size")}
     out.update({
         "images": images,
         "failed": sum(s["failed"] for s in summaries),
@@ -40,9 +42,18 @@ def combine(summaries: list[dict]) -> dict:
     return out
 
 
-def run(params: Params, images: Path, model: Path, out: Path, metrics: Path, rank: Rank) -> dict:
-    """Embed, then write the metrics file (rank 0, or one per rank without torchrun)."""
-    summary = embed_shards(images, model, out, params.clip, rank, params.data, device=params.device)
+def run(params: Params, images: Path, model: Path, out: Path, metrics: Path, rank: Rank,
+        plan: Optional[Path] = None) -> dict:
+    """Embed, then write the metrics file (rank 0, or one per rank without torchrun).
+
+    ``plan``: the embed_plan stage's file saying whether to store patch tokens; when it
+    is missing, ``clip.patch_tokens`` is resolved from the params."""
+    patch_tokens = patch_tokens_wanted(params)
+    if plan is not None and Path(plan).exists() and read_plan(plan) != patch_tokens:
+        raise ParamsError(f"{plan} says patch_tokens {str(read_plan(plan)).lower()} but clip.patch_tokens and "
+                          f"mapper.type say {str(patch_tokens).lower()}; run `capline embed-plan` (dvc repro does)")
+    summary = embed_shards(images, model, out, params.clip, rank, params.data, device=params.device,
+                           patch_tokens=patch_tokens)
     with process_group(rank, choose_device(params.device, rank, key="device"), timeout=GATHER_TIMEOUT) as grouped:
         summaries = gather(summary)
     if grouped:

@@ -5,8 +5,8 @@ keeps it only when what it was made from equals what this run would use: the
 encoder attributes (model, revision, output, dtype, normalization, preprocessing,
 format), the sha256 of its image shard, and ``made_with`` (batch size, which fixes
 the batches and so the last bits of the vectors, the split fractions for samples
-without a split, the device type, the code the stage runs and the versions of
-torch, transformers, Pillow, h5py and numpy). Any other feature shard is computed
+without a split, whether patch tokens are stored, the device type, the code the
+stage runs and the versions of torch, transformers, Pillow, h5py and numpy). Any other feature shard is computed
 again, with a log line naming what differs. Everything a shard needs is collected
 in the main process (vectors, not images) and written when all of its samples have
 arrived, sorted by key, so the output does not depend on workers, ranks or timing.
@@ -101,14 +101,16 @@ class _ShardBuffer:
         self.splits: list[str] = []
         self.captions: list[list[str]] = []
         self.vectors: list[np.ndarray] = []
+        self.tokens: list[np.ndarray] = []  # patch tokens, when stored
         self.failed: list[dict] = []
         self.done = 0
 
 
 def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipParams, rank: Rank,
-                 data: DataParams, *, progress: bool = True, device: str = "auto") -> dict:
+                 data: DataParams, *, progress: bool = True, device: str = "auto", patch_tokens: bool = False) -> dict:
     """Embed this rank's image shards on ``device`` (the ``device`` param); returns a summary
-    (counts, speed, timings)."""
+    (counts, speed, timings). ``patch_tokens``: also store the vision tower's last hidden state
+    (``clip.patch_tokens`` resolved, pipeline/embed/plan.py)."""
     t_start = time.perf_counter()
     device = choose_device(device, rank, key="device")  # a device this machine lacks stops here, before any work
     images_dir, model_dir, out_dir = Path(images_dir), Path(model_dir), Path(out_dir)
@@ -129,7 +131,7 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
     assert set(identity) == set(IDENTITY_ATTRS)
     made_with = {
         "batch_size": clip.batch_size, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction,
-        "device": device.type, "code_sha256": code_sha256("pipeline.embed.shards"),
+        "patch_tokens": bool(patch_tokens), "device": device.type, "code_sha256": code_sha256("pipeline.embed.shards"),
         "libraries": library_versions(*LIBRARIES, *(("open_clip_torch",) if is_open_clip_folder(model_dir) else ())),
     }
 
@@ -173,6 +175,7 @@ def embed_shards(images_dir: Path, model_dir: Path, out_dir: Path, clip: ClipPar
         "rank": rank.rank, "world_size": rank.world_size, "device": str(device), "precision": precision,
         "dtype": DTYPE_NAMES[precision], "output": clip.output, "normalized": bool(clip.normalize),
         "preprocess": clip.preprocess, "batch_size": clip.batch_size, "workers": clip.workers,
+        "patch_tokens": bool(patch_tokens),
         "model_id": model_id, "model_revision": revision,
         "shards_total": len(shards), "shards_mine": len(mine), "shards_kept": kept, "shards_written": 0,
         "images": 0, "failed": 0,
@@ -201,6 +204,7 @@ def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Pr
     loader = make_loader(dataset, clip.workers, pin_memory=on_cuda)
     buffers: dict[int, _ShardBuffer] = defaultdict(_ShardBuffer)
     dim = encoder.dim
+    patch_tokens = bool(todo[0][1]["made_with"]["patch_tokens"])
     error: Optional[str] = None
     bar = tqdm(total=len(todo), unit="shard", desc="embed", disable=not progress)
     t = time.perf_counter()
@@ -214,7 +218,9 @@ def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Pr
             pixels = batch["pixels"]
             if on_cuda:
                 pixels = pixels.to(encoder.device, non_blocking=True)
-            vectors = encoder(pre.normalize(pixels)).cpu().numpy()
+            vectors, tokens = encoder.encode(pre.normalize(pixels), patch_tokens=patch_tokens)
+            vectors = vectors.cpu().numpy()
+            tokens = tokens.cpu().numpy() if tokens is not None else None
             secs["model"] += time.perf_counter() - t
             for row, shard_idx in enumerate(batch["shard"]):
                 buf = buffers[shard_idx]
@@ -222,6 +228,8 @@ def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Pr
                 buf.splits.append(batch["splits"][row])
                 buf.captions.append(batch["captions"][row])
                 buf.vectors.append(vectors[row])
+                if tokens is not None:
+                    buf.tokens.append(tokens[row])
         for rec in batch["failed"]:
             buffers[rec["shard"]].failed.append(rec)
         for shard_idx, _stripe in batch["done"]:
@@ -230,7 +238,8 @@ def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Pr
             if buf.done == stripes:
                 t = time.perf_counter()
                 shard, made_from = todo[shard_idx]
-                h5 = _write_shard(shard, made_from, out_dir, buffers.pop(shard_idx), dim)
+                h5 = _write_shard(shard, made_from, out_dir, buffers.pop(shard_idx), dim,
+                                  encoder.token_shape if patch_tokens else None)
                 # Out of DVC's reach until the run completes (see pipeline/core/partial.py).
                 partial.save(shard.stem, digest(made_from), [_status_path(h5), h5])
                 secs["write"] += time.perf_counter() - t
@@ -249,15 +258,21 @@ def _run(todo: list[tuple[Path, dict]], out_dir: Path, encoder: Encoder, pre: Pr
         raise ImageShardError(error)
 
 
-def _write_shard(shard: Path, made_from: dict, out_dir: Path, buf: _ShardBuffer, dim: int) -> Path:
-    """``made_from``: the encoder attributes, ``source_sha256`` and ``made_with`` (stored as JSON)."""
+def _write_shard(shard: Path, made_from: dict, out_dir: Path, buf: _ShardBuffer, dim: int,
+                 token_shape: Optional[tuple[int, int]] = None) -> Path:
+    """``made_from``: the encoder attributes, ``source_sha256`` and ``made_with`` (stored as JSON);
+    ``token_shape``: (tokens, width) when patch tokens are stored."""
     order = sorted(range(len(buf.keys)), key=lambda i: buf.keys[i])
     store = np.float16 if made_from["dtype"] == "float16" else np.float32
     emb = (np.stack([buf.vectors[i] for i in order]).astype(store) if order
            else np.zeros((0, dim), dtype=store))
+    tokens = None
+    if token_shape is not None:
+        tokens = (np.stack([buf.tokens[i] for i in order]) if order
+                  else np.zeros((0, *token_shape), dtype=np.float16))
     table = FeatureTable(
         keys=[buf.keys[i] for i in order], embeddings=emb, splits=[buf.splits[i] for i in order],
-        captions=[buf.captions[i] for i in order],
+        captions=[buf.captions[i] for i in order], patch_tokens=tokens,
         attrs={**made_from, "made_with": json.dumps(made_from["made_with"], sort_keys=True),
                "source": shard.name, "source_bytes": shard.stat().st_size,
                "images": len(order), "failed": len(buf.failed)},

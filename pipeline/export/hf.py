@@ -30,7 +30,7 @@ def export_hf(model_dir: str | Path, out: str | Path, metrics: Optional[Path] = 
     from safetensors.torch import save_file
 
     from pipeline.export.card import model_card
-    from pipeline.export.target import check_target
+    from pipeline.export.target import check_exportable, check_target
     from pipeline.models.captioner import ClipCaptioner
     from pipeline.models.openclip import is_open_clip_folder
     from pipeline.models.pretrained import load_clip
@@ -38,6 +38,7 @@ def export_hf(model_dir: str | Path, out: str | Path, metrics: Optional[Path] = 
     model_dir = Path(model_dir)
     check_target(Path(out), model_dir, CODE_FILES[1])
     model = ClipCaptioner.load(model_dir)
+    check_exportable(model, Path(model_dir))
     if model.clip_dir is None:
         raise ModelError(f"{model_dir}: no clip/ folder (trained without --clip); the export needs the CLIP "
                          "that made its features")

@@ -33,7 +33,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: Optional[str] 
                 metrics: Optional[Path] = None) -> Path:
     from pipeline.export.graphs import export_clip, export_decoder, export_mapper
     from pipeline.export.quantize import quantize_int8
-    from pipeline.export.target import check_target
+    from pipeline.export.target import check_exportable, check_target
     from pipeline.models.captioner import ClipCaptioner
     from pipeline.models.openclip import is_open_clip_folder
     from pipeline.models.pretrained import load_clip
@@ -42,6 +42,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: Optional[str] 
         raise ModelError(f"--quantize {quantize!r}: only int8 is supported")
     check_target(Path(out), Path(model_dir), MANIFEST)
     model = ClipCaptioner.load(model_dir)
+    check_exportable(model, Path(model_dir))
     if model.clip_dir is None:
         raise ModelError(f"{model_dir}: no clip/ folder (trained without --clip); the export needs the CLIP "
                          "that made its features")

@@ -2,7 +2,8 @@
 
 Layout (``NNNNN.h5``): datasets ``embeddings`` [N, D] (explicit ~1 MiB chunks, no
 compression), ``keys``/``splits``/``captions`` [N] utf-8 strings (captions as a JSON
-list per image). Attributes name the encoder that made the vectors; a reader given
+list per image), and with ``clip.patch_tokens`` ``patch_tokens`` [N, T, W] (the vision
+tower's last hidden state, fp16, one chunk per image) for cross-attention mappers. Attributes name the encoder that made the vectors; a reader given
 ``expect`` refuses a shard whose attributes differ, so a model trained on one
 encoder is never fed another's vectors.
 """
@@ -24,6 +25,9 @@ CHUNK_BYTES = 2**20
 # The attributes that describe the encoder; they must agree across the shards of one
 # feature folder. Other attributes (source, counts) are per shard.
 IDENTITY_ATTRS = ("model_id", "model_revision", "output", "dtype", "normalized", "preprocess", "format_version")
+PATCH_TOKENS = "patch_tokens"
+NO_PATCH_TOKENS = ("has no patch tokens (dataset 'patch_tokens'), which mapper.type cross_attention reads; "
+                   "embed them with clip.patch_tokens: auto or true (then rerun embed)")
 
 
 class FeatureShardError(CaplineError):
@@ -37,6 +41,7 @@ class FeatureTable:
     splits: list[str]
     captions: list[list[str]]
     attrs: dict = field(default_factory=dict)
+    patch_tokens: Optional[np.ndarray] = None  # [N, T, W] float16, written when given
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -76,6 +81,13 @@ def write_feature_shard(path: Path, table: FeatureTable) -> None:
             f.create_dataset("splits", data=np.array(table.splits, dtype=object), dtype=text)
             caps = [json.dumps(list(c), ensure_ascii=False) for c in table.captions]
             f.create_dataset("captions", data=np.array(caps, dtype=object), dtype=text)
+            if table.patch_tokens is not None:
+                tokens = np.asarray(table.patch_tokens, dtype=np.float16)
+                if tokens.ndim != 3 or tokens.shape[0] != n:
+                    raise FeatureShardError(f"{path}: patch tokens {tokens.shape} for {n} keys")
+                # One chunk per image: a reader gathering a batch's rows reads only theirs.
+                f.create_dataset(PATCH_TOKENS, data=tokens, chunks=(1, *tokens.shape[1:]),
+                                 maxshape=(None, *tokens.shape[1:]) if n == 0 else None)
             for k, v in table.attrs.items():
                 f.attrs[k] = v
         os.replace(tmp, path)
@@ -151,6 +163,36 @@ def read_feature_shard(path: Path, expect: Optional[dict] = None, embeddings: bo
     return FeatureTable(keys=keys, embeddings=emb, splits=splits, captions=captions, attrs=attrs)
 
 
+def read_feature_array(path: Path, dataset: str = "embeddings") -> np.ndarray:
+    """One dataset of a shard whole: ``embeddings`` [N, D] or ``patch_tokens`` [N, T, W]."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if dataset not in f:
+                raise FeatureShardError(f"{path}: {NO_PATCH_TOKENS}" if dataset == PATCH_TOKENS
+                                        else f"{path}: dataset {dataset!r} is missing")
+            return f[dataset][()]
+    except FeatureShardError:
+        raise
+    except (OSError, KeyError) as err:
+        raise FeatureShardError(f"{path}: not a readable feature shard ({err})") from None
+
+
+def patch_tokens_shape(path: Path) -> tuple[int, int]:
+    """(tokens, width) of a shard's patch tokens (cheap: no data is read)."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if PATCH_TOKENS not in f:
+                raise FeatureShardError(f"{path}: {NO_PATCH_TOKENS}")
+            shape = f[PATCH_TOKENS].shape
+    except FeatureShardError:
+        raise
+    except (OSError, KeyError) as err:
+        raise FeatureShardError(f"{path}: not a readable feature shard ({err})") from None
+    return int(shape[1]), int(shape[2])
+
+
 def check_same_encoder(shard: Path, attrs: dict, first: Path, first_attrs: dict) -> None:
     """Refuse a shard whose encoder attributes differ from the folder's first shard's."""
     for k in IDENTITY_ATTRS:
@@ -160,11 +202,14 @@ def check_same_encoder(shard: Path, attrs: dict, first: Path, first_attrs: dict)
                 f"{first_attrs.get(k)!r}; the feature folder mixes encoders or settings")
 
 
-def load_features(feature_dir: Path, split: Optional[str] = None, expect: Optional[dict] = None) -> FeatureTable:
+def load_features(feature_dir: Path, split: Optional[str] = None, expect: Optional[dict] = None,
+                  dataset: str = "embeddings") -> FeatureTable:
     """All shards of a folder concatenated in shard order, optionally one split only.
 
     Every shard must carry the same encoder attributes as the first (and as
-    ``expect``); the returned ``attrs`` are those identity attributes.
+    ``expect``); the returned ``attrs`` are those identity attributes. With
+    ``dataset="patch_tokens"`` the table's ``embeddings`` are the patch tokens [N, T, W]
+    (what a cross-attention model reads), as stored (fp16).
     """
     shards = list_feature_shards(feature_dir)
     if not shards:
@@ -175,15 +220,17 @@ def load_features(feature_dir: Path, split: Optional[str] = None, expect: Option
     parts: list[np.ndarray] = []
     first: Optional[tuple[Path, dict]] = None
     for shard in shards:
-        table = read_feature_shard(shard, expect)
+        table = read_feature_shard(shard, expect, embeddings=dataset == "embeddings")
+        if dataset != "embeddings":
+            table.embeddings = read_feature_array(shard, dataset)
         if first is None:
             first = (shard, table.attrs)
         else:
             check_same_encoder(shard, table.attrs, first[0], first[1])
-            if table.embeddings.shape[1] != parts[0].shape[1]:
+            if table.embeddings.shape[1:] != parts[0].shape[1:]:
                 raise FeatureShardError(
-                    f"{shard}: embedding width {table.embeddings.shape[1]} differs from {first[0].name}'s "
-                    f"{parts[0].shape[1]}")
+                    f"{shard}: {dataset} shape {table.embeddings.shape[1:]} differs from {first[0].name}'s "
+                    f"{parts[0].shape[1:]}")
         idx = [i for i, s in enumerate(table.splits) if split is None or s == split]
         keys += [table.keys[i] for i in idx]
         splits += [table.splits[i] for i in idx]

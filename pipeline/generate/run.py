@@ -75,10 +75,11 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
     device = choose_device(device, rank, key="device")
     precision = choose_precision(params.precision, device, key="generate.precision")
     model = ClipCaptioner.load(model_dir)
-    table = load_features(Path(features_dir), split=params.split, expect=model.feature_expectation())
+    table = load_features(Path(features_dir), split=params.split, expect=model.feature_expectation(),
+                          dataset=model.feature_dataset)
     if len(table) == 0:
         raise FeatureShardError(f"{features_dir}: no images in the {params.split!r} split (generate.split)")
-    model.check_features(table.attrs, int(table.embeddings.shape[1]), str(features_dir))
+    model.check_features(table.attrs, int(table.embeddings.shape[-1]), str(features_dir))
     table = _with_references(table)
     if len(table) == 0:
         raise FeatureShardError(f"{features_dir}: no image of the {params.split!r} split has a reference caption")

@@ -15,6 +15,7 @@ registry, not the params schema.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -90,6 +91,8 @@ class ClipCaptioner(TokenLimits, nn.Module):
         self.features = dict(features or {})
         # Where GPT-2 came from: the pin of its folder (model id, resolved revision, sha256).
         self.gpt_source = dict(gpt_source or {})
+        if finetune_gpt and mapper.freezes_gpt:
+            raise ModelError(f"mapper type {mapper.kind} keeps GPT-2 frozen; it cannot be fine-tuned")
         self.finetune_gpt = finetune_gpt
         # A frozen GPT-2 gets no gradients and stays in eval mode (no dropout).
         self.gpt.requires_grad_(finetune_gpt)
@@ -100,7 +103,7 @@ class ClipCaptioner(TokenLimits, nn.Module):
                       features: Optional[dict] = None, finetune_gpt: bool = False,
                       gpt_source: Optional[dict] = None) -> "ClipCaptioner":
         """A new captioner (random mapper) from the params' ``mapper`` section as a mapping."""
-        config = mappers.make_config(mapper_settings, clip_dim, int(gpt.config.hidden_size))
+        config = mappers.make_config(mapper_settings, clip_dim, int(gpt.config.hidden_size), gpt.config)
         mapper = mappers.build_mapper(str(mapper_settings["type"]), config)
         return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt, gpt_source=gpt_source)
 
@@ -115,7 +118,19 @@ class ClipCaptioner(TokenLimits, nn.Module):
             self.gpt.eval()
         return self
 
+    @property
+    def feature_dataset(self) -> str:
+        """The feature shards' dataset this model reads: ``patch_tokens`` [N, T, D] or ``embeddings`` [N, D]."""
+        return "patch_tokens" if self.mapper.patch_tokens else "embeddings"
+
     # -------------------------------------------------------------------- compute
+    def attending(self, features: torch.Tensor):
+        """A context in which GPT-2 attends to ``features`` (a cross-attention mapper's patch
+        tokens, one row per image); nothing for prefix mappers."""
+        if not self.mapper.patch_tokens:
+            return contextlib.nullcontext()
+        return self.mapper.attached(self.gpt, features.to(self.device))
+
     def prefix(self, clip_vectors: torch.Tensor) -> torch.Tensor:
         """[B, clip_dim] -> [B, prefix_length, n_embd] in GPT-2's dtype."""
         dtype = self.gpt.get_input_embeddings().weight.dtype
@@ -158,7 +173,8 @@ class ClipCaptioner(TokenLimits, nn.Module):
         b, k = prefix.shape[0], prefix.shape[1]
         embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
         mask = torch.cat([attention_mask.new_ones(b, k), attention_mask], dim=1)
-        hidden = self.gpt.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        with self.attending(clip_vectors):
+            hidden = self.gpt.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         # Position K-1+i predicts caption token i. Only the real tokens' states go through
         # the LM head, packed into one contiguous [N, width] matrix: padding costs nothing,
         # and a strided slice would send GPT-2's 50,257-row head down torch's slow
@@ -278,6 +294,9 @@ class ClipCaptioner(TokenLimits, nn.Module):
         from pipeline.formats.features import FeatureShardError
 
         if dim != self.clip_dim:
+            if self.mapper.patch_tokens:
+                raise FeatureShardError(f"{source}: patch tokens {dim} wide but the model was trained on "
+                                        f"{self.clip_dim}")
             raise FeatureShardError(f"{source}: feature dim {dim} but the model was trained on dim {self.clip_dim}")
         for key in FEATURE_KEYS:
             want, got = self.features.get(key), attrs.get(key)

@@ -35,10 +35,12 @@ class Split:
 
 
 def load_split(table, select: np.ndarray) -> tuple[torch.Tensor, list[list[str]]]:
-    """Vectors and non-blank references of the selected rows that have any."""
+    """Vectors (patch tokens: kept fp16, as stored; the model casts them) and non-blank
+    references of the selected rows that have any."""
     rows = [i for i in np.flatnonzero(select) if any(c and c.strip() for c in table.captions[i])]
-    vectors = torch.from_numpy(np.ascontiguousarray(table.embeddings[rows], dtype=np.float32)) if rows \
-        else torch.zeros((0, table.embeddings.shape[1]))
+    dtype = np.float32 if table.embeddings.ndim == 2 else table.embeddings.dtype
+    vectors = torch.from_numpy(np.ascontiguousarray(table.embeddings[rows], dtype=dtype)) if rows \
+        else torch.zeros((0, *table.embeddings.shape[1:]))
     return vectors, [[c for c in table.captions[i] if c and c.strip()] for i in rows]
 
 

@@ -131,8 +131,8 @@ class ScstJob:
         torch.manual_seed(params.seed)
 
         model = ClipCaptioner.load(model_dir, device=device)
-        table = load_features(features_dir, expect=model.feature_expectation())
-        model.check_features(table.attrs, int(table.embeddings.shape[1]), str(features_dir))
+        table = load_features(features_dir, expect=model.feature_expectation(), dataset=model.feature_dataset)
+        model.check_features(table.attrs, int(table.embeddings.shape[-1]), str(features_dir))
         splits = np.asarray(table.splits)
         train_vectors, train_refs = load_split(table, splits == "train")
         val_vectors, val_refs = load_split(table, splits == "val")

@@ -182,15 +182,17 @@ def generate_ids(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     if d.num_beams > 1 and n > 1:
         config.return_dict_in_generate = True
         config.output_scores = True
-    cache = prefix_cache(model, prefix, ours * d.num_beams)
-    if ours > 1:
-        prefix = prefix.repeat_interleave(ours, dim=0)
-    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-    with warnings.catch_warnings(), _no_padding_warning():
-        # With inputs_embeds the penalties see only the caption's tokens: what we want, not a problem.
-        warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
-        out = model.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config,
-                                 logits_processor=processors or None, cache=cache)
+    # A cross-attention mapper's keys and values: computed once per image, shared by its rows.
+    with model.attending(vectors):
+        cache = prefix_cache(model, prefix, ours * d.num_beams)
+        if ours > 1:
+            prefix = prefix.repeat_interleave(ours, dim=0)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        with warnings.catch_warnings(), _no_padding_warning():
+            # With inputs_embeds the penalties see only the caption's tokens: what we want, not a problem.
+            warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
+            out = model.gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config,
+                                     logits_processor=processors or None, cache=cache)
     return out, sampler
 
 

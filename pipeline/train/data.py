@@ -5,6 +5,9 @@
 * Image vectors come from a store: ``MemoryVectors`` holds the whole feature set
   (read once) when it fits ``train.max_memory_gb``; otherwise ``ShardVectors``
   reads shards when a batch needs them and keeps at most two windows of shards.
+  A store holds one dataset of the shards: ``embeddings`` [N, D] (as float32) or a
+  cross-attention mapper's ``patch_tokens`` [N, T, D] (as stored, fp16; batches are
+  float32), so patch tokens stream with the same bound on memory.
 * The order of an epoch depends only on ``(train.seed, epoch)``: a permutation of
   all pairs in memory; streamed, the shards are shuffled, then the pairs within
   each window of shards. Batches are the global batches (``train.batch_size``);
@@ -29,7 +32,7 @@ import torch
 
 from pipeline.models.captioner import tokenize_captions
 from pipeline.formats.features import (IDENTITY_ATTRS, FeatureShardError, check_same_encoder, list_feature_shards,
-                               load_features, read_feature_shard)
+                               load_features, patch_tokens_shape, read_feature_array, read_feature_shard)
 
 log = logging.getLogger(__name__)
 BUCKET_BATCHES = 50  # length bucketing sorts within chunks of this many batches
@@ -79,16 +82,21 @@ def build_captions(tokenizer: Any, rows: Sequence[int], captions: Sequence[Seque
 
 
 # ----------------------------------------------------------------- vectors
+def _held(array: np.ndarray) -> np.ndarray:
+    """How a store holds a dataset: vectors as float32, patch tokens as stored (fp16, half the memory)."""
+    return np.ascontiguousarray(array, dtype=np.float32 if array.ndim == 2 else array.dtype)
+
+
 class MemoryVectors:
-    """The whole feature set in memory (float32)."""
+    """The whole feature set in memory."""
 
     streamed = False
 
     def __init__(self, embeddings: np.ndarray) -> None:
-        self.vectors = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+        self.vectors = torch.from_numpy(_held(embeddings))
 
     def get(self, rows: np.ndarray) -> torch.Tensor:
-        return self.vectors[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+        return self.vectors[torch.from_numpy(np.asarray(rows, dtype=np.int64))].float()
 
 
 class ShardVectors:
@@ -96,11 +104,17 @@ class ShardVectors:
 
     streamed = True
 
-    def __init__(self, paths: list[Path], shard_rows: list[int], capacity: int) -> None:
+    def __init__(self, paths: list[Path], shard_rows: list[int], capacity: int, dataset: str = "embeddings") -> None:
         self.paths = paths
+        self.dataset = dataset
         self.starts = np.concatenate([[0], np.cumsum(shard_rows)]).astype(np.int64)
         self.capacity = max(1, capacity)
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the shards held now (the streamed working set)."""
+        return sum(a.nbytes for a in self.cache.values())
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, rows, side="right") - 1
@@ -111,8 +125,7 @@ class ShardVectors:
             return self.cache[s]
         while len(self.cache) >= self.capacity:
             self.cache.popitem(last=False)
-        table = read_feature_shard(self.paths[s])
-        self.cache[s] = np.ascontiguousarray(table.embeddings, dtype=np.float32)
+        self.cache[s] = _held(read_feature_array(self.paths[s], self.dataset))
         return self.cache[s]
 
     def get(self, rows: np.ndarray) -> torch.Tensor:
@@ -123,7 +136,7 @@ class ShardVectors:
             sel = np.flatnonzero(shards == s)
             part = self._shard(int(s))[rows[sel] - self.starts[s]]
             if out is None:
-                out = np.empty((len(rows), part.shape[1]), dtype=np.float32)
+                out = np.empty((len(rows), *part.shape[1:]), dtype=np.float32)
             out[sel] = part
         return torch.from_numpy(out if out is not None else np.zeros((0, 0), np.float32))
 
@@ -140,13 +153,15 @@ class TrainingData:
     n_shards: int
     window: int  # shards shuffled together (all of them in memory)
     pair_shard: np.ndarray  # shard of each train pair
+    dataset: str  # embeddings | patch_tokens
     feature_bytes: int
     load_seconds: float
     tokenize_seconds: float
 
 
-def load_training_data(features_dir: Path, tokenizer: Any, max_tokens: int, max_memory_gb: float) -> TrainingData:
-    """Read the train and val captions (and, when they fit, all vectors) of a feature folder."""
+def load_training_data(features_dir: Path, tokenizer: Any, max_tokens: int, max_memory_gb: float,
+                       dataset: str = "embeddings") -> TrainingData:
+    """Read the train and val captions (and, when they fit, all of ``dataset``) of a feature folder."""
     features_dir = Path(features_dir)
     shards = list_feature_shards(features_dir)
     if not shards:
@@ -164,19 +179,25 @@ def load_training_data(features_dir: Path, tokenizer: Any, max_tokens: int, max_
                 raise FeatureShardError(f"{path}: embedding width {meta.attrs['dim']} differs from "
                                         f"{first[0].name}'s {first[1]['dim']}")
         metas.append(meta)
-    dim = int(first[1]["dim"])
     shard_rows = [len(m.keys) for m in metas]
-    feature_bytes = sum(shard_rows) * dim * 4
+    if dataset == "embeddings":
+        dim = int(first[1]["dim"])
+        row_bytes = dim * 4
+    else:
+        shape = patch_token_shape(shards)
+        dim = shape[1]
+        row_bytes = shape[0] * shape[1] * 2  # held as stored: fp16
+    feature_bytes = sum(shard_rows) * row_bytes
     limit = int(max_memory_gb * GIB)
     if feature_bytes <= limit:
-        table = load_features(features_dir)
+        table = load_features(features_dir, dataset=dataset)
         vectors: Any = MemoryVectors(table.embeddings)
         window = len(shards)
         attrs = dict(table.attrs)
     else:
-        largest = max(shard_rows) * dim * 4
+        largest = max(shard_rows) * row_bytes
         window = max(1, limit // (2 * max(largest, 1)))
-        vectors = ShardVectors(shards, shard_rows, capacity=2 * window)
+        vectors = ShardVectors(shards, shard_rows, capacity=2 * window, dataset=dataset)
         attrs = {k: first[1][k] for k in IDENTITY_ATTRS if k in first[1]}
         if 2 * largest > limit:
             log.warning("train.max_memory_gb %.3g holds fewer than two shards (%.3g GB each): two are kept anyway",
@@ -204,8 +225,16 @@ def load_training_data(features_dir: Path, tokenizer: Any, max_tokens: int, max_
     pair_shard = (np.searchsorted(starts, train.rows, side="right") - 1).astype(np.int64)
     return TrainingData(train=train, val=val, vectors=vectors, attrs=attrs, dim=dim,
                         train_images=len(splits_rows["train"]), n_shards=len(shards), window=window,
-                        pair_shard=pair_shard, feature_bytes=feature_bytes, load_seconds=load_seconds,
+                        pair_shard=pair_shard, dataset=dataset, feature_bytes=feature_bytes, load_seconds=load_seconds,
                         tokenize_seconds=tokenize_seconds)
+
+
+def patch_token_shape(shards: list[Path]) -> tuple[int, int]:
+    """(tokens, width) of the shards' patch tokens: the same in every shard, or a FeatureShardError."""
+    shapes = {patch_tokens_shape(path) for path in shards}
+    if len(shapes) > 1:
+        raise FeatureShardError(f"{shards[0].parent}: patch tokens of different shapes {sorted(shapes)}")
+    return shapes.pop()
 
 
 # ------------------------------------------------------------------ order

@@ -99,7 +99,7 @@ class XeJob:
 
         from pipeline.models.pretrained import load_gpt, read_pin
 
-        mapper_class(mapper.type)  # an unknown mapper.type stops here, before anything is loaded
+        kind = mapper_class(mapper.type)  # an unknown mapper.type stops here, before anything is loaded
         self.amp = choose_precision(params.precision, device, key="train.precision")
         check_batch_size("train", params.batch_size, rank.world_size, params.grad_accum)
         torch.manual_seed(params.seed)
@@ -116,12 +116,18 @@ class XeJob:
             log.warning("train.max_caption_tokens %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
                         max_tokens, room, room + mapper.prefix_length, mapper.prefix_length)
             max_tokens = room
-        data = load_training_data(features_dir, tokenizer, max_tokens, params.max_memory_gb)
+        dataset = "patch_tokens" if kind.patch_tokens else "embeddings"
+        data = load_training_data(features_dir, tokenizer, max_tokens, params.max_memory_gb, dataset=dataset)
         features = {**data.attrs, "dim": data.dim}
+        finetune = params.finetune_gpt
+        if finetune and kind.freezes_gpt:
+            # SmallCap's design: GPT-2 stays frozen, only the cross-attention learns.
+            log.warning("train.finetune_gpt ignored: mapper.type %s keeps GPT-2 frozen", mapper.type)
+            finetune = False
         pin = read_pin(gpt_dir)
         source = {k: pin[k] for k in ("model_id", "revision", "sha256")}
         model = ClipCaptioner.from_settings(mapper.model_dump(), data.dim, gpt, tokenizer, features=features,
-                                            finetune_gpt=params.finetune_gpt, gpt_source=source).to(device)
+                                            finetune_gpt=finetune, gpt_source=source).to(device)
         if clip_dir is not None:
             check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
         if params.finetune_gpt_layers is not None:  # train only these parts of GPT-2 (the seed's model)
@@ -138,6 +144,8 @@ class XeJob:
         self.params, self.mapper_params, self.rank, self.device = params, mapper, rank, device
         self.data, self.model, self.clip_dir = data, model, clip_dir
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        log.info("train: %s trainable parameters of %s (mapper.type %s)", f"{count_parameters(model, True):,}",
+                 f"{count_parameters(model):,}", mapper.type)
         self.optimizer = make_optimizer(self.trainable, params, device)
         self.schedule = get_linear_schedule_with_warmup(self.optimizer, params.warmup_steps, total_steps)
         self.modules = {"mapper": model.mapper, **({"gpt": model.gpt} if model.finetune_gpt else {})}
@@ -230,6 +238,7 @@ class XeJob:
             "params_trainable": count_parameters(model, trainable_only=True),
             "params_total": count_parameters(model),
             "mapper_layers": mapper.layers if mapper.type == "transformer" else 0,
+            "features": data.dataset,
             "train_pairs": len(data.train),
             "train_images": data.train_images,
             "val_pairs": len(data.val),

@@ -72,6 +72,16 @@ def write_features(feature_dir: Path, table, shards: int = 2) -> Path:
             splits=table.splits[lo:hi],
             captions=table.captions[lo:hi],
             attrs=dict(table.attrs),
+            patch_tokens=None if table.patch_tokens is None else table.patch_tokens[lo:hi],
         )
         write_feature_shard(feature_dir / f"{s:05d}.h5", part)
     return feature_dir
+
+
+def with_patch_tokens(table, tokens: int = 5, seed: int = 0):
+    """``table`` with patch tokens [N, tokens, D] (fp16): each image's vector plus noise per
+    token, so a cross-attention mapper can read the class from them."""
+    rng = np.random.default_rng(seed)
+    noise = 0.1 * rng.normal(size=(len(table.keys), tokens, table.embeddings.shape[1]))
+    table.patch_tokens = (table.embeddings[:, None, :] + noise).astype(np.float16)
+    return table

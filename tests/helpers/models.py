@@ -136,6 +136,22 @@ def reference_embeddings(model_dir: Path, images: list[bytes], output: str = "im
     return np.stack(rows)
 
 
+def reference_patch_tokens(model_dir: Path, images: list[bytes]) -> np.ndarray:
+    """The vision tower's last hidden state [N, tokens, width] by the plain path, fp32, one image at a time."""
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
+    proc = CLIPImageProcessor.from_pretrained(model_dir)
+    with torch.no_grad():
+        return np.stack([model.vision_model(pixel_values=proc(images=Image.open(io.BytesIO(data)),
+                                                              return_tensors="pt")["pixel_values"])
+                         .last_hidden_state[0].numpy() for data in images])
+
+
 # ------------------------------------------------------------- shared model folders
 def clip_feature_attrs(clip_dir: Path, dim: int) -> dict:
     """The feature attributes embed records for ``clip_dir``'s ``image_embeds`` (processor
