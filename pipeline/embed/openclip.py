@@ -108,3 +108,11 @@ class OpenClipEncoder:
         if self.normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out
+
+    def encode(self, pixel_values: torch.Tensor, patch_tokens: bool = False
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """As ``Encoder.encode``; open_clip's towers give no patch tokens here."""
+        if patch_tokens:
+            raise ModelError("clip.patch_tokens: open_clip models give no patch tokens here; only transformers "
+                             "CLIP models do (set clip.patch_tokens: false and use a prefix mapper)")
+        return self(pixel_values), None
