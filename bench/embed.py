@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs for (a), (c), (d)")
     args = ap.parse_args()
 
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from pipeline.models.pretrained import image_processor_class
     from transformers.utils import logging as hf_logging
 
     from pipeline.core.runtime import Rank, choose_device, choose_precision
@@ -89,7 +90,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=512)).eval()
         model.save_pretrained(tmp / "clip")
-        CLIPImageProcessor().save_pretrained(tmp / "clip")
+        image_processor_class()().save_pretrained(tmp / "clip")
         pin = {"model_id": "bench/vit-b-32-random", "revision": "0", "sha256": weights_sha256(tmp / "clip")}
         (tmp / "clip" / "pin.json").write_text(json.dumps(pin))
         print(f"setup: {args.images} JPEGs 640x480 (mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB) in "
@@ -126,7 +127,7 @@ def main() -> None:
 
         # (b) naive loop: the seed's way, one image at a time in fp32
         naive_model = CLIPVisionModelWithProjection.from_pretrained(tmp / "clip").eval()
-        processor = CLIPImageProcessor.from_pretrained(tmp / "clip")
+        processor = image_processor_class().from_pretrained(tmp / "clip")
         n = min(args.naive_images, len(jpegs))
         t = time.perf_counter()
         with torch.no_grad():

@@ -142,10 +142,11 @@ def reference_patch_tokens(model_dir: Path, images: list[bytes]) -> np.ndarray:
 
     import torch
     from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
+    from pipeline.models.pretrained import image_processor_class
 
     model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
-    proc = CLIPImageProcessor.from_pretrained(model_dir)
+    proc = image_processor_class().from_pretrained(model_dir)
     with torch.no_grad():
         return np.stack([model.vision_model(pixel_values=proc(images=Image.open(io.BytesIO(data)),
                                                               return_tensors="pt")["pixel_values"])
