@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.core.files import read_metrics  # noqa: E402  (the checkout, on the path above)
 
-STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed", "train", "scst", "generate", "generate_xe",
-          "evaluate")
+STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "train", "scst", "generate",
+          "generate_xe", "evaluate")
 
 
 def copy_repository(dest: Path) -> None:
@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="training batch size (the profile: 6)")
     ap.add_argument("--max-new-tokens", type=int, help="caption length cap (the profile: 20)")
     ap.add_argument("--keep", type=Path, help="build the copy here and keep it (default: a temporary folder)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a param on top of the profile, as dvc exp run -S takes it (e.g. mapper.type=clipgpt); "
+                         "repeatable")
     args = ap.parse_args()
 
     reduce: dict = {}
@@ -95,6 +98,15 @@ def main() -> None:
         reduce.setdefault("train", {})["batch_size"] = args.batch_size
     if args.max_new_tokens:
         reduce.setdefault("generate", {})["max_new_tokens"] = args.max_new_tokens
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"realsize: --set {item!r}: expected KEY=VALUE")
+        *sections, name = key.split(".")
+        node = reduce
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = yaml.safe_load(value)
 
     tmp = None
     if args.keep:
