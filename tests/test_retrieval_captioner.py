@@ -1,0 +1,244 @@
+"""The retrieval captioner: [prefix] + prompt(k captions) + caption, trained and decoded.
+
+k=0 is the plain captioner (same logits); the loss covers the caption only; a row's
+logits and captions do not depend on the other prompts of its batch; the model folder
+records its retrieval settings and datastore; another datastore can be swapped in,
+and one of another CLIP is refused.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.params import GenerateParams, MapperParams, RetrievalParams, TrainParams
+from pipeline.formats.neighbours import NeighbourTable, write_neighbour_shard
+from pipeline.generate.run import caption_vectors, run as generate
+from pipeline.models.captioner import ClipCaptioner
+from pipeline.models.prompt import RetrievalSettings, pad_left
+from pipeline.retrieval.store import DatastoreError, write_datastore
+from pipeline.text.decoding import prepare_for_inference
+from pipeline.train.run import train
+from tests.helpers.features import COLOURS, SHAPES, scene_table, with_patch_tokens, write_features
+from tests.helpers.models import load_tiny_gpt
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# The tiny GPT-2 knows the scene words only: a template of scene words (the others would be <unk>).
+TEMPLATE = "a {captions} here one"
+RETRIEVAL = RetrievalParams(k=2, template=TEMPLATE, max_caption_tokens=6)
+GEN = GenerateParams(split="test", batch_size=5, num_beams=3, max_new_tokens=8, precision="fp32")
+DATASTORE_ID = {"fingerprint": "f" * 64, "model_id": "test/clip", "model_revision": "0" * 64}
+
+
+def neighbours_of(table, k: int = 2) -> list[list[str]]:
+    """Each image's k neighbours: captions of its own class in both wordings, of different lengths
+    from image to image (the prompts of a batch differ in length)."""
+    out = []
+    for i, key in enumerate(table.keys):
+        c, s = table.captions[i][0].split()[1:3]
+        long, short = f"one {c} {s} here", f"a {c} {s}"
+        out.append([long, short][:k] if i % 2 else [short, short, long][:k])
+    return out
+
+
+def write_neighbours(folder, features, table, k: int = 2):
+    """Neighbour shards for the feature shards in ``features`` (same stems, same key order)."""
+    from pipeline.formats.features import read_feature_shard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_key = dict(zip(table.keys, neighbours_of(table, k)))
+    for shard in sorted(features.glob("*.h5")):
+        meta = read_feature_shard(shard, embeddings=False)
+        n = len(meta.keys)
+        write_neighbour_shard(folder / shard.name, NeighbourTable(
+            keys=meta.keys, splits=meta.splits, ids=np.zeros((n, k), np.int64), scores=np.zeros((n, k), np.float32),
+            captions=[by_key[key] for key in meta.keys],
+            attrs={"made_from": json.dumps({"datastore": DATASTORE_ID["fingerprint"]}), "k": k,
+                   "model_id": DATASTORE_ID["model_id"], "model_revision": DATASTORE_ID["model_revision"]}))
+    return folder
+
+
+def make_datastore(folder, table, model_id="test/clip"):
+    """A datastore whose captions are the scene captions, each at its class direction."""
+    import faiss
+
+    texts, vectors = [], []
+    for i, caps in enumerate(table.captions):
+        for cap in caps:
+            texts.append(cap)
+            vectors.append(table.embeddings[i])
+    index = faiss.IndexFlatIP(table.embeddings.shape[1])
+    index.add(np.stack(vectors).astype(np.float32))
+    from pipeline.retrieval.captions import Caption
+
+    manifest = {"model_id": model_id, "model_revision": "0" * 64, "dim": int(index.d), "fingerprint": "d" * 64,
+                "index": {"kind": "flat", "type": "IndexFlatIP"}}
+    write_datastore(folder, index, [Caption(key=None, text=t) for t in texts], manifest)
+    return folder
+
+
+def tiny_model(tiny_gpt_dir, k: int, mapper: str = "mlp", seed: int = 0) -> ClipCaptioner:
+    gpt, tok = load_tiny_gpt(tiny_gpt_dir)
+    torch.manual_seed(seed)
+    settings = RetrievalSettings(k=k, template=TEMPLATE, max_caption_tokens=6) if k else None
+    return ClipCaptioner.from_settings(MapperParams(type=mapper, prefix_length=3).model_dump(), 16, gpt, tok,
+                                       retrieval=settings).eval()
+
+
+def caption_batch(model, captions):
+    from pipeline.models.captioner import tokenize_captions
+
+    rows = tokenize_captions(model.tokenizer, captions, 10)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), model.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def test_k0_is_the_plain_captioner(tiny_gpt_dir):
+    """k=0: the logits of today's computation (cat(prefix, tokens), GPT-2's own positions), exactly."""
+    model = tiny_model(tiny_gpt_dir, k=0)
+    vectors = torch.randn(3, 16)
+    ids, mask = caption_batch(model, ["a red circle", "one blue square here", "a green triangle"])
+    with torch.no_grad():
+        prefix = model.prefix(vectors)
+        embeds = torch.cat([prefix, model.gpt.get_input_embeddings()(ids)], dim=1)
+        full = torch.cat([torch.ones(3, prefix.shape[1], dtype=torch.long), mask], dim=1)
+        hidden = model.gpt.base_model(inputs_embeds=embeds, attention_mask=full).last_hidden_state
+        today = model.gpt.get_output_embeddings()(hidden[:, prefix.shape[1] - 1:-1][mask.bool()])
+        assert torch.equal(model._real_token_logits(vectors, ids, mask), today)
+    assert model.prompt_room == 0 and model.caption_room == 64 - 3
+    assert model.config_dict()["retrieval"]["k"] == 0
+
+
+def test_loss_covers_the_caption_not_the_prompt(tiny_gpt_dir):
+    """One row: the loss equals GPT-2's own loss over [prefix, prompt, caption] with labels on the caption only."""
+    model = tiny_model(tiny_gpt_dir, k=2)
+    vectors = torch.randn(1, 16)
+    ids, mask = caption_batch(model, ["a red circle"])
+    prompt_ids = model.prompt_ids([["one red circle here", "a red square"]])
+    prompt = pad_left(prompt_ids, model.pad_token_id)
+    with torch.no_grad():
+        ours = model(vectors, ids, mask, prompt=prompt)
+        prefix = model.prefix(vectors)
+        tokens = torch.cat([prompt[0], ids], dim=1)
+        embeds = torch.cat([prefix, model.gpt.get_input_embeddings()(tokens)], dim=1)
+        labels = torch.cat([torch.full((1, prefix.shape[1] + prompt[0].shape[1]), -100), ids], dim=1)
+        theirs = model.gpt(inputs_embeds=embeds, labels=labels).loss
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    # Per-token scores cover the caption's tokens only.
+    assert model(vectors, ids, mask, reduction="tokens", prompt=prompt).shape == ids.shape
+
+
+def test_a_rows_logits_do_not_depend_on_the_other_prompts(tiny_gpt_dir):
+    """Prompts of different lengths in one batch: each row reads as it does alone (mask and positions)."""
+    model = tiny_model(tiny_gpt_dir, k=2)
+    vectors = torch.randn(3, 16)
+    ids, mask = caption_batch(model, ["a red circle", "one blue square here", "a green triangle"])
+    prompts = model.prompt_ids([["a red circle", "a red circle"], ["one blue square here", "one blue circle here"],
+                                ["a green triangle", "one green triangle here"]])
+    assert len({len(p) for p in prompts}) == 3
+    with torch.no_grad():
+        batch = model(vectors, ids, mask, reduction="tokens", prompt=pad_left(prompts, model.pad_token_id))
+        for i in range(3):
+            n = int(mask[i].sum())
+            alone = model(vectors[i:i + 1], ids[i:i + 1, :n], mask[i:i + 1, :n], reduction="tokens",
+                          prompt=pad_left(prompts[i:i + 1], model.pad_token_id))
+            torch.testing.assert_close(batch[i, :n], alone[0], atol=1e-5, rtol=0)
+
+
+def test_prompt_is_the_template_with_the_captions(tiny_gpt_dir):
+    model = tiny_model(tiny_gpt_dir, k=2)
+    ids = model.prompt_ids([["a red circle", "one blue square here", "ignored beyond k"]])[0]
+    assert model.tokenizer.decode(ids) == "a a red circle one blue square here here one"
+    assert len(ids) <= model.prompt_room
+    smallcap = RetrievalSettings(k=2, template=RetrievalParams().template, max_caption_tokens=25)
+    assert smallcap.text(["a dog", "a cat"]) == "Similar images show\n\na dog\n\na cat.\n\nThis image shows "
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_gpt_dir):
+    """A k=2 mlp captioner trained on the scene task with neighbour shards."""
+    root = tmp_path_factory.mktemp("rag")
+    table = scene_table(n_per_class=6)
+    feats = write_features(root / "features", table)
+    neighbours = write_neighbours(root / "retrieval", feats, table)
+    params = TrainParams(epochs=30, batch_size=8, lr=3e-3, warmup_steps=5, precision="fp32", finetune_gpt=True)
+    train(feats, tiny_gpt_dir, root / "model", root / "loss.csv", root / "train.json",
+          MapperParams(type="mlp", prefix_length=2), params, progress=False, retrieval=RETRIEVAL,
+          retrieval_dir=neighbours)
+    return root, feats, neighbours, table
+
+
+def test_model_folder_records_its_retrieval(trained):
+    root, feats, neighbours, table = trained
+    saved = json.loads((root / "model" / "captioner.json").read_text())["retrieval"]
+    assert saved == {"k": 2, "template": TEMPLATE, "max_caption_tokens": 6, "datastore": DATASTORE_ID}
+    model = ClipCaptioner.load(root / "model")
+    assert model.retrieval.to_dict() == saved
+    assert model.caption_room == 64 - 2 - model.prompt_room
+
+
+def test_batch_size_does_not_change_a_caption(trained):
+    """Variable-length prompts, beams sharing the context's cache: batch 1 equals batch 5."""
+    root, feats, neighbours, table = trained
+    model = prepare_for_inference(ClipCaptioner.load(root / "model"), torch.device("cpu"), "fp32")
+    prompts = model.prompt_ids(neighbours_of(table))[:12]
+    assert len({len(p) for p in prompts}) > 1
+    params = GEN.model_copy(update={"num_return_sequences": 3})
+    keys = table.keys[:12]
+    one = caption_vectors(model, table.embeddings[:12], params.model_copy(update={"batch_size": 1}), keys, False,
+                          prompts=prompts)
+    many = caption_vectors(model, table.embeddings[:12], params, keys, False, prompts=prompts)
+    assert [[c.text for c in caps] for caps in one] == [[c.text for c in caps] for caps in many]
+    assert [c.score for caps in one for c in caps] == pytest.approx([c.score for caps in many for c in caps],
+                                                                    abs=1e-4)
+
+
+def test_generate_reads_the_neighbour_shards(trained, tmp_path):
+    root, feats, neighbours, table = trained
+    metrics = generate(root / "model", feats, tmp_path / "c", GEN, progress=False, retrieval_dir=neighbours)
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert metrics["captions"] == len(results) == table.splits.count("test")
+    right = 0
+    for row in results:
+        i = table.keys.index(row["image_id"])
+        c, s = table.captions[i][0].split()[1:3]
+        right += c in row["caption"].split() and s in row["caption"].split()
+    assert right >= 0.5 * len(results), results  # 12 classes: chance is 1/12
+
+
+def test_generate_with_a_swapped_datastore(trained, tmp_path):
+    root, feats, neighbours, table = trained
+    store = make_datastore(tmp_path / "store", table)
+    metrics = generate(root / "model", feats, tmp_path / "c", GEN.model_copy(update={"datastore": str(store)}),
+                       progress=False)
+    assert metrics["captions"] == table.splits.count("test")
+
+
+def test_a_datastore_of_another_clip_is_refused(trained, tmp_path):
+    root, feats, neighbours, table = trained
+    store = make_datastore(tmp_path / "store", table, model_id="other/clip")
+    with pytest.raises(DatastoreError, match="other/clip.*test/clip"):
+        generate(root / "model", feats, tmp_path / "c", GEN.model_copy(update={"datastore": str(store)}),
+                 progress=False)
+
+
+def test_cross_attention_trains_and_captions_with_retrieval(tmp_path, tiny_gpt_dir):
+    table = with_patch_tokens(scene_table(n_per_class=3))
+    feats = write_features(tmp_path / "features", table)
+    neighbours = write_neighbours(tmp_path / "retrieval", feats, table)
+    params = TrainParams(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, precision="fp32")
+    train(feats, tiny_gpt_dir, tmp_path / "model", tmp_path / "loss.csv", tmp_path / "train.json",
+          MapperParams(type="cross_attention", prefix_length=2, reduce_factor=4), params, progress=False,
+          retrieval=RETRIEVAL, retrieval_dir=neighbours)
+    assert ClipCaptioner.load(tmp_path / "model").retrieval.k == 2
+    metrics = generate(tmp_path / "model", feats, tmp_path / "c", GEN, progress=False, retrieval_dir=neighbours)
+    assert metrics["captions"] == table.splits.count("test")
