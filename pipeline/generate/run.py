@@ -74,7 +74,8 @@ def model_prompts(model: ClipCaptioner, features_dir: Path, table, retrieval_dir
     """A retrieval captioner's prompt ids of each image of ``table`` (None for k=0): from the
     neighbour shards, or searched in ``datastore`` (the model's own CLIP only)."""
     from pipeline.formats.features import load_features
-    from pipeline.retrieval.neighbours import check_clip, datastore_neighbours, shard_neighbours
+    from pipeline.retrieval.neighbours import shard_neighbours
+    from pipeline.retrieval.search import check_clip, datastore_neighbours
     from pipeline.retrieval.store import Datastore
 
     k = model.retrieval.k
