@@ -242,3 +242,94 @@ def test_cross_attention_trains_and_captions_with_retrieval(tmp_path, tiny_gpt_d
     assert ClipCaptioner.load(tmp_path / "model").retrieval.k == 2
     metrics = generate(tmp_path / "model", feats, tmp_path / "c", GEN, progress=False, retrieval_dir=neighbours)
     assert metrics["captions"] == table.splits.count("test")
+
+
+# ------------------------------------------------------------------- capline caption
+def caption_datastore(folder, clip_dir, vectors, texts, model_id=None):
+    """A datastore of ``texts`` at ``vectors``, made (as its manifest says) with ``clip_dir``'s CLIP."""
+    import faiss
+
+    from pipeline.models.pretrained import model_identity
+    from pipeline.retrieval.captions import Caption
+
+    clip_id, revision = model_identity(clip_dir)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    manifest = {"model_id": model_id or clip_id, "model_revision": revision, "dim": int(index.d),
+                "fingerprint": folder.name * 8, "index": {"kind": "flat", "type": "IndexFlatIP"}}
+    write_datastore(folder, index, [Caption(key=None, text=t) for t in texts], manifest)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def caption_setup(tmp_path_factory, hub_clip_dir, tiny_gpt_dir):
+    from PIL import Image
+
+    from tests.helpers.models import clip_feature_attrs, copy_model
+
+    root = tmp_path_factory.mktemp("rag-caption")
+    clip_dir = copy_model(hub_clip_dir, root / "clip")
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(3):
+        path = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    gpt, tok = load_tiny_gpt(tiny_gpt_dir)
+    torch.manual_seed(0)
+    model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok,
+                                        features=clip_feature_attrs(clip_dir, 16), finetune_gpt=True,
+                                        retrieval=RetrievalSettings(k=2, template=TEMPLATE, max_caption_tokens=6,
+                                                                    datastore=DATASTORE_ID))
+    model.save(root / "model", clip_dir=clip_dir)
+    return root, clip_dir, images
+
+
+def test_caption_searches_the_datastore_it_is_given(caption_setup):
+    from pipeline.caption.run import ImageEmbedder, caption_inputs
+    from pipeline.core.params import Decoding
+    from pipeline.retrieval.search import datastore_neighbours
+    from pipeline.retrieval.store import Datastore
+
+    root, clip_dir, images = caption_setup
+    model = ClipCaptioner.load(root / "model")
+    embedder = ImageEmbedder(clip_dir, model.features, torch.device("cpu"))
+    vectors = torch.cat([embedder([embedder.pre.to_uint8(open(p, "rb").read())]) for p in images]).numpy()
+    scenes = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    rng = np.random.default_rng(1)
+    stores = {}
+    for name, texts in (("one", scenes[:6]), ("two", scenes[6:])):
+        noise = rng.normal(size=(6, vectors.shape[1])).astype(np.float32)
+        store_vectors = np.concatenate([vectors, vectors]) + 0.1 * noise
+        stores[name] = caption_datastore(root / name, clip_dir, store_vectors, texts)
+    d = Decoding(num_beams=2, num_return_sequences=2, max_new_tokens=6)
+    got = {}
+    for name, folder in stores.items():
+        results = caption_inputs(root / "model", images, d, precision="fp32", progress=False, datastore_dir=folder)
+        neighbours = datastore_neighbours(Datastore.load(folder), vectors, 2)
+        want = caption_vectors_with(model, vectors, d, neighbours)
+        got[name] = [r.captions for r in results]
+        assert [[c.text for c in caps] for caps in got[name]] == [[c.text for c in caps] for caps in want]
+        assert [c.score for caps in got[name] for c in caps] == pytest.approx(
+            [c.score for caps in want for c in caps], abs=1e-4)
+    # The prompts come from the datastore given (the untrained model's scores show it).
+    assert [c.score for caps in got["one"] for c in caps] != pytest.approx(
+        [c.score for caps in got["two"] for c in caps], abs=1e-3)
+
+
+def caption_vectors_with(model, vectors, d, neighbours):
+    from pipeline.text.decoding import decode_batch
+
+    return decode_batch(model, torch.from_numpy(vectors), d, [""] * len(vectors), prompts=model.prompt_ids(neighbours))
+
+
+def test_caption_refuses_a_datastore_of_another_clip_and_needs_one(caption_setup):
+    from pipeline.caption.run import CaptionInputError, caption_inputs
+
+    root, clip_dir, images = caption_setup
+    other = caption_datastore(root / "other", clip_dir, np.eye(3, 16, dtype=np.float32), ["a", "b", "c"],
+                              model_id="other/clip")
+    with pytest.raises(DatastoreError, match="other/clip.*reads vectors of CLIP clip"):
+        caption_inputs(root / "model", images, progress=False, datastore_dir=other)
+    with pytest.raises(CaptionInputError, match="--datastore"):
+        caption_inputs(root / "model", images, progress=False)
