@@ -333,3 +333,16 @@ def test_caption_refuses_a_datastore_of_another_clip_and_needs_one(caption_setup
         caption_inputs(root / "model", images, progress=False, datastore_dir=other)
     with pytest.raises(CaptionInputError, match="--datastore"):
         caption_inputs(root / "model", images, progress=False)
+
+
+def test_export_and_serve_refuse_a_retrieval_model(caption_setup, tmp_path):
+    from pipeline.export.onnx import export_onnx
+    from pipeline.models.pretrained import ModelError
+    from pipeline.serve.app import ServeOptions
+    from pipeline.serve.run import build_service
+
+    root, clip_dir, images = caption_setup
+    with pytest.raises(ModelError, match="retrieved captions"):
+        export_onnx(root / "model", tmp_path / "onnx")
+    with pytest.raises(ModelError, match="retrieved captions"):
+        build_service(root / "model", ServeOptions())

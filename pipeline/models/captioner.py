@@ -355,6 +355,14 @@ class ClipCaptioner(TokenLimits, nn.Module):
         return {k: self.features[k] for k in FEATURE_KEYS if self.features.get(k) is not None}
 
 
+def retrieval_k(model_dir: str | Path) -> int:
+    """The retrieved captions per image a model folder reads (0: none, or no captioner folder)."""
+    try:
+        return int(json.loads((Path(model_dir) / CONFIG_NAME).read_text()).get("retrieval", {}).get("k", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
 def gpt_positions(config: Any) -> int:
     """GPT-2's positions (prefix + caption) from its config: the one place that reads them."""
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024))
