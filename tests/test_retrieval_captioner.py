@@ -180,7 +180,8 @@ def trained(tmp_path_factory, tiny_gpt_dir):
 def test_model_folder_records_its_retrieval(trained):
     root, feats, neighbours, table = trained
     saved = json.loads((root / "model" / "captioner.json").read_text())["retrieval"]
-    assert saved == {"k": 2, "template": TEMPLATE, "max_caption_tokens": 6, "datastore": DATASTORE_ID}
+    assert saved == {"k": 2, "template": TEMPLATE, "max_caption_tokens": 6, "separator": "\n\n",
+                     "datastore": DATASTORE_ID}
     model = ClipCaptioner.load(root / "model")
     assert model.retrieval.to_dict() == saved
     assert model.caption_room == 64 - 2 - model.prompt_room

@@ -1,7 +1,7 @@
 """A retrieval captioner's prompt as GPT-2 tokens, and the layout GPT-2 reads it in.
 
 The prompt is ``template`` with ``{captions}`` replaced by the k retrieved captions
-joined by a blank line (SmallCap's template: ``Similar images show\\n\\n{cap1}\\n\\n...
+joined by ``separator`` (SmallCap's: a blank line; SmallCap's template: ``Similar images show\\n\\n{cap1}\\n\\n...
 {capk}.\\n\\nThis image shows ``). It is tokenised in pieces (head, each caption cut
 to ``max_caption_tokens``, separators, tail), so its length has a bound known before
 any caption is seen: generation reserves it, and a caption's room does not depend on
@@ -30,6 +30,7 @@ class RetrievalSettings:
     k: int = 0
     template: Optional[str] = None
     max_caption_tokens: int = 0
+    separator: str = SEPARATOR
     # The datastore its training prompts came from: model_id, model_revision (its CLIP), fingerprint.
     datastore: dict = field(default_factory=dict)
 
@@ -45,16 +46,17 @@ class RetrievalSettings:
         values = dict(values or {})
         return cls(k=int(values.get("k", 0)), template=values.get("template"),
                    max_caption_tokens=int(values.get("max_caption_tokens", 0)),
+                   separator=values.get("separator", SEPARATOR),
                    datastore=dict(values.get("datastore") or {}))
 
     def text(self, captions: Sequence[str]) -> str:
         """The prompt as text (what the token ids spell, up to caption cuts)."""
         head, tail = self.template.split(SLOT)
-        return head + SEPARATOR.join(c.strip() for c in captions) + tail
+        return head + self.separator.join(c.strip() for c in captions) + tail
 
     def _pieces(self, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
         head, tail = self.template.split(SLOT)
-        enc = tokenizer([head, SEPARATOR, tail], add_special_tokens=False)["input_ids"]
+        enc = tokenizer([head, self.separator, tail], add_special_tokens=False)["input_ids"]
         return list(enc[0]), list(enc[1]), list(enc[2])
 
     def max_tokens(self, tokenizer: Any) -> int:

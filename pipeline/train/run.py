@@ -118,7 +118,8 @@ class XeJob:
         settings = RetrievalSettings()
         if retrieval is not None and retrieval.k > 0:
             settings = RetrievalSettings(k=retrieval.k, template=retrieval.template,
-                                         max_caption_tokens=retrieval.max_caption_tokens)
+                                         max_caption_tokens=retrieval.max_caption_tokens,
+                                         separator=retrieval.separator)
         prompt_room = settings.max_tokens(tokenizer)
         # The caption room is known from GPT-2's config before anything is built.
         room = room_after_prefix(gpt.config, mapper.prefix_length) - prompt_room
