@@ -24,7 +24,8 @@ CLASSES = [(c, s) for c in COLOURS for s in SHAPES]
 def _params(**retrieval):
     from pipeline.core.params import parse_params
 
-    return parse_params({"device": "cpu", "retrieval": {"batch_size": 4, **retrieval}})
+    # k 4, SmallCap's (params.yaml keeps 0, the plain captioner, until retrieval is measured)
+    return parse_params({"device": "cpu", "retrieval": {"batch_size": 4, "k": 4, **retrieval}})
 
 
 def _encode(clip: Path, texts: list[str]) -> np.ndarray:

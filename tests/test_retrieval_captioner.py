@@ -347,3 +347,35 @@ def test_export_and_serve_refuse_a_retrieval_model(caption_setup, tmp_path):
         export_onnx(root / "model", tmp_path / "onnx")
     with pytest.raises(ModelError, match="retrieved captions"):
         build_service(root / "model", ServeOptions())
+
+
+def test_scst_scores_each_sample_with_its_prompt(trained):
+    """What SCST's loss weighs (token_logprobs with the image's prompt repeated for its samples)
+    equals the log-probabilities the samples were drawn with through generate with the prompts."""
+    from pipeline.core.params import Decoding
+    from pipeline.scst.rewards import caption_mask
+    from pipeline.text.decoding import generate_ids
+
+    root, feats, neighbours, table = trained
+    model = ClipCaptioner.load(root / "model")
+    vectors = torch.from_numpy(table.embeddings[:6])
+    prompts = model.prompt_ids(neighbours_of(table)[:6])
+    d = Decoding(num_beams=1, do_sample=True, num_return_sequences=3, max_new_tokens=8, top_k=0, top_p=1.0)
+    ids, sampler = generate_ids(model, vectors, d, keys=[str(i) for i in range(6)], prompts=prompts)
+    mask = caption_mask(ids, model.eos_token_id)
+    theirs = torch.stack(sampler.token_logprobs, dim=1)[:, :ids.shape[1]] * mask
+    prompt = pad_left([p for p in prompts for _ in range(3)], model.pad_token_id)
+    ours = model.token_logprobs(vectors.repeat_interleave(3, dim=0), ids.clone(), mask, prompt)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="needs Java (the PTB tokenizer)")
+def test_scst_trains_a_retrieval_model(trained, tmp_path):
+    from pipeline.core.params import ScstParams
+    from pipeline.scst.run import scst
+
+    root, feats, neighbours, table = trained
+    params = ScstParams(epochs=1, batch_size=8, samples=2, max_tokens=8, precision="fp32")
+    scst(root / "model", feats, tmp_path / "model", tmp_path / "reward.csv", tmp_path / "val.csv",
+         tmp_path / "scst.json", params, progress=False, retrieval_dir=neighbours)
+    assert ClipCaptioner.load(tmp_path / "model").retrieval.k == 2
