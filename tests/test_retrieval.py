@@ -485,7 +485,7 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     from tests.helpers.torchrun import run_torchrun, standalone
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"device": "cpu", "retrieval": {"batch_size": 1}}))  # 24 captions: 2 chunks
+    params.write_text(yaml.safe_dump({"device": "cpu", "retrieval": {"batch_size": 1, "k": 4}}))  # 24 captions: 2 chunks
     paths = ["--features", str(world["features"])]
     run_torchrun(standalone(2, ["datastore", "--params", str(params), *paths, "--clip", str(world["clip"]),
                                 "--gpt", str(world["gpt"]), "--out", str(tmp_path / "ds"),

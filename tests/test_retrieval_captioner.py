@@ -232,14 +232,19 @@ def test_a_datastore_of_another_clip_is_refused(trained, tmp_path):
                  progress=False)
 
 
-def test_cross_attention_trains_and_captions_with_retrieval(tmp_path, tiny_gpt_dir):
-    table = with_patch_tokens(scene_table(n_per_class=3))
+@pytest.mark.parametrize("mapper", [MapperParams(type="cross_attention", prefix_length=2, reduce_factor=4),
+                                    MapperParams(type="transformer", prefix_length=2, clip_length=2, layers=1, heads=2),
+                                    MapperParams(type="clipgpt", prefix_length=2, layers=1, heads=2)],
+                         ids=lambda m: m.type)
+def test_every_mapper_trains_and_captions_with_retrieval(tmp_path, tiny_gpt_dir, mapper):
+    table = scene_table(n_per_class=3, dim=32 if mapper.type == "clipgpt" else 16)  # clipgpt: GPT-2's width
+    if mapper.type == "cross_attention":
+        table = with_patch_tokens(table)
     feats = write_features(tmp_path / "features", table)
     neighbours = write_neighbours(tmp_path / "retrieval", feats, table)
     params = TrainParams(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, precision="fp32")
     train(feats, tiny_gpt_dir, tmp_path / "model", tmp_path / "loss.csv", tmp_path / "train.json",
-          MapperParams(type="cross_attention", prefix_length=2, reduce_factor=4), params, progress=False,
-          retrieval=RETRIEVAL, retrieval_dir=neighbours)
+          mapper, params, progress=False, retrieval=RETRIEVAL, retrieval_dir=neighbours)
     assert ClipCaptioner.load(tmp_path / "model").retrieval.k == 2
     metrics = generate(tmp_path / "model", feats, tmp_path / "c", GEN, progress=False, retrieval_dir=neighbours)
     assert metrics["captions"] == table.splits.count("test")

@@ -168,8 +168,13 @@ def generate_ids(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     """
     n = d.num_return_sequences
     limit = min(d.max_new_tokens if max_new_tokens is None else max_new_tokens, model.caption_room)
-    prompt = None if prompts is None else pad_left(prompts, model.pad_token_id)
-    prefix, mask = model.context(vectors.to(model.device), prompt)
+    if prompts is None:
+        prefix = model.prefix(vectors.to(model.device))
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        prompt = None
+    else:  # a retrieval captioner: prefix and prompt, left-padded
+        prompt = pad_left(prompts, model.pad_token_id)
+        prefix, mask = model.context(vectors.to(model.device), prompt)
     config = generation_config(d, model.eos_token_id, model.pad_token_id, max_new_tokens=limit)
     processors = []
     sampler = None
