@@ -384,3 +384,18 @@ def test_scst_trains_a_retrieval_model(trained, tmp_path):
     scst(root / "model", feats, tmp_path / "model", tmp_path / "reward.csv", tmp_path / "val.csv",
          tmp_path / "scst.json", params, progress=False, retrieval_dir=neighbours)
     assert ClipCaptioner.load(tmp_path / "model").retrieval.k == 2
+
+
+def test_training_with_k0_is_todays_training(tmp_path, tiny_gpt_dir):
+    """retrieval.k 0 (the default) trains the same weights and captions as training without retrieval."""
+    table = scene_table(n_per_class=3)
+    feats = write_features(tmp_path / "features", table)
+    params = TrainParams(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, precision="fp32")
+    mapper = MapperParams(type="mlp", prefix_length=2)
+    for name, retrieval in (("plain", None), ("k0", RetrievalParams(k=0))):
+        train(feats, tiny_gpt_dir, tmp_path / name, tmp_path / f"{name}.csv", tmp_path / f"{name}.json", mapper,
+              params, progress=False, retrieval=retrieval, retrieval_dir=tmp_path / "absent")
+    assert (tmp_path / "plain/mapper.safetensors").read_bytes() == (tmp_path / "k0/mapper.safetensors").read_bytes()
+    caps = [generate(tmp_path / name, feats, tmp_path / f"c-{name}", GEN, progress=False) and
+            (tmp_path / f"c-{name}" / "results.json").read_text() for name in ("plain", "k0")]
+    assert caps[0] == caps[1]
