@@ -69,7 +69,7 @@ def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateP
     return captions
 
 
-def model_prompts(model: ClipCaptioner, features_dir: Path, table, retrieval_dir: Optional[Path],
+def model_prompts(model: ClipCaptioner, features_dir: Path, table, split: str, retrieval_dir: Optional[Path],
                   datastore: Optional[str]) -> Optional[list[list[int]]]:
     """A retrieval captioner's prompt ids of each image of ``table`` (None for k=0): from the
     neighbour shards, or searched in ``datastore`` (the model's own CLIP only)."""
@@ -85,7 +85,7 @@ def model_prompts(model: ClipCaptioner, features_dir: Path, table, retrieval_dir
         store = Datastore.load(Path(datastore))
         check_clip(store, model.features)
         # The query is CLIP's image embedding, also for a model that reads patch tokens.
-        vectors = load_features(features_dir, split=table.splits[0] if len(table) else None)
+        vectors = load_features(features_dir, split=split)
         by_key = dict(zip(vectors.keys, vectors.embeddings))
         queries = np.stack([by_key[key] for key in table.keys])
         neighbours = datastore_neighbours(store, queries, k, keys=table.keys)
@@ -119,8 +119,8 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
     if len(table) == 0:
         raise FeatureShardError(f"{features_dir}: no image of the {params.split!r} split has a reference caption")
     limit = check_room(model, params)
-    prompts = model_prompts(model, Path(features_dir), table, None if retrieval_dir is None else Path(retrieval_dir),
-                            params.datastore)
+    prompts = model_prompts(model, Path(features_dir), table, params.split,
+                            None if retrieval_dir is None else Path(retrieval_dir), params.datastore)
     model = prepare_for_inference(model, device, precision)
 
     started = time.perf_counter()

@@ -142,12 +142,15 @@ def check_room(model: "ClipCaptioner", d: Decoding, name=lambda key: f"generate.
     ``name`` turns a field into what the user wrote (a params key or an option).
     """
     room = model.caption_room
+    # A retrieval captioner's longest prompt takes positions too.
+    taken = f"the prefix takes {model.prefix_length}" + (
+        f" and the longest prompt {model.prompt_room}" if model.prompt_room else "")
     if d.min_new_tokens > room:
         raise ParamsError(f"{name('min_new_tokens')}: {d.min_new_tokens} does not fit: GPT-2 has "
-                          f"{model.max_positions} positions and the prefix takes {model.prefix_length}, leaving {room}")
+                          f"{model.max_positions} positions and {taken}, leaving {room}")
     if d.max_new_tokens > room:
-        log.warning("%s %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
-                    name("max_new_tokens"), d.max_new_tokens, room, model.max_positions, model.prefix_length)
+        log.warning("%s %d cut to %d: GPT-2 has %d positions and %s",
+                    name("max_new_tokens"), d.max_new_tokens, room, model.max_positions, taken)
     return min(d.max_new_tokens, room)
 
 
