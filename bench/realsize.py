@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.core.files import read_metrics  # noqa: E402  (the checkout, on the path above)
 
-STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "train", "scst", "generate",
-          "generate_xe", "evaluate")
+STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "datastore", "retrieve", "train",
+          "scst", "generate", "generate_xe", "evaluate")
 
 
 def copy_repository(dest: Path) -> None:

@@ -48,11 +48,15 @@ def decoding_options(command):
               show_default=True, help="auto: bf16 weights where the device runs bf16 fast, else fp32")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="onnx: ONNX Runtime on a folder from `capline export --format onnx`; auto: onnx for such a folder")
+@click.option("--datastore", "datastore_dir", default=None, type=click.Path(file_okay=False),
+              help="a retrieval model's datastore (`capline datastore`): each image's nearest captions fill its "
+                   "prompt; any datastore made with the model's CLIP")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="images per batch")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr when there are many images")
 @decoding_options
 def caption(inputs: tuple[str, ...], model_dir: str, clip_dir: str | None, out_path: str | None, fmt: str | None,
-            device: str, precision: str, batch_size: int, progress: bool, backend: str = "auto", **decoding) -> None:
+            device: str, precision: str, batch_size: int, progress: bool, backend: str = "auto",
+            datastore_dir: str | None = None, **decoding) -> None:
     """Caption INPUTS: image files, folders (recursive), http(s) URLs and image tar shards.
 
     Every decoding option defaults to the model folder's generation_config.json.
@@ -75,7 +79,8 @@ def caption(inputs: tuple[str, ...], model_dir: str, clip_dir: str | None, out_p
             tqdm.write(f"{result.name}\terror: {result.error}", file=sys.stderr)  # above the progress bar
 
     results = caption_inputs(model_dir, list(inputs), d, clip_dir=clip_dir, device=device, precision=precision,
-                             batch_size=batch_size, progress=progress, on_result=report, backend=backend)
+                             batch_size=batch_size, progress=progress, on_result=report, backend=backend,
+                             datastore_dir=datastore_dir)
     text = format_results(results, fmt)
     if out_path is not None:
         write_atomic(out_path, text)

@@ -20,12 +20,15 @@ from stages.common import load, params_option
               type=click.Path(dir_okay=False), help="validation CIDEr-D per epoch CSV (epoch 0: the input model)")
 @click.option("--metrics", "metrics_path", default="data/metrics/scst.json", show_default=True,
               type=click.Path(dir_okay=False), help="metrics JSON (val CIDEr before/after, best epoch, seconds)")
+@click.option("--retrieval", "retrieval_dir", default="data/retrieval", show_default=True,
+              type=click.Path(file_okay=False),
+              help="neighbour shards: a retrieval captioner's prompts (read when the model's retrieval k > 0)")
 @click.option("--checkpoints", "checkpoint_dir", default="data/checkpoints/scst", show_default=True,
               type=click.Path(file_okay=False),
               help="checkpoint folder (no DVC output): a rerun with the same inputs and params resumes from it")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
 def scst(params_path: str, model_dir: str, features_dir: str, out_dir: str, curve_path: str,
-         val_curve_path: str, metrics_path: str, checkpoint_dir: str, progress: bool) -> None:
+         val_curve_path: str, metrics_path: str, retrieval_dir: str, checkpoint_dir: str, progress: bool) -> None:
     """Fine-tune a captioner with self-critical sequence training (the `scst` params).
 
     Each step samples scst.samples captions per training image; the reward is
@@ -42,7 +45,7 @@ def scst(params_path: str, model_dir: str, features_dir: str, out_dir: str, curv
 
     p = load(params_path)
     metrics = run_scst(model_dir, features_dir, out_dir, curve_path, val_curve_path, metrics_path, p.scst,
-                       progress=progress, checkpoint_dir=checkpoint_dir, device=p.device)
+                       progress=progress, checkpoint_dir=checkpoint_dir, device=p.device, retrieval_dir=retrieval_dir)
     if metrics.get("passed_through"):
         click.echo(f"scst.epochs is 0: {model_dir} copied to {out_dir}")
     else:

@@ -18,6 +18,10 @@ from stages.common import load, params_option
               type=click.Path(file_okay=False),
               help="the pinned CLIP folder that made the features; copied into the model folder (without it, "
                    "`capline caption` needs --clip)")
+@click.option("--retrieval", "retrieval_dir", default="data/retrieval", show_default=True,
+              type=click.Path(file_okay=False),
+              help="neighbour shards (`capline retrieve`): read when retrieval.k > 0, the captions of each "
+                   "image's prompt")
 @click.option("--out", "out_dir", default="data/model_xe", show_default=True,
               type=click.Path(file_okay=False),
               help="cross-entropy captioner folder to write (replaced when whole); `capline scst` reads it")
@@ -31,7 +35,7 @@ from stages.common import load, params_option
 @click.option("--metrics", "metrics_path", default="data/metrics/train.json", show_default=True,
               type=click.Path(dir_okay=False), help="final metrics JSON (train_loss, val_loss, params, seconds)")
 @click.option("--progress/--no-progress", default=True, help="show a progress bar")
-def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_dir: str, curve_path: str,
+def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, retrieval_dir: str, out_dir: str, curve_path: str,
           val_curve_path: str, checkpoint_dir: str, metrics_path: str, progress: bool) -> None:
     """Train a captioner from the `mapper` and `train` params.
 
@@ -51,7 +55,7 @@ def train(params_path: str, features_dir: str, gpt_dir: str, clip_dir: str, out_
         clip_dir = None
     metrics = run_train(features_dir, gpt_dir, out_dir, curve_path, metrics_path, p.mapper, p.train,
                         progress=progress, val_curve_path=val_curve_path, checkpoint_dir=checkpoint_dir,
-                        clip_dir=clip_dir, device=p.device)
+                        clip_dir=clip_dir, device=p.device, retrieval=p.retrieval, retrieval_dir=retrieval_dir)
     click.echo(f"train_loss {metrics['train_loss']}  val_loss {metrics['val_loss']}  "
                f"best step {metrics['best_step']} (val_loss {metrics['best_val_loss']}, kept: {metrics['kept']})  "
                f"{metrics['params_trainable']} trainable parameters  {metrics['samples_per_s']} samples/s  "

@@ -40,8 +40,8 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_then_experiment(repo: Path):
     out = _run(["dvc", "repro"], repo)
     assert _stages_run(out) == {
-        "prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "train", "scst", "generate",
-        "generate_xe", "evaluate"
+        "prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "datastore", "retrieve", "train",
+        "scst", "generate", "generate_xe", "evaluate"
     }
 
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
@@ -121,6 +121,14 @@ def test_repro_then_experiment(repo: Path):
     # Another prefix mapper: embed_plan reruns and writes the same answer, so embed does not.
     out = _run(["dvc", "exp", "run", "-S", "mapper.type=mlp"], repo)
     assert _stages_run(out) == {"embed_plan", "train", "scst", "generate", "generate_xe", "evaluate"}
+
+    # Retrieval: the captioner reads each image's 2 nearest captions; the model records its datastore.
+    out = _run(["dvc", "exp", "run", "-S", "retrieval.k=2", "-S", "retrieval.max_caption_tokens=12"], repo)
+    assert _stages_run(out) == {"datastore", "retrieve", "train", "scst", "generate", "generate_xe", "evaluate"}
+    retrieval = json.loads((repo / "data/model/captioner.json").read_text())["retrieval"]
+    manifest = json.loads((repo / "data/datastore/manifest.json").read_text())
+    assert retrieval["k"] == 2 and retrieval["datastore"]["fingerprint"] == manifest["fingerprint"]
+    assert isinstance(json.loads((repo / "data/metrics/eval.json").read_text())["cider"], float)
 
 
 def _lock_outs(repo: Path, stage: str) -> dict:

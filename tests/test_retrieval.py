@@ -24,7 +24,8 @@ CLASSES = [(c, s) for c in COLOURS for s in SHAPES]
 def _params(**retrieval):
     from pipeline.core.params import parse_params
 
-    return parse_params({"device": "cpu", "retrieval": {"batch_size": 4, **retrieval}})
+    # k 4, SmallCap's (params.yaml keeps 0, the plain captioner, until retrieval is measured)
+    return parse_params({"device": "cpu", "retrieval": {"batch_size": 4, "k": 4, **retrieval}})
 
 
 def _encode(clip: Path, texts: list[str]) -> np.ndarray:
@@ -484,7 +485,7 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     from tests.helpers.torchrun import run_torchrun, standalone
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"device": "cpu", "retrieval": {"batch_size": 1}}))  # 24 captions: 2 chunks
+    params.write_text(yaml.safe_dump({"device": "cpu", "retrieval": {"batch_size": 1, "k": 4}}))  # 24 captions: 2 chunks
     paths = ["--features", str(world["features"])]
     run_torchrun(standalone(2, ["datastore", "--params", str(params), *paths, "--clip", str(world["clip"]),
                                 "--gpt", str(world["gpt"]), "--out", str(tmp_path / "ds"),

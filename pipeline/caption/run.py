@@ -97,10 +97,14 @@ class ImageEmbedder:
         return self.encoder.token_shape[1] if self.patch_tokens else self.encoder.dim
 
     def __call__(self, pixels_uint8: list[torch.Tensor]) -> torch.Tensor:
+        return self.embed(pixels_uint8)[0]
+
+    def embed(self, pixels_uint8: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the model reads, CLIP's image vectors: a datastore's queries)."""
         batch = self.pre.normalize(torch.stack(pixels_uint8).to(self.encoder.device))
         vectors, tokens = self.encoder.encode(batch, patch_tokens=self.patch_tokens)
         # Patch tokens through fp16, exactly as embed stored the training features.
-        return tokens.float() if self.patch_tokens else vectors
+        return (tokens.float() if self.patch_tokens else vectors), vectors
 
 
 def resolve_decoding(model_dir: Path, overrides: Mapping[str, object],
@@ -119,21 +123,36 @@ class LoadedCaptioner:
     decoding: Decoding
     limit: int  # max_new_tokens after check_room
     fetch_params: DownloadParams  # the download stage's limits (size, pixels, timeouts) for inputs
+    datastore: Optional[object] = None  # a retrieval model's (pipeline.retrieval.store.Datastore)
 
     def caption_pixels(self, pixels_uint8: list[torch.Tensor], image_ids: Sequence[str]) -> list[list[Caption]]:
-        """Captions of decoded images (``embedder.pre.to_uint8``), one forward pass for the batch."""
+        """Captions of decoded images (``embedder.pre.to_uint8``), one forward pass for the batch;
+        a retrieval model's prompts hold each image's nearest captions in the datastore."""
         with torch.inference_mode():
-            vectors = self.embedder(pixels_uint8)
-            return decode_batch(self.model, vectors, self.decoding, list(image_ids), max_new_tokens=self.limit)
+            if self.datastore is None:
+                vectors = self.embedder(pixels_uint8)
+                prompts = None
+            else:
+                from pipeline.retrieval.search import datastore_neighbours
+
+                vectors, queries = self.embedder.embed(pixels_uint8)
+                neighbours = datastore_neighbours(self.datastore, queries.float().cpu().numpy(),
+                                                  self.model.retrieval.k)
+                prompts = self.model.prompt_ids(neighbours)
+            return decode_batch(self.model, vectors, self.decoding, list(image_ids), max_new_tokens=self.limit,
+                                prompts=prompts)
 
 
 def load_captioner(model_dir: str | Path, decoding: Optional[Decoding] = None, clip_dir: str | Path | None = None,
-                   device: str = "auto", precision: str = "auto", backend: str = "auto") -> LoadedCaptioner:
+                   device: str = "auto", precision: str = "auto", backend: str = "auto",
+                   datastore_dir: str | Path | None = None) -> LoadedCaptioner:
     """Load a model folder and its CLIP for captioning (checked against the training features).
 
     ``decoding`` None: the model folder's saved defaults. ``clip_dir`` None: the
     model folder's ``clip/``. ``backend``: ``torch``, ``onnx`` (an exported folder on
     ONNX Runtime) or ``auto`` (``onnx`` when the folder is an ONNX export).
+    ``datastore_dir``: a retrieval model's datastore (required for those; any datastore
+    made with the model's CLIP, not only the one it was trained with).
     """
     fetch_params = DownloadParams()
     if use_onnx(model_dir, backend):
@@ -142,26 +161,45 @@ def load_captioner(model_dir: str | Path, decoding: Optional[Decoding] = None, c
         model, embedder = load_torch_backend(model_dir, clip_dir, device, precision, fetch_params.max_pixels)
     d = decoding if decoding is not None else resolve_decoding(Path(model_dir), {})
     limit = check_room(model, d, name=option_name)
-    return LoadedCaptioner(model, embedder, d, limit, fetch_params)
+    return LoadedCaptioner(model, embedder, d, limit, fetch_params, load_datastore(model, datastore_dir))
+
+
+def load_datastore(model, datastore_dir: str | Path | None):
+    """The datastore a retrieval model searches (None for k=0), refused when made with another CLIP."""
+    k = getattr(getattr(model, "retrieval", None), "k", 0)
+    if k == 0:
+        if datastore_dir is not None:
+            raise CaptionInputError("--datastore: the model reads no retrieved captions (trained with retrieval.k 0)")
+        return None
+    from pipeline.retrieval.search import check_clip
+    from pipeline.retrieval.store import Datastore
+
+    if datastore_dir is None:
+        trained = model.retrieval.datastore.get("fingerprint")
+        raise CaptionInputError(f"the model reads {k} retrieved captions per image: pass --datastore (a "
+                                f"`capline datastore` folder made with its CLIP; it was trained with {trained})")
+    store = Datastore.load(Path(datastore_dir))
+    check_clip(store, model.features)
+    return store
 
 
 def caption_inputs(model_dir: str | Path, inputs: Sequence[str], decoding: Optional[Decoding] = None,
                    clip_dir: str | Path | None = None, device: str = "auto", precision: str = "auto",
                    batch_size: int = 16, progress: bool = True,
                    on_result: Optional[Callable[[CaptionResult], None]] = None,
-                   backend: str = "auto") -> list[CaptionResult]:
+                   backend: str = "auto", datastore_dir: str | Path | None = None) -> list[CaptionResult]:
     """Captions for every image the inputs name, in input order; failures carry their reason.
 
     ``decoding`` None: the model folder's saved defaults. ``clip_dir`` None: the
     model folder's ``clip/``. ``on_result`` sees each result as soon as its batch is done.
-    ``backend``: see ``load_captioner``.
+    ``backend``, ``datastore_dir``: see ``load_captioner``.
     """
     from tqdm import tqdm
 
     from pipeline.download.fetch import Fetcher
 
     loaded = load_captioner(model_dir, decoding, clip_dir=clip_dir, device=device, precision=precision,
-                            backend=backend)
+                            backend=backend, datastore_dir=datastore_dir)
     fetcher = Fetcher(loaded.fetch_params)
 
     known, shards = count_known(inputs)

@@ -356,6 +356,7 @@ class GenerateParams(Decoding):
     precision: Precision = Field(
         "auto", description="auto: bf16 weights (the LM head stays fp32) where the device runs bf16 fast, else "
                             "fp32; fp16 on a GPU only")
+    datastore: Optional[str] = Field(None, description="retrieval models (retrieval.k > 0): a datastore folder whose captions fill the prompts instead of the neighbour shards of the pipeline (data/retrieval); null: those shards")
 
 
 # ---------------------------------------------------------------------- evaluate
@@ -372,6 +373,9 @@ class EvaluateParams(Section):
 
 
 # --------------------------------------------------------------------- retrieval
+# SmallCap's prompt; {captions}: the k retrieved captions joined by a blank line (pipeline/models/prompt.py).
+PROMPT_TEMPLATE = "Similar images show\n\n{captions}.\n\nThis image shows "
+
 class RetrievalParams(Section):
     """Retrieval augmentation (SmallCap): a datastore of captions and each image's nearest ones."""
 
@@ -383,11 +387,15 @@ class RetrievalParams(Section):
     ivf_nlist: Optional[int] = Field(None, ge=1, description="ivf: number of inverted lists; null: 4 x sqrt(captions)")
     ivf_nprobe: int = Field(32, ge=1, description="ivf: lists searched per query (more: slower, closer to exact)")
     ivf_pq_m: int = Field(0, ge=0, description="ivf: product-quantiser sub-vectors of 8 bits (must divide the width); 0: no compression (IndexIVFFlat)")
-    k: int = Field(4, ge=1, description="captions kept per image (the prompt's)")
+    k: int = Field(0, ge=0, description="captions kept per image and read by the captioner in its prompt; 0: no retrieval (the plain prefix captioner)")
+    template: str = Field(PROMPT_TEMPLATE, min_length=1, description="the captioner's prompt: {captions} is replaced by the k captions joined by separator (SmallCap's template by default)")
+    separator: str = Field("\n\n", description="between the captions of the prompt (SmallCap's: a blank line)")
     retrieve_candidates: int = Field(15, ge=1, description="nearest captions searched per image before its own are excluded; the k nearest others are kept")
 
     @model_validator(mode="after")
     def _check(self) -> "RetrievalParams":
+        if self.template.count("{captions}") != 1:
+            raise ValueError("template: must hold {captions} exactly once")
         if self.retrieve_candidates < self.k:
             raise ValueError(f"retrieve_candidates: {self.retrieve_candidates} is less than k {self.k}")
         return self

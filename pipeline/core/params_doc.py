@@ -7,6 +7,7 @@ rewrites it, and a test checks that the committed file is current.
 """
 from __future__ import annotations
 
+import json
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -59,6 +60,8 @@ def _bounds(field: Any) -> str:
 
 
 def _default(value: Any) -> str:
+    if isinstance(value, str) and "\n" in value:
+        return f"`{json.dumps(value)}`"  # one table row: newlines written as \n
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     text = text.removesuffix("...").strip()
     return f"`{text}`".replace("|", "\\|")

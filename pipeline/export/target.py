@@ -19,6 +19,10 @@ def check_exportable(model, model_dir: Path) -> None:
     """Refuse a captioner the exports cannot express: a cross-attention mapper's GPT-2 is no
     plain GPT-2 (its blocks attend to the patch tokens), so the decoder graph and the Hugging
     Face folder's GPT-2 would caption without the image."""
+    if model.retrieval.k > 0:
+        raise ModelError(f"{model_dir}: it reads {model.retrieval.k} retrieved captions per image (retrieval.k); "
+                         "the exports have no datastore search or prompt yet: caption it with the torch backend "
+                         "(`capline caption --datastore`)")
     if model.mapper.patch_tokens:
         raise ModelError(f"{model_dir}: mapper.type {model.mapper.kind} cannot be exported yet (GPT-2 with "
                          "cross-attention to patch tokens); caption and serve it with the torch backend")

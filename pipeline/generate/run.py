@@ -49,11 +49,13 @@ def derangement(n: int, seed: int) -> np.ndarray:
 
 
 def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateParams, keys: Sequence[str],
-                    progress: bool = True, max_new_tokens: Optional[int] = None) -> list[list[Caption]]:
+                    progress: bool = True, max_new_tokens: Optional[int] = None,
+                    prompts: Optional[Sequence[Sequence[int]]] = None) -> list[list[Caption]]:
     """The captions of each of ``vectors`` [N, D] (best first), ``params.batch_size`` images at a time.
 
     ``model`` is already on its device in its precision (``prepare_for_inference``);
-    ``keys`` name the images (they seed sampling).
+    ``keys`` name the images (they seed sampling); ``prompts``: a retrieval captioner's
+    prompt ids of each image.
     """
     from tqdm import tqdm
 
@@ -61,14 +63,47 @@ def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateP
     with tqdm(total=len(vectors), desc="generate", unit="img", disable=not progress) as bar:
         for lo in range(0, len(vectors), params.batch_size):
             batch = torch.from_numpy(np.asarray(vectors[lo:lo + params.batch_size], dtype=np.float32))
-            captions += decode_batch(model, batch, params, keys[lo:lo + len(batch)], max_new_tokens=max_new_tokens)
+            captions += decode_batch(model, batch, params, keys[lo:lo + len(batch)], max_new_tokens=max_new_tokens,
+                                     prompts=None if prompts is None else prompts[lo:lo + len(batch)])
             bar.update(len(batch))
     return captions
 
 
+def model_prompts(model: ClipCaptioner, features_dir: Path, table, split: str, retrieval_dir: Optional[Path],
+                  datastore: Optional[str]) -> Optional[list[list[int]]]:
+    """A retrieval captioner's prompt ids of each image of ``table`` (None for k=0): from the
+    neighbour shards, or searched in ``datastore`` (the model's own CLIP only)."""
+    from pipeline.formats.features import load_features
+    from pipeline.retrieval.neighbours import shard_neighbours
+    from pipeline.retrieval.search import check_clip, datastore_neighbours
+    from pipeline.retrieval.store import Datastore
+
+    k = model.retrieval.k
+    if k == 0:
+        return None
+    if datastore is not None:
+        store = Datastore.load(Path(datastore))
+        check_clip(store, model.features)
+        # The query is CLIP's image embedding, also for a model that reads patch tokens.
+        vectors = load_features(features_dir, split=split)
+        by_key = dict(zip(vectors.keys, vectors.embeddings))
+        queries = np.stack([by_key[key] for key in table.keys])
+        neighbours = datastore_neighbours(store, queries, k, keys=table.keys)
+    else:
+        if retrieval_dir is None:
+            raise FeatureShardError("the model reads retrieved captions (retrieval.k > 0): pass the neighbour "
+                                    "shards (--retrieval data/retrieval) or a datastore (generate.datastore)")
+        neighbours, _ = shard_neighbours(Path(retrieval_dir), table.keys, k)
+    return model.prompt_ids(neighbours)
+
+
 def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, params: GenerateParams,
-             metrics_path: str | Path | None = None, progress: bool = True, device: str = "auto") -> dict:
-    """Caption the ``params.split`` images of ``features_dir`` on ``device``; return (and write) metrics."""
+             metrics_path: str | Path | None = None, progress: bool = True, device: str = "auto",
+             retrieval_dir: str | Path | None = None) -> dict:
+    """Caption the ``params.split`` images of ``features_dir`` on ``device``; return (and write) metrics.
+
+    A retrieval captioner reads each image's neighbours from ``retrieval_dir`` (the neighbour
+    shards), or from the datastore ``params.datastore`` when one is set."""
     from pipeline.formats.features import load_features
 
     rank = current_rank()
@@ -84,6 +119,8 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
     if len(table) == 0:
         raise FeatureShardError(f"{features_dir}: no image of the {params.split!r} split has a reference caption")
     limit = check_room(model, params)
+    prompts = model_prompts(model, Path(features_dir), table, params.split,
+                            None if retrieval_dir is None else Path(retrieval_dir), params.datastore)
     model = prepare_for_inference(model, device, precision)
 
     started = time.perf_counter()
@@ -91,7 +128,8 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
         # Under torchrun each rank captions rows rank, rank+N, ...; rank 0 gathers them.
         mine = np.arange(rank.rank, len(table), rank.world_size)
         part = caption_vectors(model, table.embeddings[mine], params, [table.keys[i] for i in mine],
-                               progress and rank.is_main, max_new_tokens=limit)
+                               progress and rank.is_main, max_new_tokens=limit,
+                               prompts=None if prompts is None else [prompts[i] for i in mine])
         parts = gather((mine.tolist(), part))
     seconds = time.perf_counter() - started
     nbest: list[list[Caption]] = [[] for _ in range(len(table))]

@@ -30,6 +30,7 @@ from pipeline.core.files import written_whole
 from pipeline.models import mapper as mappers
 from pipeline.models.mapper import count_parameters
 from pipeline.models.pretrained import PIN_FILE, ModelError
+from pipeline.models.prompt import RetrievalSettings, left_pack, positions
 
 CONFIG_NAME = "captioner.json"
 MAPPER_WEIGHTS = "mapper.safetensors"
@@ -63,9 +64,14 @@ class TokenLimits:
         return gpt_positions(self.gpt.config)
 
     @property
+    def prompt_room(self) -> int:
+        """Positions reserved for a retrieval prompt (0 without retrieval)."""
+        return 0
+
+    @property
     def caption_room(self) -> int:
-        """Caption tokens that fit GPT-2's positions after the prefix."""
-        return room_after_prefix(self.gpt.config, self.prefix_length)
+        """Caption tokens that fit GPT-2's positions after the prefix (and the longest prompt)."""
+        return room_after_prefix(self.gpt.config, self.prefix_length) - self.prompt_room
 
 
 class ClipCaptioner(TokenLimits, nn.Module):
@@ -77,6 +83,7 @@ class ClipCaptioner(TokenLimits, nn.Module):
         features: Optional[dict] = None,
         finetune_gpt: bool = False,
         gpt_source: Optional[dict] = None,
+        retrieval: Optional[RetrievalSettings] = None,
     ) -> None:
         super().__init__()
         eos_id(tokenizer)
@@ -94,6 +101,13 @@ class ClipCaptioner(TokenLimits, nn.Module):
         if finetune_gpt and mapper.freezes_gpt:
             raise ModelError(f"mapper type {mapper.kind} keeps GPT-2 frozen; it cannot be fine-tuned")
         self.finetune_gpt = finetune_gpt
+        # The prompt of retrieved captions it reads (k=0: none, the plain captioner).
+        self.retrieval = retrieval or RetrievalSettings()
+        self._prompt_room = self.retrieval.max_tokens(tokenizer)
+        if self.retrieval.k > 0 and self.caption_room < 2:
+            raise ModelError(f"GPT-2's {self.max_positions} positions leave {self.caption_room} for the caption after "
+                             f"the prefix ({self.prefix_length}) and the longest prompt of {self.retrieval.k} "
+                             f"captions ({self._prompt_room}); lower retrieval.k or retrieval.max_caption_tokens")
         # A frozen GPT-2 gets no gradients and stays in eval mode (no dropout).
         self.gpt.requires_grad_(finetune_gpt)
         self.train(self.training)
@@ -101,11 +115,13 @@ class ClipCaptioner(TokenLimits, nn.Module):
     @classmethod
     def from_settings(cls, mapper_settings: Mapping[str, Any], clip_dim: int, gpt: nn.Module, tokenizer: Any,
                       features: Optional[dict] = None, finetune_gpt: bool = False,
-                      gpt_source: Optional[dict] = None) -> "ClipCaptioner":
+                      gpt_source: Optional[dict] = None,
+                      retrieval: Optional[RetrievalSettings] = None) -> "ClipCaptioner":
         """A new captioner (random mapper) from the params' ``mapper`` section as a mapping."""
         config = mappers.make_config(mapper_settings, clip_dim, int(gpt.config.hidden_size), gpt.config)
         mapper = mappers.build_mapper(str(mapper_settings["type"]), config)
-        return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt, gpt_source=gpt_source)
+        return cls(mapper, gpt, tokenizer, features=features, finetune_gpt=finetune_gpt, gpt_source=gpt_source,
+                   retrieval=retrieval)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -117,6 +133,10 @@ class ClipCaptioner(TokenLimits, nn.Module):
         if not self.finetune_gpt:
             self.gpt.eval()
         return self
+
+    @property
+    def prompt_room(self) -> int:
+        return self._prompt_room
 
     @property
     def feature_dataset(self) -> str:
@@ -136,12 +156,29 @@ class ClipCaptioner(TokenLimits, nn.Module):
         dtype = self.gpt.get_input_embeddings().weight.dtype
         return self.mapper(clip_vectors.to(next(self.mapper.parameters()).dtype)).to(dtype)
 
+    def prompt_ids(self, captions: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Each image's prompt ids from its retrieved captions."""
+        return self.retrieval.token_ids(self.tokenizer, captions)
+
+    def context(self, clip_vectors: torch.Tensor, prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What GPT-2 reads before the caption: the prefix and, when given, the prompt ([B, L] ids and
+        mask, left-padded), left-padded as a whole: embeddings [B, C, width] and mask [B, C]."""
+        prefix = self.prefix(clip_vectors)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if prompt is None:
+            return prefix, mask
+        ids, prompt_mask = (t.to(prefix.device) for t in prompt)
+        embeds = torch.cat([prefix, self.gpt.get_input_embeddings()(ids).to(prefix.dtype)], dim=1)
+        return left_pack(embeds, torch.cat([mask, prompt_mask.long()], dim=1))
+
     def forward(
         self,
         clip_vectors: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         reduction: str = "mean",
+        prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Cross-entropy of the caption tokens (EOS included) given the prefix.
 
@@ -149,33 +186,41 @@ class ClipCaptioner(TokenLimits, nn.Module):
         are ignored whatever their ids. ``reduction="sum"`` gives the summed token loss
         (for token-weighted means across batches and processes); ``"tokens"`` gives
         ``token_logprobs`` instead (SCST: through ``forward``, so DDP sees the call).
+        ``prompt``: a retrieval captioner's prompt ids and mask [B, L] (left-padded); they are
+        read, never predicted: the loss covers the caption tokens only.
         """
         if reduction == "tokens":
-            return self.token_logprobs(clip_vectors, input_ids, attention_mask)
+            return self.token_logprobs(clip_vectors, input_ids, attention_mask, prompt)
         real = attention_mask.bool()
-        logits = self._real_token_logits(clip_vectors, input_ids, attention_mask)
+        logits = self._real_token_logits(clip_vectors, input_ids, attention_mask, prompt)
         return F.cross_entropy(logits.float(), input_ids[real], reduction=reduction)
 
     def token_logprobs(self, clip_vectors: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> torch.Tensor:
+                       attention_mask: torch.Tensor,
+                       prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """[B, T] log-probability of each caption token given the prefix and the tokens before
         it (0 where ``attention_mask`` is 0): what self-critical training weighs by the reward."""
         real = attention_mask.bool()
-        logits = self._real_token_logits(clip_vectors, input_ids, attention_mask).float()
+        logits = self._real_token_logits(clip_vectors, input_ids, attention_mask, prompt).float()
         picked = logits.gather(-1, input_ids[real].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         return torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device).masked_scatter(real, picked)
 
     def _real_token_logits(self, clip_vectors: torch.Tensor, input_ids: torch.Tensor,
-                           attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, vocab] logits predicting the N real caption tokens, GPT-2 reading ``cat(prefix, tokens)``."""
-        prefix = self.prefix(clip_vectors)
+                           attention_mask: torch.Tensor,
+                           prompt: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """[N, vocab] logits predicting the N real caption tokens, GPT-2 reading ``cat(context, tokens)``
+        (the context: the prefix, or the left-padded prefix and prompt)."""
+        context, context_mask = self.context(clip_vectors, prompt)
         tokens = self.gpt.get_input_embeddings()(input_ids)
-        b, k = prefix.shape[0], prefix.shape[1]
-        embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
-        mask = torch.cat([attention_mask.new_ones(b, k), attention_mask], dim=1)
+        k = context.shape[1]
+        embeds = torch.cat([context.to(tokens.dtype), tokens], dim=1)
+        mask = torch.cat([context_mask.to(attention_mask.dtype), attention_mask], dim=1)
+        # Without a prompt there is no padding before the caption: GPT-2's own positions (today's model).
+        position_ids = None if prompt is None else positions(mask)
         with self.attending(clip_vectors):
-            hidden = self.gpt.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        # Position K-1+i predicts caption token i. Only the real tokens' states go through
+            hidden = self.gpt.base_model(inputs_embeds=embeds, attention_mask=mask,
+                                         position_ids=position_ids).last_hidden_state
+        # Position K-1+i predicts caption token i (K: the context's width). Only the real tokens' states go through
         # the LM head, packed into one contiguous [N, width] matrix: padding costs nothing,
         # and a strided slice would send GPT-2's 50,257-row head down torch's slow
         # batched-matmul path (6x slower at real size on a CPU).
@@ -205,6 +250,7 @@ class ClipCaptioner(TokenLimits, nn.Module):
             "finetune_gpt": self.finetune_gpt,
             "features": self.features,
             "gpt_source": self.gpt_source,
+            "retrieval": self.retrieval.to_dict(),
             "params_trainable": count_parameters(self, trainable_only=True),
             "params_total": count_parameters(self),
         }
@@ -274,7 +320,8 @@ class ClipCaptioner(TokenLimits, nn.Module):
             raise ModelError(f"{model_dir}: mapper config or {MAPPER_WEIGHTS} unusable "
                              f"({type(err).__name__}: {err})") from None
         model = cls(mapper, gpt, tokenizer, features=cfg.get("features"),
-                    finetune_gpt=bool(cfg.get("finetune_gpt", False)), gpt_source=cfg.get("gpt_source"))
+                    finetune_gpt=bool(cfg.get("finetune_gpt", False)), gpt_source=cfg.get("gpt_source"),
+                    retrieval=RetrievalSettings.from_dict(cfg.get("retrieval")))
         model.model_dir = model_dir
         from pipeline.models.decoding_config import generation_config, load_decoding, model_defaults
 
@@ -306,6 +353,14 @@ class ClipCaptioner(TokenLimits, nn.Module):
     def feature_expectation(self) -> dict:
         """The ``expect`` mapping for ``load_features``."""
         return {k: self.features[k] for k in FEATURE_KEYS if self.features.get(k) is not None}
+
+
+def retrieval_k(model_dir: str | Path) -> int:
+    """The retrieved captions per image a model folder reads (0: none, or no captioner folder)."""
+    try:
+        return int(json.loads((Path(model_dir) / CONFIG_NAME).read_text()).get("retrieval", {}).get("k", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
 
 
 def gpt_positions(config: Any) -> int:

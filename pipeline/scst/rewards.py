@@ -34,10 +34,15 @@ class Split:
         return len(self.references)
 
 
+def split_rows(table, select: np.ndarray) -> list[int]:
+    """The selected rows that have a non-blank reference (the rows ``load_split`` keeps)."""
+    return [int(i) for i in np.flatnonzero(select) if any(c and c.strip() for c in table.captions[i])]
+
+
 def load_split(table, select: np.ndarray) -> tuple[torch.Tensor, list[list[str]]]:
     """Vectors (patch tokens: kept fp16, as stored; the model casts them) and non-blank
     references of the selected rows that have any."""
-    rows = [i for i in np.flatnonzero(select) if any(c and c.strip() for c in table.captions[i])]
+    rows = split_rows(table, select)
     dtype = np.float32 if table.embeddings.ndim == 2 else table.embeddings.dtype
     vectors = torch.from_numpy(np.ascontiguousarray(table.embeddings[rows], dtype=dtype)) if rows \
         else torch.zeros((0, *table.embeddings.shape[1:]))

@@ -47,8 +47,10 @@ from pipeline.models.captioner import CLIP_SUBDIR, ClipCaptioner
 from pipeline.text.decoding import check_room, decode_batch, generate_ids
 from pipeline.core.params import Decoding, ParamsError, ScstParams
 from pipeline.core.runtime import Rank, autocast, choose_device, choose_precision, current_rank, gather, process_group
-from pipeline.scst.rewards import (Reward, Split, advantages, caption_mask, corpus_cider, load_split, tokenize_references,
-                                   tokenizer_agreement)
+from pipeline.models.prompt import pad_left
+from pipeline.retrieval.neighbours import shard_neighbours
+from pipeline.scst.rewards import (Reward, Split, advantages, caption_mask, corpus_cider, load_split, split_rows,
+                                   tokenize_references, tokenizer_agreement)
 
 log = logging.getLogger(__name__)
 REWARD_FIELDS = ("step", "epoch", "reward", "baseline_reward", "loss", "sample_tokens")
@@ -59,13 +61,15 @@ NOT_IDENTITY = ("checkpoint_every", "log_every")
 
 # ------------------------------------------------------------------- validation
 def greedy_captions(model: ClipCaptioner, vectors: torch.Tensor, batch_size: int, d: Decoding, device: torch.device,
-                    amp: str) -> list[str]:
-    """One caption per vector, decoded as ``d`` says (greedy: no seed, so no keys needed)."""
+                    amp: str, prompts: Optional[list] = None) -> list[str]:
+    """One caption per vector, decoded as ``d`` says (greedy: no seed, so no keys needed);
+    ``prompts``: a retrieval captioner's prompt ids of each vector."""
     out: list[str] = []
     for lo in range(0, len(vectors), batch_size):
         batch = vectors[lo:lo + batch_size].to(device)
+        part = None if prompts is None else prompts[lo:lo + batch_size]
         with autocast(device, amp):
-            out += [c[0].text for c in decode_batch(model, batch, d, keys=[""] * len(batch))]
+            out += [c[0].text for c in decode_batch(model, batch, d, keys=[""] * len(batch), prompts=part)]
     return out
 
 
@@ -83,12 +87,15 @@ def scst(
     checkpoint_dir: str | Path | None = None,
     stop_after: Optional[int] = None,
     device: str = "auto",
+    retrieval_dir: str | Path | None = None,
 ) -> dict:
     """Fine-tune the captioner in ``model_dir`` with SCST; write the best model, curves and metrics.
 
     ``checkpoint_dir``: where checkpoints go and are resumed from (None: a temporary
     folder, so no resume); they are removed when the run ends well. ``stop_after``:
     raise ``pipeline.train.loop.Stopped`` after that many steps, as a kill would (tests).
+    ``retrieval_dir``: the neighbour shards a retrieval captioner's prompts come from (the
+    same prompts as in training, for sampling, baseline and validation).
     """
     started = time.perf_counter()
     rank = current_rank()
@@ -103,7 +110,7 @@ def scst(
         return metrics
     device = choose_device(device, rank, key="device")
     with process_group(rank, device):
-        job = ScstJob(Path(model_dir), Path(features_dir), params, rank, device)
+        job = ScstJob(Path(model_dir), Path(features_dir), params, rank, device, retrieval_dir)
         job.outputs(Path(out_dir), Path(curve_path), Path(val_curve_path), Path(metrics_path), started)
         return run_job(job, rank, device, checkpoint_dir, progress, stop_after)
 
@@ -120,7 +127,7 @@ class ScstJob:
     patience = 0
 
     def __init__(self, model_dir: Path, features_dir: Path, params: ScstParams, rank: Rank,
-                 device: torch.device) -> None:
+                 device: torch.device, retrieval_dir=None) -> None:
         from pipeline.core.checkpoint import digest_files
         from pipeline.text.java import require_java
         from pipeline.formats.features import load_features
@@ -141,6 +148,15 @@ class ScstJob:
         tokenized = tokenize_references(train_refs + val_refs, self.java)
         self.train = Split(train_vectors, train_refs, tokenized[:len(train_refs)])
         self.val = Split(val_vectors, val_refs, tokenized[len(train_refs):])
+        self.train_prompts = self.val_prompts = None  # prompt ids of each image (retrieval)
+        if model.retrieval.k > 0:
+            if retrieval_dir is None:
+                raise ParamsError("the model reads retrieved captions (retrieval.k > 0): pass the neighbour shards "
+                                  "(--retrieval data/retrieval)")
+            neighbours, _ = shard_neighbours(Path(retrieval_dir), table.keys, model.retrieval.k)
+            prompts = model.prompt_ids(neighbours)
+            self.train_prompts = [prompts[i] for i in split_rows(table, splits == "train")]
+            self.val_prompts = [prompts[i] for i in split_rows(table, splits == "val")]
         self.reward = Reward(self.train)
         self.batches_per_epoch = len(self.train) // params.batch_size
         if self.batches_per_epoch == 0:
@@ -170,6 +186,7 @@ class ScstJob:
             "scst": {k: v for k, v in params.model_dump().items() if k not in NOT_IDENTITY},
             "model": digest_files(model_dir),
             "features": digest_files(features_dir),
+            **({"neighbours": digest_files(retrieval_dir)} if self.train_prompts is not None else {}),
             "precision": self.amp,
             "device": device.type,
         }
@@ -203,18 +220,23 @@ class ScstJob:
         images = images.tolist()
         k = params.samples
         vectors = self.train.vectors[images].to(device)
+        prompts = None if self.train_prompts is None else [self.train_prompts[i] for i in images]
         with autocast(device, amp):
-            ids, _ = generate_ids(model, vectors, self.sampling, keys=[f"{self.epoch}/{i}" for i in images])
+            ids, _ = generate_ids(model, vectors, self.sampling, keys=[f"{self.epoch}/{i}" for i in images],
+                                  prompts=prompts)
         ids = ids.clone()  # out of inference mode: the loss's backward reads the ids
         owners = [i for i in images for _ in range(k)]  # an image's samples are adjacent rows
         rewards = self.reward(model.decode(ids), owners)
         greedy = None
         if params.baseline == "greedy":
-            greedy = self.reward(greedy_captions(model, vectors, len(images), self.greedy, device, amp), images)
+            greedy = self.reward(greedy_captions(model, vectors, len(images), self.greedy, device, amp, prompts),
+                                 images)
         adv = advantages(rewards, k, greedy)
         mask = caption_mask(ids, model.eos_token_id)
+        # Each sample is scored with its image's prompt, as it was sampled.
+        prompt = None if prompts is None else pad_left([p for p in prompts for _ in range(k)], model.pad_token_id)
         with autocast(device, amp):
-            logp = net(vectors.repeat_interleave(k, dim=0), ids, mask, reduction="tokens").sum(dim=1)
+            logp = net(vectors.repeat_interleave(k, dim=0), ids, mask, reduction="tokens", prompt=prompt).sum(dim=1)
         loss_sum = -(torch.as_tensor(adv, dtype=logp.dtype, device=device) * logp).sum()
         baseline = greedy if greedy is not None else rewards - adv
         stats = [float(loss_sum.detach()), len(ids), float(rewards.sum()), float(np.sum(baseline)), len(baseline),
@@ -254,8 +276,9 @@ class ScstJob:
         if len(self.val) == 0:
             return None
         rank, world = self.rank.rank, self.rank.world_size
+        prompts = None if self.val_prompts is None else self.val_prompts[rank::world]
         mine = greedy_captions(self.model, self.val.vectors[rank::world], self.batch_size * self.params.samples,
-                               self.greedy, self.device, self.amp)
+                               self.greedy, self.device, self.amp, prompts)
         captions = [None] * len(self.val)
         for r, part in enumerate(gather(mine)):
             captions[r::world] = part

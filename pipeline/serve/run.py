@@ -16,6 +16,8 @@ from typing import Optional
 
 from pipeline.caption.run import LoadedCaptioner, load_captioner
 from pipeline.core.params import Decoding
+from pipeline.models.captioner import retrieval_k
+from pipeline.models.pretrained import ModelError
 from pipeline.serve.app import ServeOptions, Service, make_app
 
 
@@ -35,6 +37,9 @@ def model_identity(model_dir: Path, loaded: LoadedCaptioner) -> dict:
 
 def build_service(model_dir: str | Path, options: ServeOptions, decoding: Optional[Decoding] = None,
                   clip_dir: str | Path | None = None, device: str = "auto", precision: str = "auto") -> Service:
+    if retrieval_k(model_dir) > 0:
+        raise ModelError(f"{model_dir}: it reads retrieved captions (retrieval.k {retrieval_k(model_dir)}); serve has "
+                         "no datastore yet: caption it with `capline caption --datastore`")
     loaded = load_captioner(model_dir, decoding, clip_dir=clip_dir, device=device, precision=precision)
     return Service(loaded, model_identity(Path(model_dir), loaded), options)
 

@@ -39,6 +39,7 @@ from pipeline.core.errors import ParamsError
 from pipeline.models.decoding_config import generation_config
 from pipeline.core.params import Decoding
 from pipeline.core.runtime import dtype_of
+from pipeline.models.prompt import pad_left, positions
 
 if TYPE_CHECKING:
     from pipeline.models.captioner import ClipCaptioner
@@ -141,18 +142,22 @@ def check_room(model: "ClipCaptioner", d: Decoding, name=lambda key: f"generate.
     ``name`` turns a field into what the user wrote (a params key or an option).
     """
     room = model.caption_room
+    # A retrieval captioner's longest prompt takes positions too.
+    taken = f"the prefix takes {model.prefix_length}" + (
+        f" and the longest prompt {model.prompt_room}" if model.prompt_room else "")
     if d.min_new_tokens > room:
         raise ParamsError(f"{name('min_new_tokens')}: {d.min_new_tokens} does not fit: GPT-2 has "
-                          f"{model.max_positions} positions and the prefix takes {model.prefix_length}, leaving {room}")
+                          f"{model.max_positions} positions and {taken}, leaving {room}")
     if d.max_new_tokens > room:
-        log.warning("%s %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
-                    name("max_new_tokens"), d.max_new_tokens, room, model.max_positions, model.prefix_length)
+        log.warning("%s %d cut to %d: GPT-2 has %d positions and %s",
+                    name("max_new_tokens"), d.max_new_tokens, room, model.max_positions, taken)
     return min(d.max_new_tokens, room)
 
 
 @torch.inference_mode()
 def generate_ids(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
-                 max_new_tokens: Optional[int] = None) -> tuple[Any, Optional[SeededSampler]]:
+                 max_new_tokens: Optional[int] = None, prompts: Optional[Sequence[Sequence[int]]] = None
+                 ) -> tuple[Any, Optional[SeededSampler]]:
     """One ``generate`` call for ``d``: the new token ids (rows image-major, each image's
     ``d.num_return_sequences`` adjacent; with several scored beams, generate's output with
     ``sequences`` and ``sequences_scores``), and the sampler when ``d`` samples without beams.
@@ -160,10 +165,19 @@ def generate_ids(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     ``keys`` name the images (seeds of their samples). ``max_new_tokens`` (default
     ``d.max_new_tokens``) is capped by GPT-2's positions after the prefix. The one
     decode path: generate, caption and SCST's sampling and greedy captions come here.
+    ``prompts``: a retrieval captioner's prompt ids of each image (``model.prompt_ids``), of
+    any lengths: GPT-2 reads prefix and prompt left-padded, with their mask, and generate
+    makes the position ids from the mask, so a caption does not depend on its batch.
     """
     n = d.num_return_sequences
     limit = min(d.max_new_tokens if max_new_tokens is None else max_new_tokens, model.caption_room)
-    prefix = model.prefix(vectors.to(model.device))
+    if prompts is None:
+        prefix = model.prefix(vectors.to(model.device))
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        prompt = None
+    else:  # a retrieval captioner: prefix and prompt, left-padded
+        prompt = pad_left(prompts, model.pad_token_id)
+        prefix, mask = model.context(vectors.to(model.device), prompt)
     config = generation_config(d, model.eos_token_id, model.pad_token_id, max_new_tokens=limit)
     processors = []
     sampler = None
@@ -184,10 +198,10 @@ def generate_ids(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
         config.output_scores = True
     # A cross-attention mapper's keys and values: computed once per image, shared by its rows.
     with model.attending(vectors):
-        cache = prefix_cache(model, prefix, ours * d.num_beams)
+        cache = prefix_cache(model, prefix, ours * d.num_beams, None if prompt is None else mask)
         if ours > 1:
             prefix = prefix.repeat_interleave(ours, dim=0)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+            mask = mask.repeat_interleave(ours, dim=0)
         with warnings.catch_warnings(), _no_padding_warning():
             # With inputs_embeds the penalties see only the caption's tokens: what we want, not a problem.
             warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with")
@@ -220,15 +234,17 @@ def _no_padding_warning():
 
 
 def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, keys: Sequence[str],
-                 max_new_tokens: Optional[int] = None) -> list[list[Caption]]:
+                 max_new_tokens: Optional[int] = None, prompts: Optional[Sequence[Sequence[int]]] = None
+                 ) -> list[list[Caption]]:
     """Captions of each vector (``d.num_return_sequences`` each, best first) with their scores.
 
     ``keys`` name the images (seeds of their samples). Scores are given when an
     image gets several captions: transformers' beam score, or for samples the
     summed log-probability of their tokens (EOS included) divided by their length.
+    ``prompts``: a retrieval captioner's prompt ids of each image (see ``generate_ids``).
     """
     n = d.num_return_sequences
-    out, sampler = generate_ids(model, vectors, d, keys, max_new_tokens)
+    out, sampler = generate_ids(model, vectors, d, keys, max_new_tokens, prompts)
     scored_beams = d.num_beams > 1 and n > 1
     ids = out.sequences if scored_beams else out
     texts = model.decode(ids)
@@ -246,18 +262,24 @@ def decode_batch(model: "ClipCaptioner", vectors: torch.Tensor, d: Decoding, key
     return per_image
 
 
-def prefix_cache(model: "ClipCaptioner", prefix: torch.Tensor, rows_per_image: int):
+def prefix_cache(model: "ClipCaptioner", prefix: torch.Tensor, rows_per_image: int,
+                 mask: Optional[torch.Tensor] = None):
     """GPT-2's KV cache of all but the last prefix position, computed once per image and
     repeated for each of its ``rows_per_image`` rows (beams, samples); None when each image
     has one row.
 
     generate copies the prefix to every beam before its first forward pass; with this
     cache it runs only the last prefix position per beam, which saves
-    (rows_per_image - 1) x (prefix_length - 1) positions of GPT-2 per image.
+    (rows_per_image - 1) x (prefix_length - 1) positions of GPT-2 per image. ``mask``: a
+    left-padded context's (prefix and prompt), read with the positions generate gives it.
     """
     if rows_per_image <= 1 or prefix.shape[1] < 2:
         return None
-    out = model.gpt.transformer(inputs_embeds=prefix[:, :-1], use_cache=True)
+    if mask is None:
+        out = model.gpt.transformer(inputs_embeds=prefix[:, :-1], use_cache=True)
+    else:
+        out = model.gpt.transformer(inputs_embeds=prefix[:, :-1], attention_mask=mask[:, :-1],
+                                    position_ids=positions(mask[:, :-1]), use_cache=True)
     cache = out.cache
     cache.batch_repeat_interleave(rows_per_image)
     return cache

@@ -157,6 +157,7 @@ class TrainingData:
     feature_bytes: int
     load_seconds: float
     tokenize_seconds: float
+    keys: list  # image key of each global row (shard order): how neighbour shards join
 
 
 def load_training_data(features_dir: Path, tokenizer: Any, max_tokens: int, max_memory_gb: float,
@@ -226,7 +227,7 @@ def load_training_data(features_dir: Path, tokenizer: Any, max_tokens: int, max_
     return TrainingData(train=train, val=val, vectors=vectors, attrs=attrs, dim=dim,
                         train_images=len(splits_rows["train"]), n_shards=len(shards), window=window,
                         pair_shard=pair_shard, dataset=dataset, feature_bytes=feature_bytes, load_seconds=load_seconds,
-                        tokenize_seconds=tokenize_seconds)
+                        tokenize_seconds=tokenize_seconds, keys=[key for m in metas for key in m.keys])
 
 
 def patch_token_shape(shards: list[Path]) -> tuple[int, int]:

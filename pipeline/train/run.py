@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +40,9 @@ from pipeline.models.trainable import finetune_gpt_parts
 from pipeline.train.loop import check_batch_size, rounded, run_job, sum_across
 from pipeline.models.captioner import ClipCaptioner, check_clip_folder, room_after_prefix
 from pipeline.models.mapper import count_parameters, mapper_class
-from pipeline.core.params import MapperParams, ParamsError, TrainParams
+from pipeline.core.params import MapperParams, ParamsError, RetrievalParams, TrainParams
+from pipeline.models.prompt import RetrievalSettings, pad_left
+from pipeline.retrieval.neighbours import shard_neighbours
 from pipeline.core.runtime import Rank, all_reduce_sum, autocast, choose_device, choose_precision, current_rank, \
     process_group
 from pipeline.train.data import collate, epoch_batches, load_training_data, micro_batches, validation_batches
@@ -66,6 +69,8 @@ def train(
     stop_after: Optional[int] = None,
     clip_dir: str | Path | None = None,
     device: str = "auto",
+    retrieval: Optional[RetrievalParams] = None,
+    retrieval_dir: str | Path | None = None,
 ) -> dict:
     """Train a captioner on ``features_dir``'s train split; write model, curves, metrics.
 
@@ -74,13 +79,16 @@ def train(
     curve. ``stop_after``: raise ``pipeline.train.loop.Stopped`` after that many steps, as a
     kill would (tests). ``clip_dir``: the pinned CLIP folder that made the features,
     copied into the model folder (checked against the features before training starts).
+    ``retrieval`` with k > 0: the captioner reads each image's k retrieved captions from the
+    neighbour shards in ``retrieval_dir`` (joined by key) in its prompt.
     Returns the metrics dict (also written, as JSON, to ``metrics_path`` by rank 0).
     """
     started = time.perf_counter()
     rank = current_rank()
     device = choose_device(device, rank, key="device")
     with process_group(rank, device):
-        job = XeJob(Path(features_dir), Path(gpt_dir), mapper, train, rank, device, clip_dir)
+        job = XeJob(Path(features_dir), Path(gpt_dir), mapper, train, rank, device, clip_dir,
+                    retrieval=retrieval, retrieval_dir=retrieval_dir)
         job.outputs(Path(out_dir), Path(curve_path),
                     Path(val_curve_path or Path(curve_path).with_name("val.csv")), Path(metrics_path), started)
         return run_job(job, rank, device, checkpoint_dir, progress, stop_after)
@@ -94,7 +102,8 @@ class XeJob:
     train_mode = True  # dropout on (a frozen GPT-2 stays in eval mode)
 
     def __init__(self, features_dir: Path, gpt_dir: Path, mapper: MapperParams, params: TrainParams, rank: Rank,
-                 device: torch.device, clip_dir=None) -> None:
+                 device: torch.device, clip_dir=None, retrieval: Optional[RetrievalParams] = None,
+                 retrieval_dir=None) -> None:
         from transformers import get_linear_schedule_with_warmup
 
         from pipeline.models.pretrained import load_gpt, read_pin
@@ -106,11 +115,19 @@ class XeJob:
         np.random.seed(params.seed)
 
         gpt, tokenizer = load_gpt(gpt_dir)
+        settings = RetrievalSettings()
+        if retrieval is not None and retrieval.k > 0:
+            settings = RetrievalSettings(k=retrieval.k, template=retrieval.template,
+                                         max_caption_tokens=retrieval.max_caption_tokens,
+                                         separator=retrieval.separator)
+        prompt_room = settings.max_tokens(tokenizer)
         # The caption room is known from GPT-2's config before anything is built.
-        room = room_after_prefix(gpt.config, mapper.prefix_length)
+        room = room_after_prefix(gpt.config, mapper.prefix_length) - prompt_room
         if room < 2:  # a word and EOS at the least; fewer would crash inside GPT-2
-            raise ParamsError(f"mapper.prefix_length: {mapper.prefix_length} leaves {max(room, 0)} of GPT-2's "
-                              f"{room + mapper.prefix_length} positions for the caption; it needs at least 2")
+            raise ParamsError(f"mapper.prefix_length: {mapper.prefix_length} and a prompt of up to {prompt_room} "
+                              f"tokens (retrieval.k {settings.k}) leave {max(room, 0)} of GPT-2's "
+                              f"{room + mapper.prefix_length + prompt_room} positions for the caption; it needs at "
+                              "least 2")
         max_tokens = params.max_caption_tokens
         if max_tokens > room:
             log.warning("train.max_caption_tokens %d cut to %d: GPT-2 has %d positions and the prefix takes %d",
@@ -119,6 +136,13 @@ class XeJob:
         dataset = "patch_tokens" if kind.patch_tokens else "embeddings"
         data = load_training_data(features_dir, tokenizer, max_tokens, params.max_memory_gb, dataset=dataset)
         features = {**data.attrs, "dim": data.dim}
+        self.prompts = None  # prompt ids of each global image row (retrieval)
+        if settings.k > 0:
+            if retrieval_dir is None:
+                raise ParamsError("retrieval.k > 0 needs the neighbour shards (--retrieval data/retrieval)")
+            neighbours, identity = shard_neighbours(Path(retrieval_dir), data.keys, settings.k)
+            settings = replace(settings, datastore=identity)
+            self.prompts = settings.token_ids(tokenizer, neighbours)
         finetune = params.finetune_gpt
         if finetune and kind.freezes_gpt:
             # SmallCap's design: GPT-2 stays frozen, only the cross-attention learns.
@@ -127,7 +151,7 @@ class XeJob:
         pin = read_pin(gpt_dir)
         source = {k: pin[k] for k in ("model_id", "revision", "sha256")}
         model = ClipCaptioner.from_settings(mapper.model_dump(), data.dim, gpt, tokenizer, features=features,
-                                            finetune_gpt=finetune, gpt_source=source).to(device)
+                                            finetune_gpt=finetune, gpt_source=source, retrieval=settings).to(device)
         if clip_dir is not None:
             check_clip_folder(Path(clip_dir), model.features)  # a wrong --clip fails now, not after training
         if params.finetune_gpt_layers is not None:  # train only these parts of GPT-2 (the seed's model)
@@ -150,9 +174,11 @@ class XeJob:
         self.schedule = get_linear_schedule_with_warmup(self.optimizer, params.warmup_steps, total_steps)
         self.modules = {"mapper": model.mapper, **({"gpt": model.gpt} if model.finetune_gpt else {})}
         self.identity = {
-            "params": {"mapper": mapper.model_dump(), "train": params.model_dump(exclude=set(NOT_IDENTITY))},
+            "params": {"mapper": mapper.model_dump(), "train": params.model_dump(exclude=set(NOT_IDENTITY)),
+                       **({"retrieval": settings.to_dict()} if settings.k else {})},
             "features": digest_files(features_dir),
             "gpt": digest_files(gpt_dir),
+            **({"neighbours": digest_files(retrieval_dir)} if settings.k else {}),
             "precision": self.amp,
             "device": device.type,
         }
@@ -179,12 +205,19 @@ class XeJob:
         """The global batch's caption tokens: each micro-batch's loss sum is divided by them."""
         return int(self.data.train.lengths[batch].sum())
 
+    def prompt(self, captions, idx: np.ndarray):
+        """The left-padded prompt ids and mask of the pairs ``idx`` (None without retrieval)."""
+        if self.prompts is None:
+            return None
+        return pad_left([self.prompts[r] for r in captions.rows[np.asarray(idx, dtype=np.int64)]],
+                        self.model.pad_token_id)
+
     def micro_loss(self, net: torch.nn.Module, idx: np.ndarray) -> tuple[torch.Tensor, tuple]:
         vectors, ids, mask = collate(self.data.train, self.data.vectors, idx, self.model.pad_token_id)
         d = self.device
         with autocast(d, self.amp):
             loss_sum = net(vectors.to(d, non_blocking=True), ids.to(d, non_blocking=True),
-                           mask.to(d, non_blocking=True), reduction="sum")
+                           mask.to(d, non_blocking=True), reduction="sum", prompt=self.prompt(self.data.train, idx))
         return loss_sum, (loss_sum.detach(), int(mask.sum()))
 
     def step_row(self, stats: list) -> list[float]:
@@ -290,7 +323,8 @@ def validation_loss(job: XeJob) -> Optional[float]:
     for idx in validation_batches(data.val, data.vectors, job.rank.rank, world, max(1, job.batch_size // world)):
         vectors, ids, mask = collate(data.val, data.vectors, idx, model.pad_token_id)
         with autocast(device, job.amp):
-            loss = model(vectors.to(device), ids.to(device), mask.to(device), reduction="sum")
+            loss = model(vectors.to(device), ids.to(device), mask.to(device), reduction="sum",
+                         prompt=job.prompt(data.val, idx))
         total[0] += loss.double()
         total[1] += int(mask.sum())
     all_reduce_sum(total)
