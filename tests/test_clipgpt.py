@@ -125,3 +125,33 @@ def test_the_seed_recipe_trains_on_demo_features_at_tiny_width(tmp_path, tiny_gp
     assert (model.mapper.kind, c.prefix_length, c.layers, c.heads, c.forward_expansion, c.dropout) == \
         ("clipgpt", 4, 6, 16, 4, 0.1)
     assert model.features["dim"] == 32 and len(decode_batch(model, torch.randn(2, 32), Decoding(max_new_tokens=3), ["a", "b"])) == 2
+
+
+def test_the_seed_recipe_runs_at_real_size(tmp_path, scene_features):
+    """The small release's shapes: 768-wide pooler_output vectors (ViT-B/32's), the seed's
+    mapper (ep_len 4, 6 layers, 16 heads) and GPT-2 small (random weights, its 50,257-row
+    embedding) with its embeddings, first and last blocks and ln_f trained; then captions."""
+    from pathlib import Path
+
+    from pipeline.core.recipes import merged_params
+    from pipeline.pin.realsize import build_realsize_gpt
+    from tests.helpers.features import scene_table
+
+    root = Path(__file__).resolve().parents[1]
+    _, params, _ = merged_params(root / "params.yaml", [root / "configs/clip-gpt-captioning-flickr30k.yaml"])
+    table = scene_table(n_per_class=1, dim=768)
+    gpt_dir = tmp_path / "gpt"
+    build_realsize_gpt(gpt_dir, [c for caps in table.captions for c in caps])
+    feats = scene_features(n_per_class=1, dim=768, shards=1)
+    fast = params.train.model_copy(update={"epochs": 1, "batch_size": 8, "warmup_steps": 1, "precision": "fp32",
+                                           "log_every": 1})
+    metrics = train(feats, gpt_dir, tmp_path / "model", tmp_path / "loss.csv", tmp_path / "metrics.json",
+                    params.mapper, fast, progress=False)
+    model = ClipCaptioner.load(tmp_path / "model")
+    assert model.gpt.config.n_embd == 768 and model.gpt.config.n_layer == 12 and model.gpt.config.vocab_size == 50257
+    assert count_parameters(model.mapper) == closed_form(768, 4, 6, 4)
+    parts = ("transformer.wte.", "transformer.wpe.", "transformer.h.0.", "transformer.h.11.", "transformer.ln_f.")
+    tuned = sum(p.numel() for n, p in model.gpt.named_parameters() if n.startswith(parts))
+    assert metrics["params_trainable"] == closed_form(768, 4, 6, 4) + tuned
+    captions = decode_batch(model, torch.randn(2, 768), Decoding(num_beams=2, max_new_tokens=4), ["a", "b"])
+    assert len(captions) == 2
