@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.pin.demo import EOS, build_demo_clip, build_demo_gpt
+from pipeline.pin.demo import EOS, PARAGRAPH, TEMPLATE_WORDS, build_demo_clip, build_demo_gpt
 from pipeline.core.params import ParamsError
 from pipeline.pin.run import run as pin_model
 from pipeline.models.pretrained import ModelError, image_processor_class, load_clip, load_gpt, read_pin, weights_sha256
@@ -124,6 +124,7 @@ def test_demo_gpt_deterministic_tokenizer_round_trip_and_eos(tmp_path):
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "a")
     words = {w for c in CAPTIONS for w in c.lower().replace(",", " , ").replace(".", " . ")
              .replace(":", " : ").split()}
+    words |= {PARAGRAPH, *TEMPLATE_WORDS.split()}  # always there: SmallCap's prompt reads as words
     assert len(tok) == model.config.vocab_size == len(words) + 2  # + EOS and <unk>
     assert tok.eos_token_id == tok.bos_token_id == tok.pad_token_id == tok.convert_tokens_to_ids(EOS)
     assert model.config.eos_token_id == model.config.bos_token_id == tok.eos_token_id
@@ -133,6 +134,10 @@ def test_demo_gpt_deterministic_tokenizer_round_trip_and_eos(tmp_path):
     assert tok.unk_token_id not in ids and tok.eos_token_id not in ids  # no EOS added silently
     assert tok.decode(ids) == "two shapes: a blue square, and a green triangle"
     assert tok("a purple hexagon")["input_ids"].count(tok.unk_token_id) == 2
+    # SmallCap's prompt: its words are known and its blank lines keep the captions apart.
+    prompt = tok("Similar images show\n\na blue square\n\na green triangle.\n\nThis image shows ")["input_ids"]
+    assert tok.unk_token_id not in prompt
+    assert tok.convert_ids_to_tokens(prompt).count(PARAGRAPH) == 3
     assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True).endswith("triangle")
 
 
@@ -251,3 +256,29 @@ def test_text_tower_pretraining_leaves_the_image_tower_locked(tmp_path):
     assert vision and text
     assert all(torch.equal(a[k], b[k]) for k in vision)
     assert any(not torch.equal(a[k], b[k]) for k in text)
+
+
+def test_demo_gpt_pretraining_teaches_scene_captions_reproducibly(tmp_path):
+    """The demo GPT-2's pre-training (a stand-in for GPT-2's own) lowers its loss on
+    dataset captions it never saw, and gives the same weights twice."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from pipeline.prepare.scenes import captions_for, scene_for
+
+    held_out = [c for i in range(40) for c in captions_for(scene_for(i, 0), 2, 0)]  # the dataset's stream
+    cfg = TINY_GPT.model_copy(update={"n_positions": 64, "pretrain_steps": 60, "pretrain_documents": 200})
+    build_demo_gpt(tmp_path / "a", cfg, held_out)
+    build_demo_gpt(tmp_path / "b", cfg, held_out)
+    build_demo_gpt(tmp_path / "random", cfg.model_copy(update={"pretrain_steps": 0}), held_out)
+    assert weights_sha256(tmp_path / "a") == weights_sha256(tmp_path / "b")
+
+    def loss(folder):
+        tok, model = AutoTokenizer.from_pretrained(folder), GPT2LMHeadModel.from_pretrained(folder)
+        enc = tok(held_out, padding=True, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        with torch.no_grad():
+            return model(**enc, labels=labels).loss.item()
+
+    # Random weights: about ln(vocabulary); pre-trained: well below.
+    assert loss(tmp_path / "a") < 0.6 * loss(tmp_path / "random")

@@ -24,11 +24,13 @@ SMALL = {
     "data": {"demo": {"images": 160}},
     "download": {"records_per_shard": 50, "workers": 4},
     "clip": {"batch_size": 32, "workers": 1},
+    "gpt": {"demo": {"pretrain_steps": 20, "pretrain_documents": 100}},
     "mapper": {"layers": 1, "prefix_length": 4, "clip_length": 4},
     "train": {"epochs": 3, "batch_size": 32, "warmup_steps": 5, "log_every": 2, "checkpoint_every": 5},
     "scst": {"epochs": 1, "batch_size": 32, "samples": 2, "max_tokens": 12, "log_every": 2},
     "generate": {"num_beams": 2, "max_new_tokens": 12},
     "evaluate": {"baseline_candidates": 5, "report_images": 10},
+    "retrieval": {"k": 0},
 }
 
 

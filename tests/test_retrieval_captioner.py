@@ -157,7 +157,7 @@ def test_a_rows_logits_do_not_depend_on_the_other_prompts(tiny_gpt_dir):
 def test_prompt_is_the_template_with_the_captions(tiny_gpt_dir):
     model = tiny_model(tiny_gpt_dir, k=2)
     ids = model.prompt_ids([["a red circle", "one blue square here", "ignored beyond k"]])[0]
-    assert model.tokenizer.decode(ids) == "a a red circle one blue square here here one"
+    assert model.tokenizer.decode(ids) == "a a red circle \n\n one blue square here here one"  # separator: a blank line
     assert len(ids) <= model.prompt_room
     smallcap = RetrievalSettings(k=2, template=RetrievalParams().template, max_caption_tokens=25)
     assert smallcap.text(["a dog", "a cat"]) == "Similar images show\n\na dog\n\na cat.\n\nThis image shows "

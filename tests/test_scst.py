@@ -143,7 +143,7 @@ def test_reward_rises_and_outputs_are_written(xe):
     assert read_metrics(root / "mean" / "scst.json") == metrics
     assert metrics["best_epoch"] == max(range(len(rows)), key=lambda e: (float(rows[e]["val_cider"]), -e))
     assert metrics["val_cider_best"] >= metrics["val_cider_xe"]
-    assert metrics["tokenizer_agreement"] == 1.0 and 0 < metrics["reward_fraction"] < 1
+    assert metrics["tokenizer_agreement"] == 1.0 and 0 < metrics["seconds_reward_fraction"] < 1
     assert (root / "mean" / "model" / "captioner.json").is_file()
 
 

@@ -193,8 +193,11 @@ class DemoGpt(Section):
     n_embd: int = Field(128, ge=8, description="width of the demo GPT-2")
     n_layer: int = Field(2, ge=1, description="transformer blocks of the demo GPT-2")
     n_head: int = Field(4, ge=1, description="attention heads of the demo GPT-2")
-    n_positions: int = Field(64, ge=8, description="positions of the demo GPT-2 (prefix + caption)")
-    seed: int = Field(0, description="seed of the demo GPT-2's initialisation")
+    n_positions: int = Field(192, ge=8, description="positions of the demo GPT-2 (prefix + retrieved captions + caption)")
+    seed: int = Field(0, description="seed of the demo GPT-2's initialisation and pre-training")
+    pretrain_steps: int = Field(500, ge=0, description="language-model pre-training steps on scene captions apart from the dataset (0: random weights)")
+    pretrain_documents: int = Field(3000, ge=1, description="pre-training documents: captions of a scene and of up to 4 similar scenes")
+    pretrain_lr: float = Field(0.003, gt=0, description="AdamW learning rate of the pre-training")
 
     @model_validator(mode="after")
     def _check(self) -> "DemoGpt":
@@ -387,7 +390,7 @@ class RetrievalParams(Section):
     ivf_nlist: Optional[int] = Field(None, ge=1, description="ivf: number of inverted lists; null: 4 x sqrt(captions)")
     ivf_nprobe: int = Field(32, ge=1, description="ivf: lists searched per query (more: slower, closer to exact)")
     ivf_pq_m: int = Field(0, ge=0, description="ivf: product-quantiser sub-vectors of 8 bits (must divide the width); 0: no compression (IndexIVFFlat)")
-    k: int = Field(0, ge=0, description="captions kept per image and read by the captioner in its prompt; 0: no retrieval (the plain prefix captioner)")
+    k: int = Field(4, ge=0, description="captions kept per image and read by the captioner in its prompt; 0: no retrieval (the plain prefix captioner)")
     template: str = Field(PROMPT_TEMPLATE, min_length=1, description="the captioner's prompt: {captions} is replaced by the k captions joined by separator (SmallCap's template by default)")
     separator: str = Field("\n\n", description="between the captions of the prompt (SmallCap's: a blank line)")
     retrieve_candidates: int = Field(15, ge=1, description="nearest captions searched per image before its own are excluded; the k nearest others are kept")

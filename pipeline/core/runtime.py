@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from pipeline.core.errors import ParamsError
 from pipeline.core.vocabulary import PRECISIONS
@@ -227,6 +227,22 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def write_gathered_metrics(summary: dict, combine: "Callable[[list[dict]], dict]", metrics: str | Path,
+                           rank: Rank, device: Optional[torch.device], timeout: timedelta) -> None:
+    """One metrics file for a stage whose ranks each summarise their own shards: under
+    torchrun rank 0 writes the combined summaries; ranks started by hand (no group)
+    each write their own ``rank_path``."""
+    from pipeline.core.files import write_metrics
+
+    with process_group(rank, device, timeout=timeout) as grouped:
+        summaries = gather(summary)
+    if grouped:
+        if rank.is_main:
+            write_metrics(metrics, combine(summaries))
+    else:
+        write_metrics(rank_path(metrics, rank), combine([summary]))
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,8 @@ from typing import Optional
 
 from pipeline.embed.plan import patch_tokens_wanted, read_plan
 from pipeline.embed.shards import embed_shards
-from pipeline.core.files import write_metrics
 from pipeline.core.params import Params, ParamsError
-from pipeline.core.runtime import Rank, choose_device, gather, process_group, rank_path
+from pipeline.core.runtime import Rank, choose_device, write_gathered_metrics
 
 # Ranks may finish hours apart on uneven shards; only the final gather waits.
 GATHER_TIMEOUT = timedelta(hours=12)
@@ -54,11 +53,6 @@ def run(params: Params, images: Path, model: Path, out: Path, metrics: Path, ran
                           f"mapper.type say {str(patch_tokens).lower()}; run `capline embed-plan` (dvc repro does)")
     summary = embed_shards(images, model, out, params.clip, rank, params.data, device=params.device,
                            patch_tokens=patch_tokens)
-    with process_group(rank, choose_device(params.device, rank, key="device"), timeout=GATHER_TIMEOUT) as grouped:
-        summaries = gather(summary)
-    if grouped:
-        if rank.is_main:
-            write_metrics(metrics, combine(summaries))
-    else:
-        write_metrics(rank_path(metrics, rank), combine([summary]))
+    write_gathered_metrics(summary, combine, metrics, rank, choose_device(params.device, rank, key="device"),
+                           GATHER_TIMEOUT)
     return summary

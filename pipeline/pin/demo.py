@@ -30,6 +30,11 @@ CLIP_TEXT_POSITIONS = 48  # the longest demo caption with its prompt is about 30
 PROMPT = "A photo depicts "  # CLIPScore's prompt (Hessel et al. 2021)
 PRETRAIN_SEED_OFFSET = 1_000_003  # a scene stream apart from any dataset seed
 PRETRAIN_CAPTIONS = 6  # captions per pre-training scene: every template once
+GPT_PRETRAIN_SEED_OFFSET = 2_000_003  # the demo GPT-2's own scene stream, apart from CLIP's
+# The demo GPT-2's vocabulary holds the words of SmallCap's prompt (the default
+# retrieval.template) and a token for its blank lines.
+TEMPLATE_WORDS = "similar images show this image shows ."
+PARAGRAPH = "¶"
 
 
 def build_demo_clip_tokenizer(texts: Iterable[str], max_length: int):
@@ -275,14 +280,18 @@ def build_demo_tokenizer(captions: Iterable[str], max_length: int):
     """A word-level tokenizer over the captions' vocabulary, as PreTrainedTokenizerFast.
 
     Lower-cased, split on whitespace and punctuation; ids are the special tokens
-    then the words in sorted order, so the same captions give the same ids.
+    then the words in sorted order, so the same captions give the same ids. The
+    words of SmallCap's prompt (``TEMPLATE_WORDS``) are always in it, and a blank
+    line is a token of its own (``PARAGRAPH``), so the default retrieval prompt
+    keeps its captions apart.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
+                                       normalizers.Replace(Regex(r"\n\s*\n"), f" {PARAGRAPH} ")])
     pre = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+ : words and punctuation apart
-    words: set[str] = set()
+    words: set[str] = {PARAGRAPH, *TEMPLATE_WORDS.split()}
     for caption in captions:
         text = normalizer.normalize_str(caption)
         words.update(piece for piece, _ in pre.pre_tokenize_str(text))
@@ -297,7 +306,8 @@ def build_demo_tokenizer(captions: Iterable[str], max_length: int):
     # Join words with spaces; no space before punctuation (WordPiece's cleanup covers
     # . , ! ? but not the colons and semicolons of the demo's captions).
     tok.decoder = decoders.Sequence(
-        [decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" :", ":"), decoders.Replace(" ;", ";")]
+        [decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" :", ":"), decoders.Replace(" ;", ";"),
+         decoders.Replace(PARAGRAPH, "\n\n")]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -311,11 +321,13 @@ def build_demo_tokenizer(captions: Iterable[str], max_length: int):
 
 
 def build_demo_gpt(out_dir: Path, cfg: DemoGpt, captions: Iterable[str]) -> None:
-    """Save a word-level tokenizer and a small, seeded GPT2LMHeadModel together in ``out_dir``."""
+    """Save a word-level tokenizer and a small, seeded GPT2LMHeadModel together in ``out_dir``,
+    pre-trained as a language model (``pretrain_gpt``) unless ``cfg.pretrain_steps`` is 0."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = build_demo_tokenizer(captions, cfg.n_positions)
+    documents = gpt_pretrain_documents(cfg) if cfg.pretrain_steps else []
+    tokenizer = build_demo_tokenizer([*captions, *documents], cfg.n_positions)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -329,7 +341,68 @@ def build_demo_gpt(out_dir: Path, cfg: DemoGpt, captions: Iterable[str]) -> None
     )
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(config).eval()
+    if cfg.pretrain_steps:
+        pretrain_gpt(model, tokenizer, cfg, documents)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def gpt_pretrain_documents(cfg: DemoGpt) -> list[str]:
+    """Text for the demo GPT-2's pre-training, from a scene stream apart from the dataset.
+
+    A document is one caption of a scene, then one caption each of up to four
+    similar scenes (each a ``twin_scene`` of the one before), a blank line between
+    them: the language of captions, and that text nearby tends to repeat, are what a
+    web-trained GPT-2 brings to captioning and to a prompt of retrieved captions. The
+    prompt's own words are never in it (GPT-2 never saw SmallCap's template either).
+    """
+    import numpy as np
+
+    from pipeline.prepare.scenes import captions_for, scene_for
+
+    seed = GPT_PRETRAIN_SEED_OFFSET + cfg.seed
+    documents = []
+    for i in range(cfg.pretrain_documents):
+        rng = np.random.default_rng([seed, i, 11])
+        scene = scene_for(i, seed)
+        parts = []
+        for _ in range(1 + int(rng.integers(5))):
+            parts.append(captions_for(scene, PRETRAIN_CAPTIONS, seed)[int(rng.integers(PRETRAIN_CAPTIONS))])
+            scene = twin_scene(scene, rng)
+        documents.append("\n\n".join(parts))
+    return documents
+
+
+def pretrain_gpt(model, tokenizer, cfg: DemoGpt, documents: list[str]) -> None:
+    """A short, seeded stand-in for GPT-2's own pre-training: next-token prediction on
+    ``documents`` (each ending in EOS, padding excluded from the loss), batch 32."""
+    import torch
+    from tqdm import tqdm
+
+    eos = tokenizer.eos_token_id
+    rows = [tokenizer(d, truncation=True, max_length=cfg.n_positions - 1)["input_ids"] + [eos] for d in documents]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), eos, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, :len(row)] = ids[i, :len(row)]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    sched = _linear_schedule(opt, cfg.pretrain_steps)
+    model.train()
+    bar = tqdm(range(cfg.pretrain_steps), desc="demo gpt-2 pre-training", unit="step")
+    for _ in bar:
+        idx = torch.randint(0, len(rows), (32,), generator=gen)
+        used = int((labels[idx] != -100).sum(1).max())  # trim the batch's common padding
+        loss = model(input_ids=ids[idx, :used], attention_mask=(labels[idx, :used] != -100).long(),
+                     labels=labels[idx, :used]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.core.files import write_metrics
 from pipeline.core.params import Params
-from pipeline.core.runtime import Rank, choose_device, gather, process_group, rank_path
+from pipeline.core.runtime import Rank, choose_device, write_gathered_metrics
 
 GATHER_TIMEOUT = timedelta(hours=12)
 SUMMED = ("shards_kept", "shards_written", "images", "excluded_own", "searched_again",
@@ -39,11 +39,6 @@ def run_retrieve(params: Params, features: Path, datastore: Path, out: Path, met
     from pipeline.retrieval.retrieve import retrieve_shards
 
     summary = retrieve_shards(params.retrieval, features, datastore, out, rank)
-    with process_group(rank, choose_device(params.device, rank, key="device"), timeout=GATHER_TIMEOUT) as grouped:
-        summaries = gather(summary)
-    if grouped:
-        if rank.is_main:
-            write_metrics(metrics, combine(summaries))
-    else:
-        write_metrics(rank_path(metrics, rank), combine([summary]))
+    write_gathered_metrics(summary, combine, metrics, rank, choose_device(params.device, rank, key="device"),
+                           GATHER_TIMEOUT)
     return summary

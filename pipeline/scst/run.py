@@ -323,7 +323,7 @@ class ScstJob:
             "device": str(run.device),
             "seconds": round(seconds, 2),
             "seconds_reward": round(self.reward.seconds, 2),
-            "reward_fraction": round(self.reward.seconds / max(seconds, 1e-9), 4),
+            "seconds_reward_fraction": round(self.reward.seconds / max(seconds, 1e-9), 4),
             "sampled_captions_per_s": round(sum_across(self.reward.scored, run.device) / max(seconds, 1e-9), 2),
         }
         if run.rank.is_main:

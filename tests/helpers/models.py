@@ -29,7 +29,7 @@ from tests.helpers.features import scene_captions
 # ------------------------------------------------------------------ hub-like models
 TINY_CLIP = DemoClip(hidden_size=32, layers=1, heads=2, patch_size=8, projection_dim=16,
                      pretrain_steps=0, pretrain_text_steps=0, pretrain_images=64)
-TINY_GPT = DemoGpt(n_embd=32, n_layer=1, n_head=2, n_positions=32)
+TINY_GPT = DemoGpt(n_embd=32, n_layer=1, n_head=2, n_positions=32, pretrain_steps=0)
 CAPTIONS = ["A red circle on the left.", "two shapes: a blue square and a green triangle",
             "a big yellow disc, in the middle"]
 
@@ -42,6 +42,7 @@ def tiny_params(clip_model: str = "demo", gpt_model: str = "demo", image_size: i
         "clip": {"model": clip_model, "demo": clip_demo.model_dump()},
         "gpt": {"model": gpt_model, "demo": gpt_demo.model_dump()},
         "mapper": {"heads": 2},
+        "retrieval": {"k": 0},  # the plain prefix captioner; retrieval tests ask for k
     })
 
 
@@ -77,7 +78,7 @@ def save_tiny_gpt(out_dir: Path, n_embd: int = 32, n_layer: int = 2, n_head: int
     """A word-level tokenizer over the scene words plus a small GPT-2, saved together."""
     from pipeline.pin.demo import build_demo_gpt
 
-    cfg = DemoGpt(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions, seed=seed)
+    cfg = DemoGpt(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions, seed=seed, pretrain_steps=0)
     build_demo_gpt(Path(out_dir), cfg, scene_captions())
     return Path(out_dir)
 
