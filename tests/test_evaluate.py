@@ -57,6 +57,7 @@ def evaluated(tmp_path_factory):
     """One CLI run on the fixture with control, features, images and SPICE asked for but absent."""
     tmp = tmp_path_factory.mktemp("evaluate")
     refs, res, ctl = write_coco_pair(tmp / "captions")
+    (tmp / "captions" / "captioner.json").write_text(json.dumps({"retrieval_k": 3, "datastore": "abc"}))
     write_features(tmp / "features")
     write_image_shard(tmp / "images" / "00000.tar", list(REFERENCES))
     (tmp / "corenlp").mkdir()
@@ -93,6 +94,15 @@ def test_per_image_file_matches_cocoevalcap(evaluated):
             assert abs(row[ours] - theirs[name]) < 1e-9, (row["image_id"], ours)
     # The corpus CIDEr is the mean of the per-image ones.
     assert abs(sum(r["cider"] for r in rows) / len(rows) - evaluated["metrics"]["cider"]) < 1e-12
+
+
+def test_metrics_say_how_many_retrieved_captions_the_captioner_read(evaluated, tmp_path):
+    # generate's record beside the results; results made elsewhere have none, and no key.
+    assert evaluated["metrics"]["retrieval_k"] == 3
+    from pipeline.evaluate.run import _captioner
+
+    (tmp_path / "results.json").write_text("[]")
+    assert _captioner(tmp_path / "results.json") == {}
 
 
 def test_spice_skipped_with_reason(evaluated):

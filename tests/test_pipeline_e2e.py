@@ -30,7 +30,6 @@ SMALL = {
     "scst": {"epochs": 1, "batch_size": 32, "samples": 2, "max_tokens": 12, "log_every": 2},
     "generate": {"num_beams": 2, "max_new_tokens": 12},
     "evaluate": {"baseline_candidates": 5, "report_images": 10},
-    "retrieval": {"k": 0},
 }
 
 

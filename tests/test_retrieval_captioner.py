@@ -208,6 +208,10 @@ def test_generate_reads_the_neighbour_shards(trained, tmp_path):
     metrics = generate(root / "model", feats, tmp_path / "c", GEN, progress=False, retrieval_dir=neighbours)
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert metrics["captions"] == len(results) == table.splits.count("test")
+    # What evaluate reports: k, and the datastore the prompts came from (the training one).
+    assert metrics["retrieval_k"] == 2
+    assert json.loads((tmp_path / "c" / "captioner.json").read_text()) == {
+        "retrieval_k": 2, "datastore": DATASTORE_ID["fingerprint"]}
     right = 0
     for row in results:
         i = table.keys.index(row["image_id"])
@@ -222,6 +226,9 @@ def test_generate_with_a_swapped_datastore(trained, tmp_path):
     metrics = generate(root / "model", feats, tmp_path / "c", GEN.model_copy(update={"datastore": str(store)}),
                        progress=False)
     assert metrics["captions"] == table.splits.count("test")
+    swapped = json.loads((store / "manifest.json").read_text())["fingerprint"]
+    assert swapped != DATASTORE_ID["fingerprint"]
+    assert json.loads((tmp_path / "c" / "captioner.json").read_text())["datastore"] == swapped
 
 
 def test_a_datastore_of_another_clip_is_refused(trained, tmp_path):

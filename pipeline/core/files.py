@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+# Beside a captions folder's results.json: what made them (retrieval_k, the datastore), for evaluate.
+CAPTIONER_FILE = "captioner.json"
+
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""

@@ -390,7 +390,7 @@ class RetrievalParams(Section):
     ivf_nlist: Optional[int] = Field(None, ge=1, description="ivf: number of inverted lists; null: 4 x sqrt(captions)")
     ivf_nprobe: int = Field(32, ge=1, description="ivf: lists searched per query (more: slower, closer to exact)")
     ivf_pq_m: int = Field(0, ge=0, description="ivf: product-quantiser sub-vectors of 8 bits (must divide the width); 0: no compression (IndexIVFFlat)")
-    k: int = Field(4, ge=0, description="captions kept per image and read by the captioner in its prompt; 0: no retrieval (the plain prefix captioner)")
+    k: int = Field(0, ge=0, description="captions kept per image and read by the captioner in its prompt; 0: no retrieval (the plain prefix captioner)")
     template: str = Field(PROMPT_TEMPLATE, min_length=1, description="the captioner's prompt: {captions} is replaced by the k captions joined by separator (SmallCap's template by default)")
     separator: str = Field("\n\n", description="between the captions of the prompt (SmallCap's: a blank line)")
     retrieve_candidates: int = Field(15, ge=1, description="nearest captions searched per image before its own are excluded; the k nearest others are kept")

@@ -1,6 +1,7 @@
 """The evaluate stage: score, compare with baseline and control, write metrics and report."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional
 
@@ -15,7 +16,7 @@ from pipeline.evaluate.meteor import Meteor
 from pipeline.evaluate.report import collect_thumbnails, render_report, select_rows
 from pipeline.evaluate.scores import METRICS, Scores, score_tokenized, tokenize_groups
 from pipeline.evaluate.spice import compute_spice, find_corenlp
-from pipeline.core.files import finite_or_none, write_atomic, write_jsonl, write_metrics
+from pipeline.core.files import CAPTIONER_FILE, finite_or_none, write_atomic, write_jsonl, write_metrics
 from pipeline.core.params import EvaluateParams
 
 PER_IMAGE = "per_image.jsonl"
@@ -35,6 +36,16 @@ def training_captions(features: Path) -> list[str]:
 
     table = load_features(Path(features), split="train")
     return [c for caps in table.captions for c in caps]
+
+
+def _captioner(results: Path) -> dict[str, Any]:
+    """``retrieval_k`` from the record generate writes beside its results (absent for
+    results made elsewhere, which carry no such record)."""
+    try:
+        record = json.loads((Path(results).parent / CAPTIONER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"retrieval_k": record["retrieval_k"]} if isinstance(record, dict) and "retrieval_k" in record else {}
 
 
 def run(
@@ -169,6 +180,7 @@ def run(
     if "model" in clip_scores:
         out_metrics.update(clip_s=clip_scores["model"].clip_s, refclip_s=clip_scores["model"].refclip_s)
     out_metrics["images"] = len(ids)
+    out_metrics.update(_captioner(results))
     out_metrics["images_without_result"] = sum(1 for i in refs.ids if refs.captions[i] and i not in res)
     for prefix, s in (("xe", xe_scores), ("baseline", baseline_scores), ("control", control_scores)):
         if s is not None:

@@ -31,7 +31,7 @@ import torch
 from pipeline.text.decoding import Caption, check_room, decode_batch, prepare_for_inference
 from pipeline.models.decoding_config import save_generation_config
 from pipeline.formats.features import FeatureShardError
-from pipeline.core.files import write_json, write_jsonl, write_metrics
+from pipeline.core.files import CAPTIONER_FILE, write_json, write_jsonl, write_metrics
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.core.params import GenerateParams
 from pipeline.core.runtime import choose_device, choose_precision, current_rank, gather, process_group
@@ -70,9 +70,10 @@ def caption_vectors(model: ClipCaptioner, vectors: np.ndarray, params: GenerateP
 
 
 def model_prompts(model: ClipCaptioner, features_dir: Path, table, split: str, retrieval_dir: Optional[Path],
-                  datastore: Optional[str]) -> Optional[list[list[int]]]:
+                  datastore: Optional[str]) -> tuple[Optional[list[list[int]]], Optional[str]]:
     """A retrieval captioner's prompt ids of each image of ``table`` (None for k=0): from the
-    neighbour shards, or searched in ``datastore`` (the model's own CLIP only)."""
+    neighbour shards, or searched in ``datastore`` (the model's own CLIP only); and the
+    fingerprint of the datastore the captions came from."""
     from pipeline.formats.features import load_features
     from pipeline.retrieval.neighbours import shard_neighbours
     from pipeline.retrieval.search import check_clip, datastore_neighbours
@@ -80,7 +81,7 @@ def model_prompts(model: ClipCaptioner, features_dir: Path, table, split: str, r
 
     k = model.retrieval.k
     if k == 0:
-        return None
+        return None, None
     if datastore is not None:
         store = Datastore.load(Path(datastore))
         check_clip(store, model.features)
@@ -89,12 +90,12 @@ def model_prompts(model: ClipCaptioner, features_dir: Path, table, split: str, r
         by_key = dict(zip(vectors.keys, vectors.embeddings))
         queries = np.stack([by_key[key] for key in table.keys])
         neighbours = datastore_neighbours(store, queries, k, keys=table.keys)
-    else:
-        if retrieval_dir is None:
-            raise FeatureShardError("the model reads retrieved captions (retrieval.k > 0): pass the neighbour "
-                                    "shards (--retrieval data/retrieval) or a datastore (generate.datastore)")
-        neighbours, _ = shard_neighbours(Path(retrieval_dir), table.keys, k)
-    return model.prompt_ids(neighbours)
+        return model.prompt_ids(neighbours), store.manifest.get("fingerprint")
+    if retrieval_dir is None:
+        raise FeatureShardError("the model reads retrieved captions (retrieval.k > 0): pass the neighbour "
+                                "shards (--retrieval data/retrieval) or a datastore (generate.datastore)")
+    neighbours, _ = shard_neighbours(Path(retrieval_dir), table.keys, k)
+    return model.prompt_ids(neighbours), model.retrieval.datastore.get("fingerprint")
 
 
 def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, params: GenerateParams,
@@ -119,7 +120,7 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
     if len(table) == 0:
         raise FeatureShardError(f"{features_dir}: no image of the {params.split!r} split has a reference caption")
     limit = check_room(model, params)
-    prompts = model_prompts(model, Path(features_dir), table, params.split,
+    prompts, datastore_fingerprint = model_prompts(model, Path(features_dir), table, params.split,
                             None if retrieval_dir is None else Path(retrieval_dir), params.datastore)
     model = prepare_for_inference(model, device, precision)
 
@@ -155,6 +156,8 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
     write_json(out_dir / "results.json", results, indent=1, ensure_ascii=False)
     write_json(out_dir / "results_shuffled.json", shuffled, indent=1, ensure_ascii=False)
     write_json(out_dir / "references.json", references, indent=1, ensure_ascii=False)
+    # What made the captions, for evaluate: how many retrieved captions the prompts held, and from where.
+    write_json(out_dir / CAPTIONER_FILE, {"retrieval_k": model.retrieval.k, "datastore": datastore_fingerprint})
     if params.num_return_sequences > 1:
         write_jsonl(out_dir / NBEST, nbest_rows(table.keys, nbest))
     else:
@@ -173,6 +176,7 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
         "empty_captions": sum(1 for c in captions if not c),
         "mean_words": round(float(np.mean([len(c.split()) for c in captions])), 3),
         "distinct_captions": len(set(captions)),
+        "retrieval_k": model.retrieval.k,
         "distinct_per_image": round(float(np.mean([len({c.text for c in caps}) for caps in nbest])), 3),
         "seconds": round(seconds, 3),
         "captions_per_s": round(len(all_captions) / max(seconds, 1e-9), 3),
