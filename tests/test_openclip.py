@@ -214,7 +214,7 @@ def test_caption_embeds_images_as_open_clip_does(vit_dir, tiny_gpt_dir, tmp_path
     torch.manual_seed(0)
     model = ClipCaptioner.from_settings(MapperParams(type="mlp", prefix_length=2).model_dump(), 16, gpt, tok,
                                         features=features, finetune_gpt=True)
-    fit_captions(model, vectors, ["a red circle", "one blue square here", "a green triangle"], 60)
+    fit_captions(model, vectors, ["a red circle", "one blue square here", "a green triangle"], 120)
     model.save(tmp_path / "model", clip_dir=vit_dir)
     saved = ClipCaptioner.load(tmp_path / "model")  # its clip/ copy embeds the images
     embedder = ImageEmbedder(saved.clip_dir, saved.features, torch.device("cpu"))
