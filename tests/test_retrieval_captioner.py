@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.core.params import GenerateParams, MapperParams, RetrievalParams, TrainParams
 from pipeline.formats.neighbours import NeighbourTable, write_neighbour_shard
