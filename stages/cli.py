@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "Train the ClipCap mapper (and optionally GPT-2) on feature shards.",
     "scst": "Fine-tune a captioner with self-critical training (CIDEr-D reward).",
     "generate": "Caption feature shards with batched beam search.",
+    "transfer": "Caption a second demo domain with A's datastore and with its own (retrieval).",
     "evaluate": "Score captions with pycocoevalcap and write the HTML report.",
     "caption": "Caption image files with a trained model.",
     "export": "Export a trained model for deployment: ONNX Runtime (fp32/int8) or a Hugging Face folder.",

@@ -41,13 +41,15 @@ def report_folder(out: Path, report_dir: Path | None) -> Path:
 @click.option("--clip", type=_dir, default=Path("data/models/clip"), show_default=True,
               help="whole CLIP (vision and text towers) for CLIPScore, unless evaluate.clipscore_model names "
                    "another; skipped if absent or vision-only")
+@click.option("--transfer", type=_file, default=Path("data/transfer/transfer.json"), show_default=True,
+              help="the transfer stage's summary: its transfer_* figures join the metrics; null if absent")
 @click.option("--out", type=_file, default=DEFAULT_OUT, show_default=True,
               help="metrics JSON to write (flat: bleu_1..bleu_4, meteor, rouge_l, cider, baseline_*, control_*)")
 @click.option("--report-dir", type=_dir, default=None,
               help="folder for per_image.jsonl, report.html and metrics.png  [default: data/eval with the default "
                    "--out, else the folder of --out]")
 def evaluate(params_path: str, results: Path, references: Path, control: Path, features: Path,
-             images: Path, xe: Path, clip: Path, out: Path, report_dir: Path | None) -> None:
+             images: Path, xe: Path, clip: Path, transfer: Path, out: Path, report_dir: Path | None) -> None:
     """Score generated captions against references, exactly as pycocoevalcap's COCOEvalCap.
 
     Writes BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when evaluate.corenlp_dir
@@ -76,7 +78,7 @@ def evaluate(params_path: str, results: Path, references: Path, control: Path, f
     report_dir = report_folder(out, report_dir)
     metrics = run(section, results=results, references=references, out=out,
                            report_dir=report_dir, control=control, features=features, images=images,
-                           xe=xe, clip=clip)
+                           xe=xe, clip=clip, transfer=transfer)
     shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("bleu_4", "meteor", "rouge_l", "cider", "clip_s", "refclip_s")
                       if isinstance(metrics.get(k), float))
     click.echo(f"{metrics['images']} images: {shown}")

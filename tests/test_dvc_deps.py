@@ -93,8 +93,8 @@ def test_no_import_cycle_between_pipeline_packages():
 # The tree mirrors the DAG: one package per stage, in the DAG's order, above the shared
 # packages. A package may import shared packages and the packages of earlier stages only.
 SHARED = ("core", "formats", "models", "text")
-STAGES = ("prepare", "pin", "download", "embed", "retrieval", "train", "scst", "generate", "evaluate", "caption", "imports",
-          "export", "serve")
+STAGES = ("prepare", "pin", "download", "embed", "retrieval", "train", "scst", "generate", "evaluate", "caption",
+          "transfer", "imports", "export", "serve")
 
 
 def _package_imports() -> set[tuple[str, str]]:

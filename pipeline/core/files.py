@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 # Beside a captions folder's results.json: what made them (retrieval_k, the datastore), for evaluate.
-CAPTIONER_FILE = "captioner.json"
+CAPTIONED_WITH_FILE = "captioned_with.json"
+# The figures of the transfer stage's summary (transfer.json) that evaluate copies into eval.json.
+TRANSFER_FIELDS = ("transfer_cider", "transfer_cider_source_datastore", "transfer_ratio")
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

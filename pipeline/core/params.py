@@ -404,6 +404,15 @@ class RetrievalParams(Section):
         return self
 
 
+class TransferParams(Section):
+    """The demo's domain-transfer experiment: a model trained on the demo (domain A) captions a
+    second domain B, with A's datastore and with B's, never trained on B (docs/retrieval.md)."""
+
+    domain: Literal["none", "colours"] = Field("none", description="none: no experiment; colours: domain B's captions name the colours with words A's never use (crimson, emerald, navy, golden, violet, amber), and the demo CLIP and GPT-2 pre-train on both wordings, as web-trained models know both")
+    images: int = Field(1000, ge=20, description="domain B's images: its training split's captions make B's datastore, its test split is captioned")
+    seed: int = Field(1, description="domain B's scene stream (other scenes than the dataset's)")
+
+
 # ------------------------------------------------------------------------ all
 class Params(Section):
     # One device for every stage that runs a model (embed, train, generate): they
@@ -419,6 +428,7 @@ class Params(Section):
     generate: GenerateParams = GenerateParams()
     evaluate: EvaluateParams = EvaluateParams()
     retrieval: RetrievalParams = RetrievalParams()
+    transfer: TransferParams = TransferParams()
 
     @field_validator("device")
     @classmethod
@@ -435,6 +445,10 @@ class Params(Section):
             check_against_gpt(self.mapper, self.gpt.demo.n_embd)
         elif self.gpt.model == REALSIZE:
             check_against_gpt(self.mapper, GPT2_SMALL_WIDTH)
+        if self.transfer.domain != "none" and self.data.source != DEMO:
+            raise ParamsError(f"transfer.domain: {self.transfer.domain!r} draws domain B from the demo's scenes; "
+                              f"data.source is {self.data.source!r} (for your own domain: `capline datastore` "
+                              "on its captions, then `capline caption --datastore`); set it to none")
         if self.mapper.type == "cross_attention":
             if self.train.finetune_gpt_layers is not None:
                 raise ParamsError("train.finetune_gpt_layers: mapper.type cross_attention keeps GPT-2 frozen "

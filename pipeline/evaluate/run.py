@@ -16,7 +16,7 @@ from pipeline.evaluate.meteor import Meteor
 from pipeline.evaluate.report import collect_thumbnails, render_report, select_rows
 from pipeline.evaluate.scores import METRICS, Scores, score_tokenized, tokenize_groups
 from pipeline.evaluate.spice import compute_spice, find_corenlp
-from pipeline.core.files import CAPTIONER_FILE, finite_or_none, write_atomic, write_jsonl, write_metrics
+from pipeline.core.files import CAPTIONED_WITH_FILE, TRANSFER_FIELDS, finite_or_none, write_atomic, write_jsonl, write_metrics
 from pipeline.core.params import EvaluateParams
 
 PER_IMAGE = "per_image.jsonl"
@@ -42,10 +42,21 @@ def _captioner(results: Path) -> dict[str, Any]:
     """``retrieval_k`` from the record generate writes beside its results (absent for
     results made elsewhere, which carry no such record)."""
     try:
-        record = json.loads((Path(results).parent / CAPTIONER_FILE).read_text())
+        record = json.loads((Path(results).parent / CAPTIONED_WITH_FILE).read_text())
     except (OSError, ValueError):
         return {}
     return {"retrieval_k": record["retrieval_k"]} if isinstance(record, dict) and "retrieval_k" in record else {}
+
+
+def transfer_figures(path: Optional[Path]) -> dict[str, Any]:
+    """The domain-transfer figures of the transfer stage's summary (null where it did not run)."""
+    try:
+        summary = json.loads(Path(path).read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    return {key: summary.get(key) for key in TRANSFER_FIELDS}
 
 
 def run(
@@ -59,6 +70,7 @@ def run(
     images: Optional[Path] = None,
     xe: Optional[Path] = None,
     clip: Optional[Path] = None,
+    transfer: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Score ``results`` against ``references``; write the metrics JSON and (optionally) the report.
 
@@ -66,8 +78,9 @@ def run(
     baseline), ``images`` (report thumbnails and CLIPScore's images), ``xe`` (the
     cross-entropy model's results, before self-critical training) and ``clip``
     (the CLIP whose towers give CLIPScore, unless ``params.clipscore_model`` names
-    another) are optional: an absent one is reported as skipped in the metrics,
-    never an error.
+    another) and ``transfer`` (the transfer stage's transfer.json) are optional: an
+    absent one is reported as skipped in the metrics (transfer: null figures), never
+    an error.
     """
     java = require_java()  # before any work
     refs = load_references(references)
@@ -191,6 +204,7 @@ def run(
     out_metrics["cider_vs_xe"] = _ratio(model.corpus["cider"], out_metrics.get("xe_cider"))
     out_metrics["cider_vs_baseline"] = _ratio(model.corpus["cider"], out_metrics.get("baseline_cider"))
     out_metrics["cider_vs_control"] = _ratio(model.corpus["cider"], out_metrics.get("control_cider"))
+    out_metrics.update(transfer_figures(transfer))
     out_metrics.update(metrics)  # baseline_caption and the *_skipped reasons
     metrics = {k: finite_or_none(v) for k, v in out_metrics.items()}
 

@@ -31,7 +31,7 @@ import torch
 from pipeline.text.decoding import Caption, check_room, decode_batch, prepare_for_inference
 from pipeline.models.decoding_config import save_generation_config
 from pipeline.formats.features import FeatureShardError
-from pipeline.core.files import CAPTIONER_FILE, write_json, write_jsonl, write_metrics
+from pipeline.core.files import CAPTIONED_WITH_FILE, write_json, write_jsonl, write_metrics
 from pipeline.models.captioner import ClipCaptioner
 from pipeline.core.params import GenerateParams
 from pipeline.core.runtime import choose_device, choose_precision, current_rank, gather, process_group
@@ -157,7 +157,7 @@ def run(model_dir: str | Path, features_dir: str | Path, out_dir: str | Path, pa
     write_json(out_dir / "results_shuffled.json", shuffled, indent=1, ensure_ascii=False)
     write_json(out_dir / "references.json", references, indent=1, ensure_ascii=False)
     # What made the captions, for evaluate: how many retrieved captions the prompts held, and from where.
-    write_json(out_dir / CAPTIONER_FILE, {"retrieval_k": model.retrieval.k, "datastore": datastore_fingerprint})
+    write_json(out_dir / CAPTIONED_WITH_FILE, {"retrieval_k": model.retrieval.k, "datastore": datastore_fingerprint})
     if params.num_return_sequences > 1:
         write_jsonl(out_dir / NBEST, nbest_rows(table.keys, nbest))
     else:

@@ -9,7 +9,7 @@ file, byte for byte.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from pipeline.core.errors import ParamsError
 
@@ -87,18 +87,23 @@ def twin_scene(scene, rng):
     return dataclasses.replace(scene, shapes=tuple(shapes))
 
 
-def _pretrain_scenes(cfg: DemoClip):
-    """Scenes of a stream apart from the dataset, each followed by its twin (a hard negative)."""
+def _pretrain_scenes(cfg: DemoClip, second_wording: Optional[dict[str, str]] = None):
+    """Scenes of a stream apart from the dataset, each followed by its twin (a hard negative).
+
+    With ``second_wording`` (colour -> word), every other pair is captioned with it."""
     import numpy as np
 
     from pipeline.prepare.scenes import captions_for, scene_for
 
     seed = PRETRAIN_SEED_OFFSET + cfg.seed
-    scenes = []
+    scenes, captions = [], []
     for i in range(cfg.pretrain_images // 2):
         scene = scene_for(i, seed)
-        scenes += [scene, twin_scene(scene, np.random.default_rng([seed, i, 7]))]
-    return seed, scenes, [captions_for(s, PRETRAIN_CAPTIONS, seed) for s in scenes]
+        pair = [scene, twin_scene(scene, np.random.default_rng([seed, i, 7]))]
+        colours = second_wording if i % 2 else None
+        scenes += pair
+        captions += [captions_for(s, PRETRAIN_CAPTIONS, seed, colours) for s in pair]
+    return seed, scenes, captions
 
 
 def _scene_targets(scene) -> list[int]:
@@ -118,12 +123,14 @@ def _scene_targets(scene) -> list[int]:
 ATTRIBUTE_CLASSES = [7, 4, 3] * 3 + [3]  # colour+empty, kind+empty, size+empty per slot; count
 
 
-def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
+def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int,
+                    second_wording: Optional[dict[str, str]] = None) -> None:
     """Save a small, seeded CLIPModel (vision and text towers), its processor and tokenizer.
 
     Both towers have the sizes of ``cfg``; the text tower reads the demo's words.
     ``pretrain_clip`` teaches it to see the scenes and to match them with their
-    captions.
+    captions; with ``second_wording`` (the transfer experiment's domain B), half of
+    those captions name the colours with its words.
     """
     import torch
     from transformers import CLIPConfig, CLIPModel
@@ -132,7 +139,7 @@ def build_demo_clip(out_dir: Path, cfg: DemoClip, image_size: int) -> None:
         raise ParamsError(
             f"clip.demo.patch_size: {cfg.patch_size} does not divide data.demo.image_size {image_size}"
         )
-    seed, scenes, captions = _pretrain_scenes(cfg)
+    seed, scenes, captions = _pretrain_scenes(cfg, second_wording)
     tokenizer = build_demo_clip_tokenizer([PROMPT, *(c for caps in captions for c in caps)], CLIP_TEXT_POSITIONS)
     tower = dict(hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size, num_hidden_layers=cfg.layers,
                  num_attention_heads=cfg.heads, projection_dim=cfg.projection_dim)
@@ -320,13 +327,18 @@ def build_demo_tokenizer(captions: Iterable[str], max_length: int):
     )
 
 
-def build_demo_gpt(out_dir: Path, cfg: DemoGpt, captions: Iterable[str]) -> None:
+def build_demo_gpt(out_dir: Path, cfg: DemoGpt, captions: Iterable[str],
+                   second_wording: Optional[dict[str, str]] = None) -> None:
     """Save a word-level tokenizer and a small, seeded GPT2LMHeadModel together in ``out_dir``,
-    pre-trained as a language model (``pretrain_gpt``) unless ``cfg.pretrain_steps`` is 0."""
+    pre-trained as a language model (``pretrain_gpt``) unless ``cfg.pretrain_steps`` is 0.
+
+    ``second_wording``: see ``gpt_pretrain_documents``; its words join the vocabulary."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    documents = gpt_pretrain_documents(cfg) if cfg.pretrain_steps else []
+    documents = gpt_pretrain_documents(cfg, second_wording) if cfg.pretrain_steps else []
+    if second_wording and not cfg.pretrain_steps:
+        documents = [" ".join(second_wording.values())]  # the words at least, for the tokenizer
     tokenizer = build_demo_tokenizer([*captions, *documents], cfg.n_positions)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     config = GPT2Config(
@@ -349,7 +361,7 @@ def build_demo_gpt(out_dir: Path, cfg: DemoGpt, captions: Iterable[str]) -> None
     tokenizer.save_pretrained(out_dir)
 
 
-def gpt_pretrain_documents(cfg: DemoGpt) -> list[str]:
+def gpt_pretrain_documents(cfg: DemoGpt, second_wording: Optional[dict[str, str]] = None) -> list[str]:
     """Text for the demo GPT-2's pre-training, from a scene stream apart from the dataset.
 
     A document is one caption of a scene, then one caption each of up to four
@@ -357,6 +369,8 @@ def gpt_pretrain_documents(cfg: DemoGpt) -> list[str]:
     them: the language of captions, and that text nearby tends to repeat, are what a
     web-trained GPT-2 brings to captioning and to a prompt of retrieved captions. The
     prompt's own words are never in it (GPT-2 never saw SmallCap's template either).
+    With ``second_wording`` (colour -> word), every other document names the colours
+    with its words throughout, as a web document keeps to one wording.
     """
     import numpy as np
 
@@ -369,7 +383,8 @@ def gpt_pretrain_documents(cfg: DemoGpt) -> list[str]:
         scene = scene_for(i, seed)
         parts = []
         for _ in range(1 + int(rng.integers(5))):
-            parts.append(captions_for(scene, PRETRAIN_CAPTIONS, seed)[int(rng.integers(PRETRAIN_CAPTIONS))])
+            colours = second_wording if i % 2 else None
+            parts.append(captions_for(scene, PRETRAIN_CAPTIONS, seed, colours)[int(rng.integers(PRETRAIN_CAPTIONS))])
             scene = twin_scene(scene, rng)
         documents.append("\n\n".join(parts))
     return documents

@@ -160,12 +160,15 @@ def run(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path])
         extra: dict[str, Any] = {}
         if model_id == DEMO:
             resolved = LOCAL
+            second = second_wording(params)
             if kind == "clip":
-                build_demo_clip(tmp, params.clip.demo, params.data.demo.image_size)
+                build_demo_clip(tmp, params.clip.demo, params.data.demo.image_size, second)
                 extra["demo"] = params.clip.demo.model_dump()
             else:
-                build_demo_gpt(tmp, params.gpt.demo, _demo_captions(source_dir))
+                build_demo_gpt(tmp, params.gpt.demo, _demo_captions(source_dir), second)
                 extra["demo"] = params.gpt.demo.model_dump()
+            if second is not None:
+                extra["second_wording"] = params.transfer.domain
         elif open_clip is not None:
             from pipeline.pin.openclip import pin_open_clip
 
@@ -189,6 +192,13 @@ def run(kind: Kind, params: "Params", out_dir: Path, source_dir: Optional[Path])
         pin = {"model_id": model_id, "revision": resolved, "sha256": weights_sha256(tmp), "kind": kind, **extra}
         (tmp / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
     return pin
+
+
+def second_wording(params: "Params") -> Optional[dict[str, str]]:
+    """The transfer experiment's domain B wording the demo models also learn (None: none)."""
+    from pipeline.prepare.scenes import COLOUR_WORDS_B
+
+    return COLOUR_WORDS_B if params.transfer.domain == "colours" else None
 
 
 def _demo_captions(source_dir: Optional[Path], model_id: str = "demo", kind: Kind = "gpt") -> list[str]:

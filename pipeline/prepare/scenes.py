@@ -16,6 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -55,6 +56,16 @@ _POS_ON = {"left": "on the left", "middle": "in the middle", "right": "on the ri
 _POS_AT = {"left": "at the left side", "middle": "at the center", "right": "at the right side"}
 _POS_OF = {"left": "left of center", "middle": "in the center", "right": "right of center"}
 _COUNT_WORDS = {2: "two", 3: "three"}
+# A second wording of the colours, never used by the dataset's captions: the transfer
+# experiment's domain B (pipeline/transfer) names the same colours with these words.
+COLOUR_WORDS_B: dict[str, str] = {
+    "red": "crimson",
+    "green": "emerald",
+    "blue": "navy",
+    "yellow": "golden",
+    "purple": "violet",
+    "orange": "amber",
+}
 
 
 @dataclass(frozen=True)
@@ -154,11 +165,12 @@ def render_photo(scene: Scene, seed: int, width: int = PHOTO_SIZE[0], height: in
 
 
 # ---------------------------------------------------------------------- captions
-def _phrase(shape: Shape, rng: np.random.Generator, with_size: bool) -> str:
+def _phrase(shape: Shape, rng: np.random.Generator, with_size: bool, colours: Optional[dict[str, str]]) -> str:
     noun = _pick(rng, _SHAPE_WORDS[shape.kind])
+    colour = shape.colour if colours is None else colours[shape.colour]
     if with_size:
-        return f"{_pick(rng, _SIZE_WORDS[shape.size])} {shape.colour} {noun}"
-    return f"{shape.colour} {noun}"
+        return f"{_pick(rng, _SIZE_WORDS[shape.size])} {colour} {noun}"
+    return f"{colour} {noun}"
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
@@ -169,9 +181,9 @@ def _an(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _one(scene: Scene, template: int, rng: np.random.Generator) -> str:
+def _one(scene: Scene, template: int, rng: np.random.Generator, colours: Optional[dict[str, str]]) -> str:
     s = scene.shapes[0]
-    p = _phrase(s, rng, with_size=True)
+    p = _phrase(s, rng, with_size=True, colours=colours)
     return [
         lambda: f"{_an(p)} {_POS_ON[s.slot]}",
         lambda: f"one {p} {_POS_AT[s.slot]}",
@@ -182,10 +194,10 @@ def _one(scene: Scene, template: int, rng: np.random.Generator) -> str:
     ][template % 6]()
 
 
-def _many(scene: Scene, template: int, rng: np.random.Generator) -> str:
+def _many(scene: Scene, template: int, rng: np.random.Generator, colours: Optional[dict[str, str]]) -> str:
     n = len(scene.shapes)
     sized = template % 2 == 0
-    parts = [_an(_phrase(s, rng, with_size=sized)) for s in scene.shapes]
+    parts = [_an(_phrase(s, rng, with_size=sized, colours=colours)) for s in scene.shapes]
     listed = " and ".join(parts) if n == 2 else f"{parts[0]}, {parts[1]} and {parts[2]}"
     word = _COUNT_WORDS[n]
     if n == 2:
@@ -207,19 +219,22 @@ def _many(scene: Scene, template: int, rng: np.random.Generator) -> str:
     ][template % 6]()
 
 
-def captions_for(scene: Scene, count: int, seed: int) -> list[str]:
-    """``count`` reference captions of a scene, same content in varied wording."""
+def captions_for(scene: Scene, count: int, seed: int, colours: Optional[dict[str, str]] = None) -> list[str]:
+    """``count`` reference captions of a scene, same content in varied wording.
+
+    ``colours`` names each colour with another word (``COLOUR_WORDS_B``); the draws,
+    hence templates and synonyms, are the same as without it."""
     rng = _rng(seed, scene.index, 2)
     make = _one if len(scene.shapes) == 1 else _many
     order = rng.permutation(6).tolist()
     out: list[str] = []
     for i in range(count):
-        caption = make(scene, order[i % 6], rng)
+        caption = make(scene, order[i % 6], rng, colours)
         # More captions than templates: try other synonyms before accepting a repeat.
         for _ in range(5):
             if caption not in out:
                 break
-            caption = make(scene, order[i % 6], rng)
+            caption = make(scene, order[i % 6], rng, colours)
         out.append(caption)
     return out
 
