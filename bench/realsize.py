@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.core.files import read_metrics  # noqa: E402  (the checkout, on the path above)
 
 STAGES = ("prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "datastore", "retrieve", "train",
-          "scst", "generate", "generate_xe", "evaluate")
+          "scst", "generate", "generate_xe", "transfer", "evaluate")
 
 
 def copy_repository(dest: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.core.files import CAPTIONED_WITH_FILE
 from tests.helpers.evaluate import (CONTROL, REFERENCES, RESULTS, SCRIPT_CAPTION, ReportParser,
                                     write_coco_pair, write_features, write_image_shard)
 
@@ -57,7 +58,7 @@ def evaluated(tmp_path_factory):
     """One CLI run on the fixture with control, features, images and SPICE asked for but absent."""
     tmp = tmp_path_factory.mktemp("evaluate")
     refs, res, ctl = write_coco_pair(tmp / "captions")
-    (tmp / "captions" / "captioner.json").write_text(json.dumps({"retrieval_k": 3, "datastore": "abc"}))
+    (tmp / "captions" / CAPTIONED_WITH_FILE).write_text(json.dumps({"retrieval_k": 3, "datastore": "abc"}))
     write_features(tmp / "features")
     write_image_shard(tmp / "images" / "00000.tar", list(REFERENCES))
     (tmp / "corenlp").mkdir()

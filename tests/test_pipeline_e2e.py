@@ -42,7 +42,7 @@ def test_repro_then_experiment(repo: Path):
     out = _run(["dvc", "repro"], repo)
     assert _stages_run(out) == {
         "prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed", "datastore", "retrieve", "train",
-        "scst", "generate", "generate_xe", "evaluate"
+        "scst", "generate", "generate_xe", "transfer", "evaluate"
     }
 
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
@@ -54,6 +54,9 @@ def test_repro_then_experiment(repo: Path):
         assert 0.0 <= scores[name] <= 10.0
         assert name in flat  # dvc metrics show lists it
     assert "clipscore_skipped" not in scores and "xe_skipped" not in scores
+    # The transfer experiment is off by default: its figures are there, null.
+    assert {k: scores[k] for k in ("transfer_cider", "transfer_cider_source_datastore", "transfer_ratio")} == \
+        dict.fromkeys(("transfer_cider", "transfer_cider_source_datastore", "transfer_ratio"))
     assert (repo / "data/eval/report.html").stat().st_size > 0
     assert (repo / "data/train/loss.csv").read_text().startswith("step")
     assert (repo / "data/train/val.csv").read_text().startswith("step,epoch,val_loss")
@@ -77,13 +80,13 @@ def test_repro_then_experiment(repo: Path):
     # output already was that model, byte for byte, and DVC rightly reruns nothing after it.
     kept_xe = json.loads((repo / "data/metrics/scst.json").read_text())["best_epoch"] == 0
     out = _run(["dvc", "exp", "run", "-S", "scst.epochs=0"], repo)
-    assert _stages_run(out) == ({"scst"} if kept_xe else {"scst", "generate", "evaluate"})
+    assert _stages_run(out) == ({"scst"} if kept_xe else {"scst", "generate", "transfer", "evaluate"})
     assert (repo / "data/captions/results.json").read_bytes() == (repo / "data/captions_xe/results.json").read_bytes()
     assert json.loads((repo / "data/metrics/eval.json").read_text())["cider_vs_xe"] == 1.0
 
     # A mapper change reruns training and what follows, nothing before it.
     out = _run(["dvc", "exp", "run", "-S", "mapper.layers=2", "-S", "scst.epochs=1"], repo)
-    assert _stages_run(out) == {"train", "scst", "generate", "generate_xe", "evaluate"}
+    assert _stages_run(out) == {"train", "scst", "generate", "generate_xe", "transfer", "evaluate"}
     config = json.loads((repo / "data/model/captioner.json").read_text())
     assert config["mapper"]["layers"] == 2
     from safetensors import safe_open
@@ -105,9 +108,10 @@ def test_repro_then_experiment(repo: Path):
             seen[params["scst"]["epochs"]] = metrics["cider_vs_xe"]
     assert {0, 1} <= set(seen) and seen[0] == 1.0, seen
 
-    # A decoding change reruns generate and evaluate only: train does not read the generate section.
+    # A decoding change reruns generate (and transfer, which decodes the same way) and evaluate only:
+    # train does not read the generate section.
     out = _run(["dvc", "exp", "run", "-S", "generate.num_beams=3", "-S", "generate.num_return_sequences=2"], repo)
-    assert _stages_run(out) == {"generate", "generate_xe", "evaluate"}
+    assert _stages_run(out) == {"generate", "generate_xe", "transfer", "evaluate"}
     nbest = [json.loads(line) for line in (repo / "data/captions/nbest.jsonl").read_text().splitlines()]
     assert nbest and all(len(row["captions"]) == 2 for row in nbest)
 
@@ -121,11 +125,12 @@ def test_repro_then_experiment(repo: Path):
 
     # Another prefix mapper: embed_plan reruns and writes the same answer, so embed does not.
     out = _run(["dvc", "exp", "run", "-S", "mapper.type=mlp"], repo)
-    assert _stages_run(out) == {"embed_plan", "train", "scst", "generate", "generate_xe", "evaluate"}
+    assert _stages_run(out) == {"embed_plan", "train", "scst", "generate", "generate_xe", "transfer", "evaluate"}
 
     # Retrieval: the captioner reads each image's 2 nearest captions; the model records its datastore.
     out = _run(["dvc", "exp", "run", "-S", "retrieval.k=2", "-S", "retrieval.max_caption_tokens=12"], repo)
-    assert _stages_run(out) == {"datastore", "retrieve", "train", "scst", "generate", "generate_xe", "evaluate"}
+    assert _stages_run(out) == {"datastore", "retrieve", "train", "scst", "generate", "generate_xe", "transfer",
+                                "evaluate"}
     retrieval = json.loads((repo / "data/model/captioner.json").read_text())["retrieval"]
     manifest = json.loads((repo / "data/datastore/manifest.json").read_text())
     assert retrieval["k"] == 2 and retrieval["datastore"]["fingerprint"] == manifest["fingerprint"]

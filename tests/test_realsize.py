@@ -37,7 +37,8 @@ def test_every_stage_ran_and_was_measured(run):
     _, result = run
     assert result["bench"] == "realsize"
     assert set(result["stages"]) == {"prepare", "model_clip", "model_gpt", "download", "embed_plan", "embed",
-                                     "datastore", "retrieve", "train", "scst", "generate", "generate_xe", "evaluate"}
+                                     "datastore", "retrieve", "train", "scst", "generate", "generate_xe", "transfer",
+                                     "evaluate"}
     for key in ("embed_images_per_s", "train_samples_per_s", "scst_sampled_captions_per_s", "generate_captions_per_s",
                 "peak_rss_mib"):
         assert result[key] > 0, key

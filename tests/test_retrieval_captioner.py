@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.files import CAPTIONED_WITH_FILE
 from pipeline.core.params import GenerateParams, MapperParams, RetrievalParams, TrainParams
 from pipeline.formats.neighbours import NeighbourTable, write_neighbour_shard
 from pipeline.generate.run import caption_vectors, run as generate
@@ -209,7 +210,7 @@ def test_generate_reads_the_neighbour_shards(trained, tmp_path):
     assert metrics["captions"] == len(results) == table.splits.count("test")
     # What evaluate reports: k, and the datastore the prompts came from (the training one).
     assert metrics["retrieval_k"] == 2
-    assert json.loads((tmp_path / "c" / "captioner.json").read_text()) == {
+    assert json.loads((tmp_path / "c" / CAPTIONED_WITH_FILE).read_text()) == {
         "retrieval_k": 2, "datastore": DATASTORE_ID["fingerprint"]}
     right = 0
     for row in results:
@@ -227,7 +228,7 @@ def test_generate_with_a_swapped_datastore(trained, tmp_path):
     assert metrics["captions"] == table.splits.count("test")
     swapped = json.loads((store / "manifest.json").read_text())["fingerprint"]
     assert swapped != DATASTORE_ID["fingerprint"]
-    assert json.loads((tmp_path / "c" / "captioner.json").read_text())["datastore"] == swapped
+    assert json.loads((tmp_path / "c" / CAPTIONED_WITH_FILE).read_text())["datastore"] == swapped
 
 
 def test_a_datastore_of_another_clip_is_refused(trained, tmp_path):
