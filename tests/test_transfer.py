@@ -119,7 +119,7 @@ def test_bs_datastore_holds_bs_training_captions_only(setup):
     assert sorted(store.texts) == train
     test_keys = {im.key for im in images if im.split == "test"}
     assert set(store.keys).isdisjoint(test_keys)  # no test image's caption can be retrieved
-    assert summary["datastore_captions"] == len(train)
+    assert summary["datastore_captions"] == len(store) == len(train)
     assert summary["test_images"] == len(test_keys) == len(read(root / "out" / "references.json")["images"])
 
 

@@ -22,7 +22,7 @@ from pipeline.core.files import TRANSFER_FIELDS, write_json
 from pipeline.core.errors import ParamsError
 from pipeline.core.params import Params
 from pipeline.core.runtime import current_rank
-from pipeline.transfer.domain import DomainImage, coco_captions, domain_images, image_bytes, in_split
+from pipeline.transfer.domain import WORDINGS, DomainImage, coco_captions, domain_images, image_bytes, in_split
 
 log = logging.getLogger(__name__)
 SUMMARY = "transfer.json"
@@ -72,7 +72,7 @@ def run(params: Params, model_dir: Path, source_datastore: Path, clip_dir: Path,
         "domain": params.transfer.domain,
         "retrieval_k": k,
         "test_images": len(test),
-        "datastore_captions": sum(len(im.captions) for im in train) if k else 0,
+        "datastore_captions": len(loaded.datastore) if k else 0,  # what the length filter kept
         # How often a caption names a colour in B's words: what B's datastore should change.
         "b_words_share_own_datastore": _share_with(own, words),
         "b_words_share_source_datastore": _share_with(source, words),
@@ -82,8 +82,6 @@ def run(params: Params, model_dir: Path, source_datastore: Path, clip_dir: Path,
 
 
 def domain_words(params: Params) -> list[str]:
-    from pipeline.transfer.domain import WORDINGS
-
     return list(WORDINGS[params.transfer.domain].values())
 
 
